@@ -1,0 +1,159 @@
+"""Classification metrics computed from arrays of class probabilities and integer labels.
+
+Written in NumPy so the report does not depend on a metrics library's defaults; the tests check
+every number against torchmetrics. The positive class is melanoma everywhere: AUROC, average
+precision, sensitivity and specificity are melanoma-versus-rest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ECE_BINS = 15
+
+
+def _as_arrays(probs, labels) -> tuple[np.ndarray, np.ndarray]:
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (N, C) class probabilities, got shape {probs.shape}")
+    if labels.shape != (probs.shape[0],):
+        raise ValueError(
+            f"labels must be (N,) = ({probs.shape[0]},) integer class indices, got shape {labels.shape}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        raise ValueError(
+            f"labels must lie in [0, {probs.shape[1] - 1}] for {probs.shape[1]} classes, "
+            f"found {labels.min()}..{labels.max()}"
+        )
+    return probs, labels
+
+
+def _safe_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def accuracy(probs, labels) -> float:
+    probs, labels = _as_arrays(probs, labels)
+    return _safe_div((probs.argmax(1) == labels).sum(), labels.size)
+
+
+def balanced_accuracy(probs, labels) -> float:
+    """Mean per-class recall over the classes that occur in `labels`."""
+    probs, labels = _as_arrays(probs, labels)
+    preds = probs.argmax(1)
+    recalls = [(preds[labels == c] == c).mean() for c in np.unique(labels)]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def roc_curve(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds descending; a sample
+    is called positive when score >= threshold. Starts at (0, 0) with threshold +inf."""
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, targets = scores[order], targets[order]
+    # one point per distinct score: ties move together
+    last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(targets)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    n_pos, n_neg = targets.sum(), (~targets).sum()
+    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(tps.size + 1, np.nan)
+    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(fps.size + 1, np.nan)
+    return fpr, tpr, np.r_[np.inf, scores[last_of_run]]
+
+
+def precision_recall_curve(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) with thresholds descending, one point per distinct score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, targets = scores[order], targets[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(targets)[last_of_run]
+    predicted = last_of_run + 1
+    n_pos = targets.sum()
+    precision = tps / predicted
+    recall = tps / n_pos if n_pos else np.full(tps.size, np.nan)
+    return precision, recall, scores[last_of_run]
+
+
+def binary_auroc(scores, targets) -> float:
+    targets = np.asarray(targets).astype(bool)
+    if targets.all() or not targets.any():
+        return float("nan")  # undefined with one class only
+    fpr, tpr, _ = roc_curve(scores, targets)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def binary_average_precision(scores, targets) -> float:
+    """Step-wise area under the precision-recall curve: sum over thresholds of
+    (R_k - R_{k-1}) * P_k (no interpolation)."""
+    targets = np.asarray(targets).astype(bool)
+    if not targets.any():
+        return float("nan")
+    precision, recall, _ = precision_recall_curve(scores, targets)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def sensitivity_specificity(predicted_positive, targets) -> tuple[float, float]:
+    predicted_positive = np.asarray(predicted_positive).astype(bool)
+    targets = np.asarray(targets).astype(bool)
+    sensitivity = _safe_div((predicted_positive & targets).sum(), targets.sum())
+    specificity = _safe_div((~predicted_positive & ~targets).sum(), (~targets).sum())
+    return sensitivity, specificity
+
+
+def expected_calibration_error(probs, labels, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE with `n_bins` equal-width bins [k/n, (k+1)/n); a confidence of exactly
+    1.0 gets a bin of its own (the binning torchmetrics uses, so the two agree)."""
+    probs, labels = _as_arrays(probs, labels)
+    if labels.size == 0:
+        return float("nan")
+    confidence = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    bins = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1), confidence, side="right") - 1
+    count = np.bincount(bins, minlength=n_bins + 1)
+    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins + 1)
+    acc_sum = np.bincount(bins, weights=correct, minlength=n_bins + 1)
+    filled = count > 0
+    gap = np.abs(acc_sum[filled] - conf_sum[filled]) / count[filled]
+    return float(np.sum(gap * count[filled]) / labels.size)
+
+
+def negative_log_likelihood(probs, labels) -> float:
+    probs, labels = _as_arrays(probs, labels)
+    picked = np.clip(probs[np.arange(labels.size), labels], 1e-12, 1.0)
+    return float(-np.log(picked).mean())
+
+
+def classification_metrics(
+    probs, labels, positive_index: int | None, threshold: float | None = None
+) -> dict[str, float]:
+    """All report metrics for one set of predictions.
+
+    probs: (N, C) class probabilities; labels: (N,) class indices; positive_index: the melanoma
+    column (None: only the class-agnostic metrics); threshold: melanoma probability at or above
+    which a case is called melanoma (the operating point), adds *_at_threshold entries.
+    """
+    probs, labels = _as_arrays(probs, labels)
+    out = {
+        "n": int(labels.size),
+        "accuracy": accuracy(probs, labels),
+        "balanced_accuracy": balanced_accuracy(probs, labels),
+        "nll": negative_log_likelihood(probs, labels),
+        "ece": expected_calibration_error(probs, labels),
+    }
+    if positive_index is None:
+        return out
+    is_mel = labels == positive_index
+    p_mel = probs[:, positive_index]
+    out["auroc"] = binary_auroc(p_mel, is_mel)
+    out["average_precision"] = binary_average_precision(p_mel, is_mel)
+    sens, spec = sensitivity_specificity(probs.argmax(1) == positive_index, is_mel)
+    out["sensitivity_argmax"], out["specificity_argmax"] = sens, spec
+    if threshold is not None:
+        sens, spec = sensitivity_specificity(p_mel >= threshold, is_mel)
+        out["threshold"] = float(threshold)
+        out["sensitivity_at_threshold"], out["specificity_at_threshold"] = sens, spec
+    return out
