@@ -16,6 +16,7 @@ from torch import nn
 
 from melanoma.models import build_backbone
 from melanoma.models.heads import DatasetHeads
+from melanoma.models.pretrained import state_dict_mismatch
 from melanoma.models.vit import VisionTransformer
 
 __all__ = ["CheckpointError", "Classifier"]
@@ -94,15 +95,3 @@ class Classifier(nn.Module):
             model.to(map_location)
         return model.eval(), meta
 
-
-def state_dict_mismatch(expected: dict, found: dict) -> str:
-    """Describe missing, unexpected and mis-shaped keys ('' when ``found`` fits ``expected``)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mis_shaped = [
-        f"{k} (checkpoint {tuple(found[k].shape)}, model {tuple(v.shape)})"
-        for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)
-    ]
-    parts = [f"{label}: {keys}" for label, keys in
-             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped)) if keys]
-    return "; ".join(parts)
