@@ -1,0 +1,328 @@
+"""The DataModule every dataset shares.
+
+A dataset subclass only turns its on-disk layout into a table (path, label, group[, split]);
+splitting, transforms, caching, samplers and loaders live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from .cache import build_cache, default_cache_size
+from .io import load_rgb
+from .samplers import BalancedDistributedSampler
+from .splits import train_val_test_split
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageTransform,
+    build_eval_pipeline,
+    build_train_pipeline,
+    resolve_augment,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+BINARY_CLASSES = ["not_melanoma", "melanoma"]
+
+
+def _plain(value):
+    """OmegaConf containers (what Hydra passes) to plain Python values."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value
+
+
+class LesionImageDataset(Dataset):
+    """(image tensor, label) pairs from image files; decoding errors name the file."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: ImageTransform,
+                 decode_size: int | None = None):
+        # A numpy string array, not a list of str objects: forked workers touching Python
+        # objects copy their pages (refcounts), numpy buffers stay shared.
+        self.paths = np.asarray([str(p) for p in paths])
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.decode_size = decode_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = load_rgb(self.paths[i], target_size=self.decode_size)
+        return self.transform(img), int(self.labels[i])
+
+
+def _seed_worker_augmentations(worker_id: int) -> None:
+    # Albumentations keeps its own RNG, created once in the parent; forked workers would all
+    # replay the same augmentation sequence. Reseed it from the per-worker, per-epoch torch seed.
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    pipeline = getattr(transform, "pipeline", None)
+    if pipeline is not None:
+        pipeline.set_random_seed(info.seed % 2**32)
+
+
+class LesionDataModule(L.LightningDataModule):
+    """Shared splits/transforms/loaders. Subclasses set ``name`` and ``label_sets`` and
+    implement ``build_table()``."""
+
+    name: str = "lesions"
+    label_sets: Mapping[str, list[str]] = {"binary": BINARY_CLASSES}
+    #: datasets that ship their own train/val/test split ignore the fractions
+    has_official_split: bool = False
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        label_set: str = "binary",
+        sampler: str = "random",
+        seed: int = 42,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: Mapping | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        cache_size: int | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        num_folds: int | None = None,
+        fold: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        eval_batch_size: int | None = None,
+    ):
+        super().__init__()
+        if root is None or str(root) == "":
+            raise ValueError(f"{self.name}: dataset.root is not set; point it at the downloaded data")
+        self.root = Path(os.path.expanduser(str(root)))
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        if label_set not in self.label_sets:
+            raise ValueError(
+                f"{self.name}: unknown label_set {label_set!r}; expected one of {sorted(self.label_sets)}"
+            )
+        self.label_set = label_set
+        if sampler not in ("random", "balanced"):
+            raise ValueError(f"sampler must be 'random' or 'balanced', got {sampler!r}")
+        self.sampler = sampler
+        self.seed = int(seed)
+        self.mean = tuple(float(m) for m in _plain(mean))
+        self.std = tuple(float(s) for s in _plain(std))
+        self.augment = resolve_augment(_plain(augment))  # fail on a typo now, not in a worker
+        self.cache_dir = Path(os.path.expanduser(str(cache_dir))) if cache_dir else None
+        self.cache_size = int(cache_size) if cache_size else default_cache_size(self.image_size)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.num_folds = int(num_folds) if num_folds else None
+        self.fold = None if fold is None else int(fold)
+        if self.num_folds and self.has_official_split:
+            raise ValueError(
+                f"{self.name} comes with official train/val/test splits; k-fold "
+                f"(num_folds={self.num_folds}) is not supported for it"
+            )
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.class_names: list[str] = list(self.label_sets[label_set])
+        self.table: pd.DataFrame | None = None
+        self._cached: dict[str, str] = {}
+
+    # --- what a subclass provides -------------------------------------------------------
+    def build_table(self) -> pd.DataFrame:
+        """DataFrame with columns path (str), label (int), group (str) and optionally split."""
+        raise NotImplementedError
+
+    # --- classes -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def positive_index(self) -> int | None:
+        lowered = [c.lower() for c in self.class_names]
+        for name in ("melanoma", "mel"):
+            if name in lowered:
+                return lowered.index(name)
+        return None
+
+    # --- setup ---------------------------------------------------------------------------
+    def _make_table(self) -> pd.DataFrame:
+        table = self.build_table()
+        missing = {"path", "label", "group"} - set(table.columns)
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}.build_table() lacks columns {sorted(missing)}")
+        if len(table) == 0:
+            raise RuntimeError(f"{self.name}: no images found under {self.root}")
+        table = table.copy()
+        table["path"] = table["path"].astype(str)
+        table["label"] = table["label"].astype(np.int64)
+        table["group"] = table["group"].astype(str)
+        if "split" not in table.columns:
+            table["split"] = train_val_test_split(
+                table["label"].to_numpy(),
+                table["group"].to_numpy(),
+                self.val_fraction,
+                self.test_fraction,
+                self.seed,
+                self.num_folds,
+                self.fold,
+            )
+        bad = sorted(set(table["split"]) - set(SPLITS))
+        if bad:
+            raise RuntimeError(f"{self.name}: unexpected split names {bad}; expected {SPLITS}")
+        # Loader order = split, then path: independent of directory listing order.
+        order = {s: i for i, s in enumerate(SPLITS)}
+        table = table.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
+        return table.reset_index(drop=True)[["path", "label", "group", "split"]]
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node before setup(): the place for one-time disk work.
+        if self.cache_dir is not None:
+            table = self._make_table()
+            build_cache(table["path"].tolist(), self.cache_dir, self.cache_size, max(1, self.num_workers))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        table = self._make_table()
+        if len(table[table.split == "train"]) == 0:
+            raise RuntimeError(f"{self.name}: the train split is empty ({len(table)} images in all)")
+        if self.cache_dir is not None:
+            paths = table["path"].tolist()
+            self._cached = dict(zip(paths, build_cache(paths, self.cache_dir, self.cache_size, max(1, self.num_workers))))
+        self.table = table
+        counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
+        log.info("%s (%s): %d images\n%s", self.name, self.label_set, len(table),
+                 counts.rename(columns=dict(enumerate(self.class_names))).to_string())
+
+    def _require_table(self) -> pd.DataFrame:
+        if self.table is None:
+            self.setup()
+        return self.table
+
+    def split_table(self, split: str) -> pd.DataFrame:
+        """Rows of one split in loader order (columns path, label, group, split)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        t = self._require_table()
+        return t[t["split"] == split].reset_index(drop=True)
+
+    def save_split(self, path: str | os.PathLike) -> Path:
+        """Write splits.csv (path,label,group,split; label as class name). ``path`` may be the
+        file or the folder to put splits.csv in. Returns the file written."""
+        path = Path(path)
+        if path.is_dir() or path.suffix == "":
+            path = path / "splits.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = self._require_table().copy()
+        out["label"] = [self.class_names[i] for i in out["label"]]
+        out.to_csv(path, index=False)
+        return path
+
+    def class_weights(self) -> torch.Tensor:
+        """Inverse-frequency weights N / (C * n_c) from the train split (mean weight over
+        samples = 1). A class missing from train gets weight 0 and a warning."""
+        labels = self.split_table("train")["label"].to_numpy()
+        counts = np.bincount(labels, minlength=self.num_classes).astype(np.float64)
+        weights = np.zeros(self.num_classes)
+        present = counts > 0
+        weights[present] = len(labels) / (self.num_classes * counts[present])
+        if not present.all():
+            absent = [self.class_names[i] for i in np.flatnonzero(~present)]
+            log.warning("%s: classes %s have no training images; their loss weight is 0", self.name, absent)
+        return torch.tensor(weights, dtype=torch.float32)
+
+    # --- transforms ------------------------------------------------------------------------
+    @property
+    def train_transform(self) -> ImageTransform:
+        return ImageTransform(build_train_pipeline(self.image_size, self.mean, self.std, self.augment))
+
+    @property
+    def eval_transform(self) -> ImageTransform:
+        return ImageTransform(
+            build_eval_pipeline(self.image_size, self.mean, self.std, self.augment["interpolation"])
+        )
+
+    # --- loaders ---------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def dataset(self, split: str, train: bool | None = None) -> LesionImageDataset:
+        """The Dataset of one split; ``train`` picks the augmenting pipeline (default: split == train)."""
+        rows = self.split_table(split)
+        train = split == "train" if train is None else train
+        transform = self.train_transform if train else self.eval_transform
+        if train:
+            _, rank = self._world()
+            transform.pipeline.set_random_seed(self.seed * 1000 + rank)
+        paths = [self._cached.get(p, p) for p in rows["path"]]
+        # Cached files are already small; the originals may be decoded at reduced JPEG scale.
+        return LesionImageDataset(paths, rows["label"].to_numpy(), transform,
+                                  decode_size=None if self._cached else self.image_size)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        ds = self.dataset(split, train)
+        world_size, rank = self._world()
+        sampler = None
+        if train and self.sampler == "balanced":
+            sampler = BalancedDistributedSampler(ds.labels, world_size, rank, seed=self.seed)
+        elif world_size > 1:
+            # Built here rather than left to Lightning so a plain DDP script shards the same way.
+            sampler = DistributedSampler(ds, world_size, rank, shuffle=train, seed=self.seed)
+        generator = torch.Generator().manual_seed(self.seed + rank)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    # --- misc ------------------------------------------------------------------------------
+    def image_paths(self) -> list[str]:
+        return self._require_table()["path"].tolist()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, root={str(self.root)!r}, "
+                f"label_set={self.label_set!r}, classes={self.class_names})")

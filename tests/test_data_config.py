@@ -1,0 +1,44 @@
+"""conf/dataset/*.yaml instantiate the right DataModule with the keys users type."""
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
+USER_KEYS = {"_target_", "root", "image_size", "batch_size", "num_workers", "label_set", "sampler", "seed"}
+
+EXPECTED = {
+    "synthetic": ("SyntheticDataModule", ["not_melanoma", "melanoma"], "synthetic"),
+    "dermmel": ("DermMelDataModule", ["not_melanoma", "melanoma"], "dermmel"),
+}
+
+
+def compose(name, data_dir, **overrides):
+    cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "dataset": OmegaConf.load(CONF / f"{name}.yaml")})
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, f"dataset.{key}", value)
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_instantiates_its_datamodule(name, tmp_path):
+    cfg = compose(name, tmp_path)
+    assert USER_KEYS <= set(cfg.dataset.keys())
+    dm = instantiate(cfg.dataset, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    cls, classes, head = EXPECTED[name]
+    assert type(dm).__name__ == cls and dm.class_names == classes and dm.name == head
+    assert dm.root == tmp_path / Path(cfg.dataset.root).relative_to(tmp_path)
+    assert dm.mean == (0.5, 0.5, 0.5) and dm.std == (0.25, 0.25, 0.25)
+    assert dm.batch_size == cfg.dataset.batch_size and dm.image_size == cfg.dataset.image_size
+
+
+def test_synthetic_config_builds_a_working_dataset(tmp_path):
+    cfg = compose("synthetic", tmp_path, counts={"train": 3, "val": 1, "test": 1}, image_size=32, batch_size=2)
+    dm = instantiate(cfg.dataset, mean=[0.5] * 3, std=[0.5] * 3)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert str(dm.table.path[0]).startswith(str(tmp_path / "synthetic"))
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32)

@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_augment, train_transform
+
+
+def _image(w=90, h=60, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_eval_transform_resizes_whole_image_and_normalises():
+    t = eval_transform(32)
+    mean_colour = tuple(int(round(m * 255)) for m in IMAGENET_MEAN)
+    out = t(Image.new("RGB", (90, 60), mean_colour))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.abs().max() < 0.02  # the ImageNet mean colour normalises to ~0
+    white = t(Image.new("RGB", (90, 60), (255, 255, 255)))
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    assert torch.allclose(white[:, 0, 0], torch.tensor(expected), atol=1e-4)
+    img = _image()
+    assert torch.equal(t(img), t(img))  # deterministic
+
+
+def test_eval_transform_follows_model_mean_std():
+    out = eval_transform(16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(Image.new("RGB", (20, 20), (255, 0, 255)))
+    assert torch.allclose(out[:, 0, 0], torch.tensor([1.0, -1.0, 1.0]), atol=1e-4)
+
+
+def test_train_transform_is_random_with_right_shape():
+    t = train_transform(24)
+    img = _image()
+    a, b = t(img), t(img)
+    assert a.shape == b.shape == (3, 24, 24)
+    assert not torch.equal(a, b)
+
+
+def test_train_transform_without_augmentation_equals_eval():
+    off = {"scale": [1.0, 1.0], "ratio": [1.5, 1.5], "hflip": 0, "vflip": 0, "rot90": 0, "color_jitter": {"p": 0}}
+    img = _image(90, 60)
+    assert torch.allclose(train_transform(24, augment=off)(img), eval_transform(24)(img), atol=1e-5)
+
+
+def test_augment_typos_are_errors():
+    with pytest.raises(ValueError, match="unknown augment option 'hflp'"):
+        resolve_augment({"hflp": 0.5})
+    with pytest.raises(ValueError, match="color_jitter"):
+        resolve_augment({"color_jitter": {"brightnes": 0.1}})
+    with pytest.raises(ValueError, match="interpolation"):
+        resolve_augment({"interpolation": "cubic"})
+    assert resolve_augment({"color_jitter": {"hue": 0.0}})["color_jitter"]["brightness"] == 0.2
+
+
+def test_rejects_non_rgb_pil_images():
+    with pytest.raises(ValueError, match="RGB"):
+        eval_transform(8)(Image.new("L", (10, 10)))
