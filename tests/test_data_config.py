@@ -12,7 +12,13 @@ USER_KEYS = {"_target_", "root", "image_size", "batch_size", "num_workers", "lab
 EXPECTED = {
     "synthetic": ("SyntheticDataModule", ["not_melanoma", "melanoma"], "synthetic"),
     "dermmel": ("DermMelDataModule", ["not_melanoma", "melanoma"], "dermmel"),
+    "ham10000": ("HAM10000DataModule", ["not_melanoma", "melanoma"], "ham10000"),
+    "ph2": ("PH2DataModule", ["common_nevus", "atypical_nevus", "melanoma"], "ph2"),
 }
+
+
+def test_every_dataset_config_is_covered():
+    assert {p.stem for p in CONF.glob("*.yaml")} == set(EXPECTED)
 
 
 def compose(name, data_dir, **overrides):
@@ -42,3 +48,9 @@ def test_synthetic_config_builds_a_working_dataset(tmp_path):
     assert str(dm.table.path[0]).startswith(str(tmp_path / "synthetic"))
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 32, 32)
+
+
+def test_ham10000_config_with_dx_labels_and_folds(tmp_path):
+    cfg = compose("ham10000", tmp_path, label_set="dx", num_folds=5, fold=2)
+    dm = instantiate(cfg.dataset)
+    assert dm.num_classes == 7 and dm.num_folds == 5 and dm.fold == 2

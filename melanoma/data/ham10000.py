@@ -1,0 +1,100 @@
+"""HAM10000: ``HAM10000_metadata.csv`` and ``HAM10000_images_part_{1,2}/<image_id>.jpg``.
+
+Several images often show the same lesion, so splits are grouped by ``lesion_id``: a random
+image-level split puts 37% of test images (65% of melanomas) beside their own lesion in train.
+"""
+
+from __future__ import annotations
+
+
+import pandas as pd
+
+from .base import BINARY_CLASSES, LesionDataModule
+from .io import iter_files
+from .layout import find_file, subdirs
+
+DOWNLOAD = ("https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 "
+            "(or the ISIC archive, https://doi.org/10.7910/DVN/DBW86T)")
+METADATA = "HAM10000_metadata.csv"
+DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+IMAGE_FOLDER_PREFIX = "ham10000_images"
+
+
+class HAM10000DataModule(LesionDataModule):
+    name = "ham10000"
+    label_sets = {"binary": BINARY_CLASSES, "dx": list(DX)}
+
+    def find_metadata(self):
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.name}: dataset root {self.root} does not exist. Expected the HAM10000 "
+                f"download ({METADATA} beside HAM10000_images_part_1/ and _part_2/); get it from "
+                f"{DOWNLOAD} and set dataset.root to where it is."
+            )
+        csv = find_file(self.root, METADATA)
+        if csv is None:
+            raise FileNotFoundError(
+                f"{self.name}: {METADATA} not found under {self.root} (searched 3 levels). It comes "
+                f"with the HAM10000 download from {DOWNLOAD}."
+            )
+        return csv
+
+    def read_metadata(self, csv) -> pd.DataFrame:
+        meta = pd.read_csv(csv, dtype=str)
+        missing = {"lesion_id", "image_id", "dx"} - set(meta.columns)
+        if missing:
+            raise ValueError(
+                f"{csv}: columns {sorted(missing)} missing; expected lesion_id,image_id,dx,... "
+                f"(found {list(meta.columns)})"
+            )
+        meta["dx"] = meta["dx"].fillna("").str.strip().str.lower()
+        unknown = meta[~meta["dx"].isin(DX)]
+        if len(unknown):
+            # +2: the header is line 1 and pandas counts from 0
+            rows = ", ".join(f"line {i + 2} ({r.image_id}: dx={r.dx!r})" for i, r in unknown.head(10).iterrows())
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise ValueError(
+                f"{csv}: {len(unknown)} row(s) with unknown dx: {rows}{more}. Expected one of "
+                f"{', '.join(DX)}; fix or remove these rows."
+            )
+        for col in ("lesion_id", "image_id"):
+            blank = meta[col].isna() | (meta[col].str.strip() == "")
+            if blank.any():
+                lines = ", ".join(str(i + 2) for i in meta.index[blank][:10])
+                raise ValueError(f"{csv}: empty {col} on line(s) {lines}")
+        return meta
+
+    def image_index(self, folder) -> dict[str, str]:
+        parts = [p for name, p in subdirs(folder).items() if name.startswith(IMAGE_FOLDER_PREFIX)]
+        if not parts:
+            raise FileNotFoundError(
+                f"{self.name}: no image folders beside {METADATA} in {folder}: expected "
+                f"HAM10000_images_part_1/ and HAM10000_images_part_2/ (any letter case). "
+                f"Unpack both image zips of {DOWNLOAD} there."
+            )
+        index: dict[str, str] = {}
+        for part in parts:
+            for path in iter_files(part, (".jpg", ".jpeg", ".png")):
+                # Some copies hold the same images twice (upper- and lower-case folders).
+                index.setdefault(path.stem, str(path))
+        return index
+
+    def build_table(self) -> pd.DataFrame:
+        csv = self.find_metadata()
+        meta = self.read_metadata(csv)
+        index = self.image_index(csv.parent)
+        paths = meta["image_id"].map(index)
+        absent = meta["image_id"][paths.isna()]
+        if len(absent):
+            raise FileNotFoundError(
+                f"{self.name}: {len(absent)} of {len(meta)} images listed in {csv} are missing from "
+                f"its image folders, e.g. {', '.join(absent.head(5))}. Re-extract both image zips."
+            )
+        if self.label_set == "binary":
+            labels = (meta["dx"] == "mel").astype(int)
+        else:
+            labels = meta["dx"].map({d: i for i, d in enumerate(DX)})
+        return pd.DataFrame({"path": paths, "label": labels, "group": meta["lesion_id"].str.strip()})
+
+
+__all__ = ["DX", "HAM10000DataModule"]

@@ -1,0 +1,35 @@
+"""Finding a dataset's anchor file or folder below the root a user gives (downloads nest)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def find_file(root: Path, name: str, max_depth: int = 3) -> Path | None:
+    """Shallowest file called ``name`` (case-insensitive) at or below ``root``."""
+    wanted = name.lower()
+    level = [root]
+    for _ in range(max_depth + 1):
+        nxt = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_file() and e.name.lower() == wanted:
+                    return Path(e.path)
+                if e.is_dir():
+                    nxt.append(Path(e.path))
+        level = nxt
+    return None
+
+
+def subdirs(folder: Path) -> dict[str, Path]:
+    """Visible subfolders keyed by lower-cased name."""
+    with os.scandir(folder) as it:
+        return {e.name.lower(): Path(e.path) for e in sorted(it, key=lambda e: e.name)
+                if e.is_dir() and not e.name.startswith(".")}
