@@ -1,0 +1,414 @@
+"""The LightningModule: a ViT backbone with one head per dataset, trained on the active one.
+
+``self.model`` is a ``melanoma.models.classifier.Classifier`` so checkpoint keys are
+``model.backbone.*`` / ``model.heads.<dataset>.*``, and ``on_save_checkpoint`` writes the META
+(``ckpt["melanoma"]``) that lets ``Classifier.from_checkpoint`` rebuild the network alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+
+from melanoma.models import build_backbone
+from melanoma.models.classifier import META_KEY, Classifier, state_dict_mismatch
+from melanoma.models.heads import DatasetHeads, build_head, positive_index
+from melanoma.training import optim
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LesionClassifier", "NonFiniteLossError"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradients became NaN/Inf; raised before the optimizer step (and so before
+    any checkpoint of the damaged weights can be written)."""
+
+
+def _head_spec(kind: str, in_features: int, class_names: Sequence[str], cfg: Mapping) -> dict:
+    spec = {"type": kind, "in_features": in_features, "class_names": list(class_names),
+            "dropout": float(cfg.get("dropout", 0.0))}
+    if kind == "mlp":
+        spec["hidden_features"] = int(cfg.get("hidden_features", 64))
+    elif kind != "linear":
+        raise ValueError(f"model.head.type must be linear or mlp, got {kind!r}")
+    return spec
+
+
+class LesionClassifier(pl.LightningModule):
+    """Backbone + per-dataset heads; trains and evaluates the head named ``dataset_name``.
+
+    Arguments mirror the ``model`` config group (``conf/model/*.yaml``) plus what the datamodule
+    knows (``dataset_name``, ``class_names``, ``image_size``). ``pretrained`` and ``init_from``
+    are recorded here but applied by ``load_initial_weights`` (train.py calls it for fresh runs
+    only, so resuming or ``load_from_checkpoint`` never re-downloads or re-reads them).
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping,
+        dataset_name: str,
+        class_names: Sequence[str],
+        head: Mapping | None = None,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        loss: Mapping | None = None,
+        image_size: int = 224,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        pretrained: str | None = None,
+        init_from: str | None = None,
+        config: Mapping | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        backbone = dict(backbone)
+        self.backbone_name = backbone["name"]
+        self.backbone_kwargs = dict(backbone.get("kwargs") or {})
+        vit = build_backbone(self.backbone_name, **self.backbone_kwargs)
+        head_cfg = dict(head or {"type": "linear"})
+        spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
+        heads = DatasetHeads()
+        heads.add(dataset_name, build_head(spec))
+        self.model = Classifier(vit, heads)
+        self.active_head = dataset_name
+        self.class_names = list(class_names)
+        self.positive_index = positive_index(self.class_names)
+        self.image_size = int(image_size)
+        self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.optimizer_cfg = dict(optimizer or {"lr": 1e-4})
+        self.scheduler_cfg = dict(scheduler or {"name": "none"})
+        self.loss_cfg = dict(loss or {})
+        self.class_weight: torch.Tensor | None = None
+        # META entries written by evaluation (calibration, operating point); carried through saves
+        self.calibration: dict = {}
+        self.operating_point: dict = {}
+        # forward units (embeddings, block0.., norm) below the lowest trainable one run no_grad
+        self._no_grad_units = 0
+        self._trainable_layers: set[str] | None = None
+        self._sync_head_flags()
+
+        num_classes = len(self.class_names)
+        # keys "<stage>_metrics": a key "train" would clash with nn.Module.train
+        self.metrics = torch.nn.ModuleDict({
+            f"{stage}_metrics": MetricCollection({
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "bal_acc": MulticlassRecall(num_classes, average="macro"),
+                "auroc": MulticlassAUROC(num_classes, average="macro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+            }) for stage in ("train", "val", "test")
+        })
+        self.confmats = torch.nn.ModuleDict({
+            stage: MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")
+        })
+        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.test_figures: dict = {}
+
+    # --- heads and freezing -------------------------------------------------------------------
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.model.heads[self.active_head]
+
+    def _sync_head_flags(self) -> None:
+        # Heads of other datasets never train in this run. requires_grad False before DDP wraps
+        # the model keeps them out of DDP's reducer (they produce no gradient).
+        for name, h in self.model.heads.items():
+            h.requires_grad_(name == self.active_head)
+
+    def layer_names(self) -> list[str]:
+        return optim.backbone_layer_order(self.model.backbone.depth)
+
+    def set_trainable_layers(self, layers: set[str] | None) -> None:
+        """Train only ``layers`` (plus nothing else; None = everything).
+
+        Frozen parameters get requires_grad False, so they never receive a gradient and AdamW
+        skips them; the forward runs every unit below the lowest trainable one under no_grad."""
+        backbone = self.model.backbone
+        order = self.layer_names()
+        if layers is not None:
+            unknown = set(layers) - set(order) - {"head"}
+            if unknown:
+                raise ValueError(f"unknown layers {sorted(unknown)}; expected head or {order}")
+        self._trainable_layers = None if layers is None else set(layers)
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(layers is None or optim.layer_of(name) in layers)
+        self.head.requires_grad_(layers is None or "head" in layers)
+        if layers is None:
+            self._no_grad_units = 0
+            return
+        # units of the forward: 0 = embeddings (patch_embed + pos_cls), 1..depth = blocks, depth+1 = norm
+        depth = backbone.depth
+        if {"patch_embed", "pos_cls"} & layers:
+            self._no_grad_units = 0
+            return
+        lowest = next((i for i in range(depth) if f"block{i}" in layers), None)
+        if lowest is not None:
+            self._no_grad_units = 1 + lowest
+        elif "norm" in layers:
+            self._no_grad_units = 1 + depth
+        else:
+            self._no_grad_units = 2 + depth
+
+    def trainable_parameter_count(self) -> int:
+        return optim.trainable_parameter_count(self.model.parameters())
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._no_grad_units == 0 or not torch.is_grad_enabled():
+            return self.model(x, self.active_head)
+        backbone, cut = self.model.backbone, self._no_grad_units
+        with torch.no_grad():
+            x = backbone.prepare_tokens(x)
+            for block in backbone.blocks[: max(cut - 1, 0)]:
+                x = block(x)
+            if cut > backbone.depth + 1:
+                x = backbone.norm(x)
+        for block in backbone.blocks[max(cut - 1, 0):]:
+            x = block(x)
+        if cut <= backbone.depth + 1:
+            x = backbone.norm(x)
+        return self.head(backbone.forward_head(x, pre_logits=True))
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.loss_cfg.get("class_weights"):
+            dm = self.trainer.datamodule
+            if dm is None or not hasattr(dm, "class_weights"):
+                raise RuntimeError("model.loss.class_weights=true needs a datamodule with class_weights()")
+            self.class_weight = torch.as_tensor(dm.class_weights(), dtype=torch.float32)
+            log.info("class weights %s", dict(zip(self.class_names, self.class_weight.tolist())))
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
+        return F.cross_entropy(logits.float(), y, weight=weight,
+                               label_smoothing=float(self.loss_cfg.get("label_smoothing", 0.0)))
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        finite = bool(torch.isfinite(loss))
+        # every rank must stop together, or the others wait forever in the next all-reduce
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLossError(
+                f"training loss is not finite ({loss.item()} on this rank) at epoch "
+                f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx}. The run "
+                f"stopped before the optimizer step, so no checkpoint holds damaged weights; the last "
+                f"good one is in the checkpoints folder. Lower the learning rate "
+                f"(model.optimizer.lr / head_lr), use precision 32-true, set "
+                f"trainer.gradient_clip_val, or check the input images."
+            )
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if not torch.isfinite(norm):
+            # grads are all-reduced by now, so every rank sees the same value and stops together
+            raise NonFiniteLossError(
+                f"gradient norm is {norm.item()} at epoch {self.current_epoch}, global step "
+                f"{self.global_step}: the optimizer step was skipped and no checkpoint was written. "
+                f"Lower the learning rate or set trainer.gradient_clip_val."
+            )
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_epoch_start(self) -> None:
+        self.log("trainable_params", float(self.trainable_parameter_count()), on_step=False, on_epoch=True)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if not self.trainer.optimizers:
+            return
+        seen = set()
+        lrs = {}
+        for group in self.trainer.optimizers[0].param_groups:
+            layer = group.get("layer", group.get("name"))
+            if layer not in seen:
+                seen.add(layer)
+                lrs[f"lr/{layer}"] = float(group["lr"])
+        self.log_dict(lrs, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def _eval_step(self, stage: str, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self._loss(logits, y)
+        probs = logits.float().softmax(-1)
+        self.metrics[f"{stage}_metrics"].update(probs, y)
+        self.confmats[stage].update(probs, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True,
+                 prog_bar=stage == "val")
+        return probs
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        probs = self._eval_step("test", batch)
+        self._test_outputs.append((probs.detach().cpu(), batch[1].detach().cpu()))
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+
+    def on_test_epoch_end(self) -> None:
+        cm = self._log_metrics("test")
+        if self._test_outputs:
+            probs = torch.cat([p for p, _ in self._test_outputs])
+            labels = torch.cat([y for _, y in self._test_outputs])
+            probs = self.all_gather(probs.to(self.device)).reshape(-1, probs.shape[-1]).cpu()
+            labels = self.all_gather(labels.to(self.device)).reshape(-1).cpu()
+            if self.trainer.is_global_zero and cm is not None:
+                from melanoma.training.figures import test_figures
+
+                self.test_figures = test_figures(cm.cpu(), probs, labels, self.class_names,
+                                                 self.positive_index)
+        self._test_outputs = []
+
+    def _log_metrics(self, stage: str) -> torch.Tensor | None:
+        collection = self.metrics[f"{stage}_metrics"]
+        if not collection[next(iter(collection.keys()))].update_called:
+            return None
+        values = {f"{stage}/{k}": v for k, v in collection.compute().items()}
+        collection.reset()
+        cm = None
+        if stage in self.confmats and self.confmats[stage].update_called:
+            cm = self.confmats[stage].compute()
+            self.confmats[stage].reset()
+            if self.positive_index is not None:
+                pos = self.positive_index
+                tp = cm[pos, pos]
+                fn = cm[pos].sum() - tp
+                fp = cm[:, pos].sum() - tp
+                tn = cm.sum() - tp - fn - fp
+                values[f"{stage}/sensitivity"] = tp / (tp + fn).clamp(min=1)
+                values[f"{stage}/specificity"] = tn / (tn + fp).clamp(min=1)
+        # metrics are already synced across processes by torchmetrics' compute()
+        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=False)
+        return cm
+
+    # --- optimisation ---------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        cfg = self.optimizer_cfg
+        backbone = self.model.backbone
+        lrs = optim.layer_lrs(backbone.depth, float(cfg.get("lr", 1e-4)),
+                              None if cfg.get("head_lr") is None else float(cfg["head_lr"]),
+                              None if cfg.get("layer_decay") is None else float(cfg["layer_decay"]),
+                              cfg.get("group_lr"))
+        groups = optim.param_groups(backbone, self.head, lrs, float(cfg.get("weight_decay", 0.0)))
+        optimizer = optim.build_optimizer(groups, cfg)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        if not math.isfinite(total) or total <= 0:
+            total = 1
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else 1
+        scheduler = optim.build_scheduler(optimizer, self.scheduler_cfg, total, max_epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # --- weights from elsewhere -----------------------------------------------------------------
+
+    def load_initial_weights(self) -> None:
+        """Apply ``init_from`` (a melanoma checkpoint: backbone + all its heads) or ``pretrained``
+        (backbone only). Called for fresh runs, never on resume."""
+        init_from, pretrained = self.hparams.get("init_from"), self.hparams.get("pretrained")
+        if init_from:
+            if pretrained:
+                log.info("model.init_from=%s provides the backbone; model.pretrained=%s is not loaded",
+                         init_from, pretrained)
+            self._init_from_checkpoint(init_from)
+        elif pretrained:
+            from melanoma.models.pretrained import load_pretrained
+
+            load_pretrained(self.model.backbone, pretrained)
+            log.info("backbone initialised from %s", pretrained)
+
+    def _init_from_checkpoint(self, path: str | Path) -> None:
+        source, meta = Classifier.from_checkpoint(path, map_location="cpu")
+        problems = state_dict_mismatch(self.model.backbone.state_dict(), source.backbone.state_dict())
+        if problems:
+            raise ValueError(
+                f"model.init_from={path}: its backbone {meta.get('backbone')} does not fit the "
+                f"configured one (name {self.backbone_name}, kwargs {self.backbone_kwargs}): "
+                f"{problems}. Use the checkpoint's model and image size (model=..., "
+                f"dataset.image_size=...)."
+            )
+        self.model.backbone.load_state_dict(source.backbone.state_dict(), strict=True)
+        for name, head in source.heads.items():
+            if name == self.active_head:
+                if head.spec() == self.head.spec():
+                    self.model.heads.add(name, head, replace=True)
+                    log.info("init_from: continuing to train the checkpoint's %r head", name)
+                else:
+                    log.warning("init_from: the checkpoint's %r head (%s) differs from the "
+                                "configured one (%s); a fresh head replaces it",
+                                name, head.spec(), self.head.spec())
+                continue
+            self.model.heads.add(name, head)
+        for key, target in (("calibration", self.calibration), ("operating_point", self.operating_point)):
+            target.update({k: v for k, v in (meta.get(key) or {}).items() if k in self.model.heads})
+        self.model.train()
+        self._sync_head_flags()
+        log.info("init_from %s: backbone and heads %s loaded; training head %r",
+                 path, list(source.heads), self.active_head)
+
+    # --- checkpoint META ------------------------------------------------------------------------
+
+    def meta(self) -> dict:
+        return {
+            "backbone": {"name": self.backbone_name, "kwargs": dict(self.backbone_kwargs)},
+            "heads": self.model.heads.specs(),
+            "active_head": self.active_head,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "calibration": dict(self.calibration),
+            "operating_point": dict(self.operating_point),
+            "config": dict(self.hparams.get("config") or {}),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = self.meta()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before load_state_dict (load_from_checkpoint and trainer resume): rebuild the heads
+        # the checkpoint has so its state dict fits.
+        meta = checkpoint.get(META_KEY)
+        if not meta:
+            return
+        for name, spec in meta.get("heads", {}).items():
+            if name not in self.model.heads or self.model.heads[name].spec() != spec:
+                self.model.heads.add(name, build_head(spec), replace=True)
+        self.calibration = dict(meta.get("calibration") or {})
+        self.operating_point = dict(meta.get("operating_point") or {})
+        self._sync_head_flags()
+        if self._trainable_layers is not None:
+            self.set_trainable_layers(self._trainable_layers)

@@ -1,0 +1,167 @@
+"""Gradual unfreezing that stays correct under DDP and on resume, and saves compute.
+
+Why not Lightning's ``BaseFinetuning``: it adds parameter groups to the optimizer as layers thaw,
+so parameters unfrozen after DDP wrapped the model are never all-reduced (replicas silently
+diverge), and a resumed run re-freezes. Here instead:
+
+* every parameter is registered with the optimizer from the start, one group per layer
+  (``melanoma.training.optim.param_groups``); a frozen layer simply never gets a gradient, and
+  AdamW skips parameters whose grad is None (no update, no weight decay, no optimizer state);
+* the stage is a pure function of the epoch, applied at every ``on_train_epoch_start``: a run
+  resumed from any checkpoint (even mid-epoch) trains exactly the layers it trained before, with
+  the optimizer state it had;
+* frozen layers below the lowest trainable one run under ``torch.no_grad`` in the module's
+  forward (``LesionClassifier.set_trainable_layers``), so they cost no backward pass and no
+  stored activations;
+* under DDP every parameter requires grad when DDP wraps the model (so it is in DDP's reducer)
+  and the strategy is built with ``find_unused_parameters=True`` (``melanoma.train`` does that
+  when this callback is used): frozen parameters are then "unused" on every rank and keep grad
+  None, unfrozen ones are all-reduced. ``on_fit_start`` refuses a DDP strategy without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GradualUnfreezing", "default_unfreeze_order"]
+
+
+def default_unfreeze_order(depth: int) -> list[str]:
+    """Top down: final norm, block{depth-1} ... block0, pos_embed/cls_token, patch embedding."""
+    return ["norm", *(f"block{i}" for i in reversed(range(depth))), "pos_cls", "patch_embed"]
+
+
+class GradualUnfreezing(Callback):
+    """Train the head alone for ``start_epoch`` epochs, then thaw one more stage every
+    ``every_n_epochs`` epochs.
+
+    Args:
+        start_epoch: epochs with only the head trainable (0: the first stage thaws at once).
+        every_n_epochs: epochs between two stages.
+        stage_size: layers per stage when the stages come from ``order``.
+        order: layer names in the order they thaw (default ``default_unfreeze_order``); layers
+            left out never thaw. Names: norm, block0..block{depth-1}, pos_cls, patch_embed.
+        stages: explicit stages (a list of lists of layer names); overrides order/stage_size.
+
+    Each layer's learning rate is set in the optimizer config (``model.optimizer.group_lr``).
+    """
+
+    def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int = 1,
+                 order: Sequence[str] | None = None, stages: Sequence[Sequence[str]] | None = None):
+        if start_epoch < 0 or every_n_epochs < 1 or stage_size < 1:
+            raise ValueError(
+                f"GradualUnfreezing needs start_epoch >= 0, every_n_epochs >= 1 and stage_size >= 1; "
+                f"got start_epoch={start_epoch}, every_n_epochs={every_n_epochs}, stage_size={stage_size}"
+            )
+        self.start_epoch = int(start_epoch)
+        self.every_n_epochs = int(every_n_epochs)
+        self.stage_size = int(stage_size)
+        self.order = list(order) if order is not None else None
+        self.stages = [list(s) for s in stages] if stages is not None else None
+        self.current_stage: int | None = None
+
+    # --- the schedule -------------------------------------------------------------------------
+
+    def resolve_stages(self, depth: int) -> list[list[str]]:
+        """The stages after the head-only one, each a list of layer names."""
+        valid = set(default_unfreeze_order(depth))
+        if self.stages is not None:
+            stages = self.stages
+        else:
+            order = self.order if self.order is not None else default_unfreeze_order(depth)
+            stages = [order[i:i + self.stage_size] for i in range(0, len(order), self.stage_size)]
+        flat = [layer for stage in stages for layer in stage]
+        unknown = [layer for layer in flat if layer not in valid]
+        if unknown:
+            raise ValueError(
+                f"GradualUnfreezing: unknown layers {unknown}; a ViT of depth {depth} has "
+                f"{default_unfreeze_order(depth)}"
+            )
+        if len(flat) != len(set(flat)):
+            raise ValueError(f"GradualUnfreezing: a layer appears in two stages: {stages}")
+        return [list(s) for s in stages if s]
+
+    def stage_at(self, epoch: int, num_stages: int) -> int:
+        """Number of thawed stages (0 = head only) during ``epoch``; a function of the epoch
+        alone, which is what makes resuming exact."""
+        if epoch < self.start_epoch:
+            return 0
+        return min(1 + (epoch - self.start_epoch) // self.every_n_epochs, num_stages)
+
+    def trainable_layers(self, epoch: int, depth: int) -> set[str]:
+        stages = self.resolve_stages(depth)
+        n = self.stage_at(epoch, len(stages))
+        return {"head", *(layer for stage in stages[:n] for layer in stage)}
+
+    # --- hooks ----------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_strategy(trainer)
+        self._check_optimizer(trainer, pl_module)
+        # apply at once too, so anything that runs before the first train epoch (e.g. a
+        # trainable-parameter summary) sees the right stage
+        self._apply(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply(trainer, pl_module)
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        depth = pl_module.model.backbone.depth
+        stages = self.resolve_stages(depth)
+        stage = self.stage_at(trainer.current_epoch, len(stages))
+        layers = {"head", *(layer for s in stages[:stage] for layer in s)}
+        pl_module.set_trainable_layers(layers)
+        if stage != self.current_stage:
+            newest = "head only" if stage == 0 else ", ".join(stages[stage - 1])
+            rank_zero_info(
+                f"GradualUnfreezing: epoch {trainer.current_epoch}: stage {stage}/{len(stages)} "
+                f"(newest: {newest}); {pl_module.trainable_parameter_count():,} trainable parameters"
+            )
+        self.current_stage = stage
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
+            if not strategy._ddp_kwargs.get("find_unused_parameters", False):
+                raise RuntimeError(
+                    "GradualUnfreezing under DDP needs find_unused_parameters=True (frozen layers "
+                    "produce no gradients); found a DDP strategy without it. Use "
+                    "trainer.strategy=ddp_find_unused_parameters_true (train.py sets it for you "
+                    "when trainer.strategy is auto or ddp)."
+                )
+
+    def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        depth = pl_module.model.backbone.depth
+        wanted = {layer for stage in self.resolve_stages(depth) for layer in stage}
+        for opt in trainer.optimizers:
+            have = {g.get("layer") for g in opt.param_groups}
+            missing = wanted - have
+            if missing:
+                raise RuntimeError(
+                    f"GradualUnfreezing: the optimizer has no parameter group for layers "
+                    f"{sorted(missing)}; every layer must be registered from the start "
+                    f"(LesionClassifier.configure_optimizers does this)"
+                )
+
+    def state_dict(self) -> dict:
+        # kept for inspection; the stage itself is recomputed from the epoch on resume
+        return {"start_epoch": self.start_epoch, "every_n_epochs": self.every_n_epochs,
+                "stage_size": self.stage_size, "current_stage": self.current_stage}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = {k: state_dict.get(k) for k in ("start_epoch", "every_n_epochs", "stage_size")}
+        mine = {"start_epoch": self.start_epoch, "every_n_epochs": self.every_n_epochs,
+                "stage_size": self.stage_size}
+        if saved != mine:
+            log.warning("GradualUnfreezing: resuming with schedule %s, the checkpoint was trained "
+                        "with %s; the stage follows the new schedule", mine, saved)
+        self.current_stage = None
