@@ -4,7 +4,6 @@ point all come from the checkpoint's META, so no config file or dataset is neede
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -127,23 +126,24 @@ class Predictor:
             return None, None, f"{type(e).__name__}: {e}"
 
     def record(self, path: Path, probs: np.ndarray) -> dict:
-        out = {"path": str(path), "error": "", "predicted_class": self.class_names[int(probs.argmax())]}
+        # None, not "": JSON gets null and the CSV writer an empty cell
+        out = {"path": str(path), "error": None, "predicted_class": self.class_names[int(probs.argmax())]}
         for name, p in zip(self.class_names, probs):
             out[f"prob_{name}"] = float(p)
         if self.positive_index is not None:
             p_mel = float(probs[self.positive_index])
             out["melanoma_probability"] = p_mel
-            out["threshold"] = self.threshold if self.threshold is not None else ""
+            out["threshold"] = self.threshold
             out["decision"] = (
-                "" if self.threshold is None else MELANOMA_DECISION if p_mel >= self.threshold else NOT_MELANOMA_DECISION
+                None if self.threshold is None else MELANOMA_DECISION if p_mel >= self.threshold else NOT_MELANOMA_DECISION
             )
         return out
 
     def error_record(self, path: Path, reason: str) -> dict:
-        out = {"path": str(path), "error": reason, "predicted_class": ""}
-        out.update({f"prob_{name}": "" for name in self.class_names})
+        out = {"path": str(path), "error": reason, "predicted_class": None}
+        out.update({f"prob_{name}": None for name in self.class_names})
         if self.positive_index is not None:
-            out.update({"melanoma_probability": "", "threshold": "", "decision": ""})
+            out.update({"melanoma_probability": None, "threshold": None, "decision": None})
         return out
 
     def predict_paths(
@@ -178,7 +178,7 @@ class Predictor:
                 maps = None
                 if attention_dir is not None:
                     maps = compute_attention_maps(
-                        functools.partial(self._forward), x, self.model.backbone.grid_size,
+                        self._forward, x, self.model.backbone.grid_size,
                         num_prefix_tokens=self.model.backbone.num_prefix_tokens,
                         methods=tuple(dict.fromkeys(("last_layer", *methods))),
                     )
@@ -197,7 +197,7 @@ class Predictor:
         bar.close()
         if attention_dir is not None:
             for r in records:
-                r.setdefault("attention", "")
+                r.setdefault("attention", None)
         return records
 
     def _write_maps(self, out_dir: Path, path: Path, image: Image.Image, maps, j: int, methods, used_stems, rec) -> list[Path]:
@@ -205,7 +205,9 @@ class Predictor:
         n = used_stems.get(stem, 0)
         used_stems[stem] = n + 1
         stem = stem if n == 0 else f"{stem}__{n + 1}"  # two folders may hold the same file name
-        shown = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        # what the model saw (the whole field of view, squared), at least 224 px so it can be read
+        side = max(self.image_size, 224)
+        shown = image.resize((side, side), Image.BICUBIC)
         title = f"{rec['predicted_class']} {max(v for k, v in rec.items() if k.startswith('prob_')):.2f}"
         written = [save_overlay(out_dir / f"{stem}_{m}.png", shown, maps.maps[m][j], title=title) for m in methods]
         written.append(save_head_grid(out_dir / f"{stem}_heads.png", shown, maps.last_layer_heads[j], maps.maps["last_layer"][j]))

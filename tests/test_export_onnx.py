@@ -1,0 +1,51 @@
+"""`melanoma export --format onnx`: onnxruntime reproduces PyTorch within 1e-4."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from melanoma.cli import main
+from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.classifier import Classifier
+
+KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"], "ph2": ["common_nevus", "atypical_nevus", "melanoma"]})
+    path = tmp_path_factory.mktemp("export") / "tiny.ckpt"
+    save_classifier_checkpoint(path, model, "vit_tiny", KW, image_size=32, active_head="synthetic")
+    ck = torch.load(path, weights_only=True)
+    ck["melanoma"]["calibration"] = {"ph2": {"temperature": 1.7}}
+    ck["melanoma"]["operating_point"] = {"ph2": {"threshold": 0.3, "target_sensitivity": 0.95}}
+    torch.save(ck, path)
+    return path
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_onnx_equals_pytorch(ckpt, tmp_path, calibrated, capsys):
+    out = tmp_path / "model.onnx"
+    args = ["export", str(ckpt), "--format", "onnx", "--head", "ph2", "--out", str(out), "-q"]
+    assert main(args + (["--calibrated"] if calibrated else [])) == 0
+    assert "max |onnxruntime - torch|" in capsys.readouterr().out
+    model, _ = Classifier.from_checkpoint(ckpt)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    t = 1.7 if calibrated else 1.0
+    with torch.no_grad():
+        logits = model(x, "ph2") / t
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got_logits, got_probs = session.run(["logits", "probabilities"], {"image": x.numpy()})
+    np.testing.assert_allclose(got_logits, logits.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_probs, torch.softmax(logits, 1).numpy(), atol=1e-4, rtol=0)
+    sidecar = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert sidecar["class_names"] == ["common_nevus", "atypical_nevus", "melanoma"]
+    assert sidecar["temperature"] == t and sidecar["operating_point"]["threshold"] == 0.3
+    assert sidecar["max_abs_diff"] <= 1e-4
+    meta = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+    assert meta["image_size"] == 32 and meta["head"] == "ph2"
