@@ -106,7 +106,7 @@ def load_rgb(path: str | os.PathLike, target_size=None) -> Image.Image:
         raise ImageReadError(path, f"image too large ({e})") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
         reason = str(e) or type(e).__name__
-        if "truncated" in reason:
+        if "truncated" in reason.lower():
             reason = f"file is truncated ({reason})"
         raise ImageReadError(path, reason) from None
 
