@@ -119,6 +119,7 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, dm, out, calibrate=not args.no_calibration,
         target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=args.head,
+        progress=not args.quiet,
     )
     keys = ["n", "accuracy", "balanced_accuracy", "auroc", "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",

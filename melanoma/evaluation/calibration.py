@@ -50,6 +50,9 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
         log.warning("temperature fit did not lower NLL (%.4f -> %.4f, T=%s); keeping T=1", before, after, temperature)
         return 1.0
     log.info("temperature scaling: T=%.4f, validation NLL %.4f -> %.4f", temperature, before, after)
+    if temperature > 10:
+        log.warning("temperature %.1f flattens the probabilities almost to uniform: on validation the model "
+                    "is barely better than chance; check that it was trained on this dataset", temperature)
     return temperature
 
 

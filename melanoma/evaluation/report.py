@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def collect_logits(
-    model: Classifier, loader, head: str, device="cpu", tta: bool = False, desc: str = "evaluate"
+    model: Classifier, loader, head: str, device="cpu", tta: bool = False, desc: str = "evaluate",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C), labels (N,)) over a loader of (images, labels) batches, in loader order."""
     model.eval()
@@ -41,7 +42,7 @@ def collect_logits(
     def forward(x):
         return model(x, head)
 
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         x = x.to(device)
         logits.append((tta_logits(forward, x) if tta else forward(x)).float().cpu())
         labels.append(y)
@@ -50,7 +51,7 @@ def collect_logits(
     return torch.cat(logits).numpy().astype(np.float64), torch.cat(labels).numpy().astype(np.int64)
 
 
-def _split_logits(model, datamodule, split: str, head: str, device, tta: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     rows = datamodule.split_table(split)
     if len(rows) == 0:
         raise ValueError(
@@ -65,7 +66,7 @@ def _split_logits(model, datamodule, split: str, head: str, device, tta: bool) -
         shuffle=False,
         num_workers=datamodule.num_workers,
     )
-    logits, labels = collect_logits(model, loader, head, device, tta, desc=f"evaluate {split}")
+    logits, labels = collect_logits(model, loader, head, device, tta, desc=f"evaluate {split}", progress=progress)
     if not np.array_equal(labels, rows["label"].to_numpy()):
         raise RuntimeError(f"{split} loader labels do not follow split_table order; cannot write predictions.csv")
     return logits, labels, rows
@@ -131,6 +132,7 @@ def evaluate_checkpoint(
     device: str = "cpu",
     wandb_run=None,
     head: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Fit temperature and operating point on val, store them in the checkpoint, report test.
 
@@ -156,8 +158,8 @@ def evaluate_checkpoint(
     datamodule.prepare_data()
     datamodule.setup("test")
 
-    val_logits, val_labels, _ = _split_logits(model, datamodule, "val", head, device, tta)
-    test_logits, test_labels, test_rows = _split_logits(model, datamodule, "test", head, device, tta)
+    val_logits, val_labels, _ = _split_logits(model, datamodule, "val", head, device, tta, progress)
+    test_logits, test_labels, test_rows = _split_logits(model, datamodule, "test", head, device, tta, progress)
 
     temperature = fit_temperature(val_logits, val_labels) if calibrate else 1.0
     val_probs = softmax(val_logits, temperature)
