@@ -121,7 +121,7 @@ def test_dropout_and_drop_path_arguments():
     m = VisionTransformer(**SMALL_CFG, drop_rate=0.1, attn_drop_rate=0.2, drop_path_rate=0.3)
     assert m.pos_drop.p == 0.1 and m.blocks[0].attn.proj_drop.p == 0.1 and m.blocks[0].mlp.drop1.p == 0.1
     assert m.blocks[1].attn.attn_drop.p == 0.2
-    assert isinstance(m.blocks[0].drop_path, torch.nn.Identity)  # rate 0 for the first block
+    assert m.blocks[0].drop_path.drop_prob == 0.0  # stochastic depth grows from 0 at the first block
     assert m.blocks[1].drop_path.drop_prob == pytest.approx(0.3)
     x = torch.randn(4, 3, 32, 32)
     m.train()
@@ -152,3 +152,13 @@ def test_wrong_image_size_is_refused_with_advice():
         m(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="multiple of patch_size"):
         VisionTransformer(img_size=30, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_zero_rates_make_train_mode_deterministic():
+    ours, ref = _pair()
+    ours.train(), ref.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    a = ours(x)
+    assert torch.equal(a, ours(x))
+    assert (a - ref(x)).abs().max() < 1e-5
