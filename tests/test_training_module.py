@@ -1,0 +1,112 @@
+"""LesionClassifier: checkpoint META, rebuilding heads on load, continuing on another dataset,
+and stopping on a non-finite loss before a bad checkpoint exists."""
+
+import math
+
+import pytest
+import torch
+
+from melanoma.models.classifier import Classifier
+from melanoma.train import run
+from melanoma.training.module import LesionClassifier, NonFiniteLossError
+from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def dermmel_run(tiny_dermmel, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dermmel_run")
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=2), "model.head.type=mlp",
+                       "model.head.hidden_features=16"], out)
+    score = run(cfg)
+    return out, cfg, score
+
+
+def test_run_folder_and_checkpoint_meta(dermmel_run):
+    out, cfg, score = dermmel_run
+    assert score is not None and 0.0 <= score <= 1.0
+    for rel in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "csv/metrics.csv", "splits.csv",
+                "test/metrics.json", "test/confusion_matrix.png", "test/confidence.png"):
+        assert (out / rel).is_file(), rel
+    metrics_csv = (out / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/loss_step", "val/bal_acc", "val/auroc", "val/sensitivity", "val/specificity",
+                "lr/head", "lr/block1", "lr/patch_embed", "trainable_params", "test/acc"):
+        assert key in metrics_csv, key
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    meta = ckpt["melanoma"]
+    assert meta["backbone"] == {"name": "vit_tiny", "kwargs": dict(cfg.model.backbone.kwargs)}
+    assert meta["heads"]["dermmel"]["type"] == "mlp"
+    assert meta["heads"]["dermmel"]["class_names"] == ["not_melanoma", "melanoma"]
+    assert meta["active_head"] == "dermmel" and meta["image_size"] == 32
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["config"]["model"]["optimizer"]["lr"] == cfg.model.optimizer.lr
+    assert ckpt["hyper_parameters"]["config"]["seed"] == 42
+    model, meta2 = Classifier.from_checkpoint(out / "checkpoints" / "best.ckpt")
+    assert list(model.heads) == ["dermmel"]
+    sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_meta_keeps_calibration_and_load_rebuilds_extra_heads(dermmel_run, tmp_path):
+    out, _, _ = dermmel_run
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
+    # a checkpoint with a second head and evaluation entries, as init_from + evaluation make them
+    ckpt["melanoma"]["heads"]["ph2"] = {"type": "linear", "in_features": 32, "dropout": 0.0,
+                                        "class_names": ["common_nevus", "atypical_nevus", "melanoma"]}
+    ckpt["state_dict"]["model.heads.ph2.fc.weight"] = torch.full((3, 32), 0.5)
+    ckpt["state_dict"]["model.heads.ph2.fc.bias"] = torch.arange(3.0)
+    ckpt["melanoma"]["calibration"] = {"dermmel": {"temperature": 1.7}}
+    ckpt["melanoma"]["operating_point"] = {"dermmel": {"threshold": 0.3, "target_sensitivity": 0.95}}
+    path = tmp_path / "two_heads.ckpt"
+    torch.save(ckpt, path)
+    module = LesionClassifier.load_from_checkpoint(path)
+    assert set(module.model.heads) == {"dermmel", "ph2"}
+    assert torch.equal(module.model.heads["ph2"].fc.bias, torch.arange(3.0))
+    assert not any(p.requires_grad for p in module.model.heads["ph2"].parameters())
+    saved = {}
+    module.on_save_checkpoint(saved)
+    assert saved["melanoma"]["calibration"] == {"dermmel": {"temperature": 1.7}}
+    assert saved["melanoma"]["operating_point"]["dermmel"]["threshold"] == 0.3
+    assert set(saved["melanoma"]["heads"]) == {"dermmel", "ph2"}
+
+
+def test_init_from_keeps_old_head_bit_identical_and_adds_new_head(dermmel_run, tmp_path):
+    out, _, _ = dermmel_run
+    source = out / "checkpoints" / "best.ckpt"
+    old = torch.load(source, weights_only=True)["state_dict"]
+    syn_root = tmp_path / "synthetic"
+    overrides = [o for o in tiny_overrides(syn_root, max_epochs=1) if not o.startswith("dataset")]
+    cfg = compose_cfg([*overrides, "dataset=synthetic", f"dataset.root={syn_root}", "dataset.image_size=32",
+                       "dataset.batch_size=8", "dataset.generate_size=32", "dataset.counts.train=8",
+                       "dataset.counts.val=4", "dataset.counts.test=4", "model.head.type=mlp",
+                       "model.head.hidden_features=16", f"model.init_from={source}"], tmp_path / "run2")
+    run(cfg)
+    new = torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(new["melanoma"]["heads"]) == {"dermmel", "synthetic"}
+    assert new["melanoma"]["active_head"] == "synthetic"
+    for k, v in old.items():
+        if k.startswith("model.heads.dermmel."):
+            assert torch.equal(new["state_dict"][k], v), k
+    # the backbone started from the checkpoint and kept training
+    assert not torch.equal(new["state_dict"]["model.backbone.blocks.0.attn.qkv.weight"],
+                           old["model.backbone.blocks.0.attn.qkv.weight"])
+    model, _ = Classifier.from_checkpoint(tmp_path / "run2" / "checkpoints" / "last.ckpt")
+    assert model(torch.randn(1, 3, 32, 32), "dermmel").shape == (1, 2)
+
+
+def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3),
+                       "callbacks.last_checkpoint.every_n_train_steps=1",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.nan_at_step=3"],
+                      tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match=r"not finite .* global step 3"):
+        run(cfg)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    for path in ckpts:
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["global_step"] <= 3
+        assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
+    assert math.isfinite(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
+                                    weights_only=True)["state_dict"]["model.heads.dermmel.fc.bias"].sum())
