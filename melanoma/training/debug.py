@@ -20,8 +20,8 @@ __all__ = ["RecordTraining"]
 
 
 class RecordTraining(Callback):
-    """Per rank: the trainable layers of every train epoch (``stages_rank<r>.jsonl``) and the
-    parameters at the end of fit (``params_rank<r>.pt``); optionally SIGKILL the process after
+    """Per rank: the trainable layers at the first batch of every train epoch
+    (``stages_rank<r>.jsonl``) and the parameters at the end of fit (``params_rank<r>.pt``); optionally SIGKILL the process after
     a given optimizer step, or poison the head with NaN before a given step."""
 
     def __init__(self, out_dir: str, kill_at_step: int | None = None, nan_at_step: int | None = None):
@@ -40,7 +40,7 @@ class RecordTraining(Callback):
         state = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
         torch.save(state, self._rank_file(trainer, stem, ".pt"))
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _record_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = sorted(pl_module._trainable_layers) if pl_module._trainable_layers is not None else None
         record = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "layers": layers, "trainable_params": pl_module.trainable_parameter_count(),
@@ -49,6 +49,11 @@ class RecordTraining(Callback):
             f.write(json.dumps(record) + "\n")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # first batch of each epoch in this process: after a mid-epoch resume Lightning does not
+        # rerun on_train_epoch_start, so recording there would miss the resumed epoch
+        if getattr(self, "_recorded_epoch", None) != trainer.current_epoch:
+            self._recorded_epoch = trainer.current_epoch
+            self._record_stage(trainer, pl_module)
         if self.nan_at_step is not None and trainer.global_step == self.nan_at_step:
             with torch.no_grad():
                 for p in pl_module.head.parameters():

@@ -109,6 +109,11 @@ class GradualUnfreezing(Callback):
         # trainable-parameter summary) sees the right stage
         self._apply(trainer, pl_module)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the loop state (current_epoch) of a resumed run is restored only after on_fit_start,
+        # and a run resumed mid-epoch does not call on_train_epoch_start for that epoch
+        self._apply(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply(trainer, pl_module)
 

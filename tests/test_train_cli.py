@@ -1,0 +1,97 @@
+"""train.py end to end in subprocesses: DDP on 2 CPU processes, kill -9 and resume, multirun,
+Optuna. Slow (each starts Python, torch and Lightning) but essential: they run in CI."""
+
+import json
+
+import pytest
+import torch
+
+from training_fixtures import run_train_py, tiny_dermmel, tiny_overrides  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_ddp_two_processes_one_folder_identical_params_after_unfreeze(tiny_dermmel, tmp_path):
+    run_dir, rec = tmp_path / "run", tmp_path / "rec"
+    # batch 4 x 2 ranks: each rank sees different images, so only all-reduced grads keep them equal
+    run_train_py([*tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=4), "trainer.devices=2",
+                  "callbacks=unfreezing", "callbacks.unfreezing.start_epoch=1",
+                  "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                  f"+callbacks.rec.out_dir={rec}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
+    # one output folder, written by rank zero
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "run"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+    for rank in (0, 1):
+        stages = _records(rec / f"stages_rank{rank}.jsonl")
+        assert [s["layers"] for s in stages] == [["head"], ["head", "norm"]]
+    p0, p1 = torch.load(rec / "params_rank0.pt"), torch.load(rec / "params_rank1.pt")
+    start = torch.load(rec / "params_start_rank0.pt")
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
+    # the layer thawed after DDP wrapped the model did train (and so was all-reduced)
+    assert not torch.equal(p0["backbone.norm.weight"], start["backbone.norm.weight"])
+    assert torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_kill9_mid_epoch_then_resume_reaches_same_step_and_stage(tiny_dermmel, tmp_path):
+    # 16 train images, batch 4: 4 steps per epoch; last.ckpt every 2 steps; killed after step 7
+    common = [*tiny_overrides(tiny_dermmel, max_epochs=3, batch_size=4), "callbacks=unfreezing",
+              "callbacks.unfreezing.start_epoch=1", "callbacks.last_checkpoint.every_n_train_steps=2",
+              "+callbacks.rec._target_=melanoma.training.debug.RecordTraining", "test=false"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_train_py([*common, f"+callbacks.rec.out_dir={full / 'rec'}", f"hydra.run.dir={full}"], cwd=tmp_path)
+    proc = run_train_py([*common, f"+callbacks.rec.out_dir={killed / 'rec'}", "+callbacks.rec.kill_at_step=7",
+                         f"hydra.run.dir={killed}"], cwd=tmp_path, check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    last = killed / "checkpoints" / "last.ckpt"
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted["global_step"] == 6 and interrupted["epoch"] == 1
+    run_train_py([*common, f"+callbacks.rec.out_dir={killed / 'rec2'}", f"ckpt_path={last}",
+                  f"hydra.run.dir={killed}"], cwd=tmp_path)
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    assert a["epoch"] == b["epoch"]
+    full_stages = {s["epoch"]: s["layers"] for s in _records(full / "rec" / "stages_rank0.jsonl")}
+    resumed = _records(killed / "rec2" / "stages_rank0.jsonl")
+    # the resumed run re-enters epoch 1 at step 6 with exactly the stage it had
+    assert resumed[0]["epoch"] == 1 and resumed[0]["global_step"] == 6
+    for s in resumed:
+        assert s["layers"] == full_stages[s["epoch"]]
+    # optimizer state on the same parameters (thawed layers only), same group layout
+    oa, ob = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert [g["layer"] for g in oa["param_groups"]] == [g["layer"] for g in ob["param_groups"]]
+    assert sorted(oa["state"]) == sorted(ob["state"])
+    assert [int(oa["state"][i]["step"]) for i in sorted(oa["state"])] == \
+           [int(ob["state"][i]["step"]) for i in sorted(ob["state"])]
+
+
+def test_multirun_two_jobs_each_own_folder(tiny_dermmel, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train_py(["-m", *tiny_overrides(tiny_dermmel, max_epochs=1), "model.optimizer.lr=1e-4,3e-4",
+                  f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    lrs = []
+    for job in ("0", "1"):
+        d = sweep / job
+        assert (d / ".hydra" / "config.yaml").is_file() and (d / "checkpoints" / "last.ckpt").is_file()
+        assert (d / "csv" / "metrics.csv").is_file() and (d / "test" / "metrics.json").is_file()
+        lrs.append(torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+                   ["melanoma"]["config"]["model"]["optimizer"]["lr"])
+    assert lrs == [1e-4, 3e-4]
+
+
+def test_optuna_two_trials(tiny_dermmel, tmp_path):
+    sweep = tmp_path / "optuna"
+    run_train_py(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+                  "hydra.sweeper.sampler.n_startup_trials=2", *tiny_overrides(tiny_dermmel, max_epochs=1),
+                  f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "best.ckpt").is_file()
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "model.optimizer.lr" in results
