@@ -56,3 +56,24 @@ def test_augment_typos_are_errors():
 def test_rejects_non_rgb_pil_images():
     with pytest.raises(ValueError, match="RGB"):
         eval_transform(8)(Image.new("L", (10, 10)))
+
+
+def test_flips_and_transpose_cover_all_eight_symmetries_evenly():
+    keep = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "color_jitter": {"p": 0}}
+    t = train_transform(8, augment=keep)
+    t.set_random_seed(0)
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3) * 2
+    seen = {}
+    for _ in range(800):
+        key = t(img).numpy().tobytes()
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == 8
+    assert min(seen.values()) > 60  # ~100 each
+
+
+def test_set_random_seed_makes_augmentation_reproducible():
+    a, b = train_transform(16), train_transform(16)
+    a.set_random_seed(7)
+    b.set_random_seed(7)
+    img = _image()
+    assert all(torch.equal(a(img), b(img)) for _ in range(5))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import lightning as L
 import numpy as np
 import pandas as pd
@@ -74,9 +75,10 @@ def _seed_worker_augmentations(worker_id: int) -> None:
     # replay the same augmentation sequence. Reseed it from the per-worker, per-epoch torch seed.
     info = get_worker_info()
     transform = getattr(info.dataset, "transform", None)
-    pipeline = getattr(transform, "pipeline", None)
-    if pipeline is not None:
-        pipeline.set_random_seed(info.seed % 2**32)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+    # Workers are processes already; OpenCV's own thread pool per worker only oversubscribes.
+    cv2.setNumThreads(1)
 
 
 class LesionDataModule(L.LightningDataModule):
@@ -255,13 +257,11 @@ class LesionDataModule(L.LightningDataModule):
     # --- transforms ------------------------------------------------------------------------
     @property
     def train_transform(self) -> ImageTransform:
-        return ImageTransform(build_train_pipeline(self.image_size, self.mean, self.std, self.augment))
+        return build_train_pipeline(self.image_size, self.mean, self.std, self.augment)
 
     @property
     def eval_transform(self) -> ImageTransform:
-        return ImageTransform(
-            build_eval_pipeline(self.image_size, self.mean, self.std, self.augment["interpolation"])
-        )
+        return build_eval_pipeline(self.image_size, self.mean, self.std, self.augment["interpolation"])
 
     # --- loaders ---------------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -279,7 +279,7 @@ class LesionDataModule(L.LightningDataModule):
         transform = self.train_transform if train else self.eval_transform
         if train:
             _, rank = self._world()
-            transform.pipeline.set_random_seed(self.seed * 1000 + rank)
+            transform.set_random_seed(self.seed * 1000 + rank)
         paths = [self._cached.get(p, p) for p in rows["path"]]
         # Cached files are already small; the originals may be decoded at reduced JPEG scale.
         return LesionImageDataset(paths, rows["label"].to_numpy(), transform,

@@ -1,7 +1,12 @@
 """Albumentations pipelines built from the `augment` section of a dataset config.
 
 Dermoscopy has no "up": the whole dihedral group (flips, 90-degree turns, transpose) is a free
-augmentation. Colour jitter stays mild because colour is part of the diagnosis.
+augmentation. Colour jitter stays mild because colour is part of the diagnosis (hue off by
+default: blue-grey and red areas are findings, not noise).
+
+The flips and the transpose are done here as numpy views on the small uint8 crop rather than
+as albumentations transforms: each albumentations op costs ~0.3-0.5 ms of per-call overhead,
+which was a third of the whole per-image budget (see experiments/bench_loader.py).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ DEFAULT_AUGMENT: dict = {
     "ratio": (0.75, 4 / 3),  # RandomResizedCrop aspect range
     "hflip": 0.5,
     "vflip": 0.5,
-    "rot90": 0.5,  # probability of a random 90-degree turn and of a transpose
-    "color_jitter": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.02},
+    # probability of a transpose (a 90-degree turn combined with a flip); with both flips at 0.5
+    # all 8 symmetries of the square come out equally often
+    "rot90": 0.5,
+    "color_jitter": {"p": 0.8, "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.0},
     "blur": 0.0,  # probability of a slight Gaussian blur (focus varies between dermatoscopes)
     "interpolation": "bicubic",
 }
@@ -75,10 +82,11 @@ def _normalise_and_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
     return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
 
 
-def build_train_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None) -> A.Compose:
+def build_train_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None) -> "ImageTransform":
+    """Random resized crop -> random flips/transpose -> colour jitter -> normalise -> tensor."""
     cfg = resolve_augment(augment)
     interp = INTERPOLATIONS[cfg["interpolation"]]
-    ops: list = [
+    crop = A.Compose([
         A.RandomResizedCrop(
             size=_pair(image_size),
             scale=tuple(cfg["scale"]),
@@ -86,14 +94,8 @@ def build_train_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augme
             interpolation=interp,
             area_for_downscale="image",
         )
-    ]
-    if cfg["hflip"]:
-        ops.append(A.HorizontalFlip(p=float(cfg["hflip"])))
-    if cfg["vflip"]:
-        ops.append(A.VerticalFlip(p=float(cfg["vflip"])))
-    if cfg["rot90"]:
-        ops.append(A.RandomRotate90(p=float(cfg["rot90"])))
-        ops.append(A.Transpose(p=float(cfg["rot90"])))
+    ])
+    ops: list = []
     cj = cfg["color_jitter"]
     if cj and cj.get("p", 0) > 0:
         ops.append(
@@ -107,39 +109,68 @@ def build_train_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augme
         )
     if cfg["blur"]:
         ops.append(A.GaussianBlur(blur_limit=(3, 3), p=float(cfg["blur"])))
-    return A.Compose(ops + _normalise_and_tensor(mean, std))
+    h, w = _pair(image_size)
+    flips = (float(cfg["hflip"] or 0), float(cfg["vflip"] or 0), float(cfg["rot90"] or 0) if h == w else 0.0)
+    return ImageTransform(A.Compose(ops + _normalise_and_tensor(mean, std)), crop=crop, flips=flips)
 
 
-def build_eval_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> A.Compose:
+def build_eval_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> "ImageTransform":
     # The whole field of view is resized (no centre crop): lesions reach the image border often
     # enough that cropping would cut off the asymmetric part the model should see.
     h, w = _pair(image_size)
-    return A.Compose(
+    return ImageTransform(A.Compose(
         [A.Resize(h, w, interpolation=INTERPOLATIONS[interpolation], area_for_downscale="image")]
         + _normalise_and_tensor(mean, std)
-    )
+    ))
 
 
 class ImageTransform:
-    """Callable(PIL RGB image or HxWx3 uint8 array) -> float32 tensor (3, H, W)."""
+    """Callable(PIL RGB image or HxWx3 uint8 array) -> float32 tensor (3, H, W).
 
-    def __init__(self, pipeline: A.Compose):
+    ``crop`` (optional albumentations pipeline) runs first, then random horizontal flip,
+    vertical flip and transpose with probabilities ``flips``, then ``pipeline`` (which ends in
+    normalisation and ToTensorV2).
+    """
+
+    def __init__(self, pipeline: A.Compose, crop: A.Compose | None = None,
+                 flips: tuple[float, float, float] = (0.0, 0.0, 0.0)):
         self.pipeline = pipeline
+        self.crop = crop
+        self.flips = tuple(flips)
+        self.rng = np.random.default_rng()
+
+    def set_random_seed(self, seed: int) -> None:
+        """Seed every random step (DataLoader workers call this with their own seed)."""
+        self.rng = np.random.default_rng(seed)
+        self.pipeline.set_random_seed(seed)
+        if self.crop is not None:
+            self.crop.set_random_seed(seed + 1)
 
     def __call__(self, image) -> torch.Tensor:
         if isinstance(image, Image.Image):
             if image.mode != "RGB":
                 raise ValueError(f"expected an RGB image, got mode {image.mode}; use load_rgb()")
             image = np.asarray(image)
+        if self.crop is not None:
+            image = self.crop(image=image)["image"]
+        if any(self.flips):
+            hflip, vflip, transpose = self.rng.random(3) < self.flips
+            if hflip:
+                image = image[:, ::-1]
+            if vflip:
+                image = image[::-1]
+            if transpose:
+                image = image.transpose(1, 0, 2)
+            image = np.ascontiguousarray(image)
         return self.pipeline(image=image)["image"]
 
     def __repr__(self) -> str:
-        return f"ImageTransform({self.pipeline})"
+        return f"ImageTransform(crop={self.crop}, flips={self.flips}, pipeline={self.pipeline})"
 
 
 def train_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None) -> ImageTransform:
-    return ImageTransform(build_train_pipeline(image_size, mean, std, augment))
+    return build_train_pipeline(image_size, mean, std, augment)
 
 
 def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> ImageTransform:
-    return ImageTransform(build_eval_pipeline(image_size, mean, std, interpolation))
+    return build_eval_pipeline(image_size, mean, std, interpolation)
