@@ -1,0 +1,54 @@
+"""W&B: offline without credentials/network, metrics and test figures in the offline run folder."""
+
+import logging
+
+import pytest
+
+from melanoma.train import run
+from melanoma.training import loggers
+from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+
+
+def test_mode_is_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    mode, why = loggers.wandb_mode()
+    assert mode == "offline" and "credentials" in why
+
+
+def test_mode_is_offline_when_host_unreachable(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    # a reserved TEST-NET address: nothing answers, the check gives up within its timeout
+    monkeypatch.setenv("WANDB_BASE_URL", "https://192.0.2.1")
+    monkeypatch.setattr(loggers, "_reachable", lambda host, timeout=2.0: False)
+    assert loggers.wandb_mode()[0] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert loggers.wandb_mode()[0] == "disabled"
+
+
+@pytest.mark.slow
+def test_offline_run_folder_holds_metrics_and_images(tiny_dermmel, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [o for o in tiny_overrides(tiny_dermmel, max_epochs=1) if o != "logger=csv"]
+    cfg = compose_cfg([*overrides, "logger=default"], tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="melanoma"):
+        run(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    assert any("wandb sync" in r.getMessage() and str(runs[0]) in r.getMessage() for r in caplog.records)
+    log_files = list(runs[0].glob("run-*.wandb"))
+    assert log_files
+    blob = log_files[0].read_bytes()
+    for key in (b"val/bal_acc", b"train/loss_step", b"lr/head", b"trainable_params", b"test/auroc"):
+        assert key in blob, key
+    images = sorted(p.name for p in (runs[0] / "files" / "media" / "images").rglob("*.png"))
+    assert any(n.startswith("confusion_matrix") for n in images), images
+    assert any(n.startswith("confidence") for n in images), images
+    # the run ended, so the next multirun job starts its own
+    import wandb
+
+    assert wandb.run is None
