@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -100,7 +101,9 @@ def _ddp_worker(rank, world, port, root, out):
 def test_ddp_two_processes_shard_each_split_and_balance_differently(dermmel_root, tmp_path):
     """Two gloo processes on CPU: the plain path gives disjoint shards covering every split;
     the balanced sampler gives each rank its own draw."""
-    port = 29500 + os.getpid() % 2000
+    with socket.socket() as sock:  # a free port: other test runs may hold the usual ones
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port, str(dermmel_root), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
     for split in ("train", "val", "test"):  # 16 / 6 / 8 images: even, so no padding
