@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -163,6 +164,9 @@ class Predictor:
             attention_dir.mkdir(parents=True, exist_ok=True)
         records: list[dict] = []
         used_stems: dict[str, int] = {}
+        # PNG encoding releases the GIL: writing maps in threads overlaps it with the next batch
+        writer = ThreadPoolExecutor(max_workers=2) if attention_dir is not None else None
+        pending = []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress)
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start : start + self.batch_size]
@@ -188,27 +192,33 @@ class Predictor:
                 for j, i in enumerate(good):
                     rec = self.record(chunk[i], probs[j])
                     if maps is not None:
-                        rec["attention"] = ";".join(
-                            str(p) for p in self._write_maps(attention_dir, chunk[i], loaded[i][1], maps, j, methods, used_stems, rec)
-                        )
+                        stem = _safe_stem(chunk[i])
+                        n = used_stems.get(stem, 0)
+                        used_stems[stem] = n + 1
+                        stem = stem if n == 0 else f"{stem}__{n + 1}"  # two folders may hold the same file name
+                        files = [attention_dir / f"{stem}_{m}.png" for m in methods] + [attention_dir / f"{stem}_heads.png"]
+                        rec["attention"] = ";".join(str(f) for f in files)
+                        pending.append(writer.submit(self._write_maps, files, loaded[i][1], maps, j, methods, rec))
                     chunk_records[i] = rec
             records.extend(chunk_records)
             bar.update(len(chunk))
-        bar.close()
-        if attention_dir is not None:
+            # bound the queue: finished batches' pictures first, so memory stays flat
+            while len(pending) > 2 * self.batch_size:
+                pending.pop(0).result()
+        if writer is not None:
+            for f in pending:
+                f.result()  # re-raises a failed write here
+            writer.shutdown()
             for r in records:
                 r.setdefault("attention", None)
+        bar.close()
         return records
 
-    def _write_maps(self, out_dir: Path, path: Path, image: Image.Image, maps, j: int, methods, used_stems, rec) -> list[Path]:
-        stem = _safe_stem(path)
-        n = used_stems.get(stem, 0)
-        used_stems[stem] = n + 1
-        stem = stem if n == 0 else f"{stem}__{n + 1}"  # two folders may hold the same file name
+    def _write_maps(self, files: list[Path], image: Image.Image, maps, j: int, methods, rec) -> None:
         # what the model saw (the whole field of view, squared), at least 224 px so it can be read
         side = max(self.image_size, 224)
         shown = image.resize((side, side), Image.BICUBIC)
         title = f"{rec['predicted_class']} {max(v for k, v in rec.items() if k.startswith('prob_')):.2f}"
-        written = [save_overlay(out_dir / f"{stem}_{m}.png", shown, maps.maps[m][j], title=title) for m in methods]
-        written.append(save_head_grid(out_dir / f"{stem}_heads.png", shown, maps.last_layer_heads[j], maps.maps["last_layer"][j]))
-        return written
+        for m, f in zip(methods, files):
+            save_overlay(f, shown, maps.maps[m][j], title=title)
+        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j])
