@@ -36,6 +36,11 @@ def test_loading_a_bad_image_in_a_loader_names_it(damaged_dermmel):
     dm.setup()
     with pytest.raises(ImageReadError, match=broken[0].name):
         next(iter(dm.train_dataloader()))
+    # from a worker process the error keeps its type and still names the file
+    dm = DermMelDataModule(root, num_workers=1, batch_size=16)
+    dm.setup()
+    with pytest.raises(ImageReadError, match=broken[0].name):
+        next(iter(dm.train_dataloader()))
 
 
 def test_check_images_accepts_plain_paths(tmp_path):

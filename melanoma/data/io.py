@@ -25,7 +25,13 @@ Image.MAX_IMAGE_PIXELS = 200_000_000
 class ImageReadError(OSError):
     """An image file that cannot be decoded. Carries the path and the reason."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:
+            # One-argument form: how DataLoader re-raises a worker's exception in the main
+            # process (with the worker's formatted traceback, which names the file).
+            self.path, self.reason = None, str(path)
+            super().__init__(str(path))
+            return
         self.path = Path(path)
         self.reason = reason
         super().__init__(
