@@ -1,0 +1,38 @@
+"""The whole chain on a real Lightning checkpoint: train.run (fit, test, report) -> the report
+folder, calibration stored in best.ckpt -> `melanoma predict` and `melanoma export` on it."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from melanoma.cli import main
+from melanoma.models.classifier import Classifier
+from melanoma.train import run
+from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401 (fixture)
+
+
+@pytest.mark.slow
+def test_training_run_writes_report_and_checkpoint_predicts(tiny_dermmel, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), "evaluate=true"], out)
+    run(cfg)
+    report = out / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["dataset"] == "dermmel" and metrics["n"] == 16
+    for name in ("predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png"):
+        assert (report / name).is_file(), name
+    ckpt = Path(metrics["checkpoint"])
+    model, meta = Classifier.from_checkpoint(ckpt)
+    assert meta["calibration"]["dermmel"]["temperature"] == pytest.approx(metrics["temperature"])
+    assert meta["operating_point"]["dermmel"]["threshold"] == pytest.approx(metrics["threshold"])
+    # Lightning's own entries survive the rewrite (resume still works from this file)
+    assert {"state_dict", "epoch", "global_step"} <= set(torch.load(ckpt, weights_only=True))
+
+    images = tiny_dermmel / "DermMel" / "test"
+    assert main(["predict", str(ckpt), str(images), "--out", str(tmp_path / "p.csv"), "-q"]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 16 and all(r["decision"] in ("melanoma", "not_melanoma") for r in rows)
+    assert main(["export", str(ckpt), "--calibrated", "--out", str(tmp_path / "m.onnx"), "-q"]) == 0
