@@ -214,8 +214,9 @@ class LesionDataModule(L.LightningDataModule):
             self._cached = dict(zip(paths, build_cache(paths, self.cache_dir, self.cache_size, max(1, self.num_workers))))
         self.table = table
         counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
-        log.info("%s (%s): %d images\n%s", self.name, self.label_set, len(table),
-                 counts.rename(columns=dict(enumerate(self.class_names))).to_string())
+        if self._world()[1] == 0:  # one summary per run, not one per DDP rank
+            log.info("%s (%s): %d images\n%s", self.name, self.label_set, len(table),
+                     counts.rename(columns=dict(enumerate(self.class_names))).to_string())
 
     def _require_table(self) -> pd.DataFrame:
         if self.table is None:
