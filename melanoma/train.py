@@ -156,6 +156,10 @@ def run(cfg: DictConfig) -> float | None:
 
 def _run(cfg: DictConfig) -> float | None:
     pl.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -177,6 +181,11 @@ def _run(cfg: DictConfig) -> float | None:
         module.load_initial_weights()
 
     callbacks = _instantiate_callbacks(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:
+        # Lightning refuses a progress-bar callback with the bar switched off
+        from lightning.pytorch.callbacks.progress import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(SaveSplit(run_dir / "splits.csv"))
     loggers = build_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
