@@ -148,10 +148,14 @@ def _evaluate(cfg: DictConfig, ckpt: str, dm, run_dir: Path, loggers: list) -> d
 
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as ``cfg`` says; return the best ``cfg.optimized_metric``."""
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         return _run(cfg)
     finally:
         finish_wandb()
+        torch.set_num_threads(threads)  # num_threads is this run's setting, not the process's
 
 
 def _run(cfg: DictConfig) -> float | None:

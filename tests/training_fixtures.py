@@ -59,6 +59,8 @@ def tiny_trainer_overrides(max_epochs: int = 2) -> list[str]:
         "callbacks.model_summary=null",
         "callbacks.progress_bar=null",
         "evaluate=false",
+        # tiny models gain nothing from a second thread, and on a busy 2-core box it thrashes
+        "num_threads=1",
     ]
 
 
