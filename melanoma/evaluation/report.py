@@ -75,7 +75,8 @@ def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, p
 def update_checkpoint_meta(ckpt_path: str | os.PathLike, head: str, temperature: float | None, operating_point: dict | None) -> None:
     """Store calibration / operating point for `head` in ckpt["melanoma"], replacing the file
     atomically so a crash never leaves half a checkpoint."""
-    ckpt_path = Path(ckpt_path)
+    # a link (Lightning's last.ckpt may be one) keeps pointing at the updated file
+    ckpt_path = Path(ckpt_path).resolve()
     # weights_only: Classifier.from_checkpoint already requires a plain checkpoint
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     meta = ckpt[META_KEY]
