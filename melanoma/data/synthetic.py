@@ -29,7 +29,7 @@ from .dermmel import DermMelDataModule
 log = logging.getLogger(__name__)
 
 #: bump when the images drawn for a seed change, so cached synthetic folders are regenerated
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 DERMMEL_SPLITS = {"train": "train_sep", "val": "valid", "test": "test"}
 DERMMEL_CLASSES = {"NotMelanoma": False, "Melanoma": True}
@@ -108,9 +108,15 @@ def render_lesion(rng: np.random.Generator, melanoma: bool, size: int) -> tuple[
 
     if melanoma:
         # Several colour zones: bands of a smooth noise field, so zones are contiguous blobs.
-        names = ["dark_brown"] + list(rng.choice(["black", "blue_grey", "red", "light_brown"], size=rng.integers(2, 4), replace=False))
+        # Always at least one of the alarming colours (black, blue-grey), plus one or two others;
+        # zones split the lesion roughly evenly so none is a speck.
+        names = ["dark_brown", str(rng.choice(["black", "blue_grey"]))]
+        names += list(rng.choice([c for c in ("black", "blue_grey", "red", "light_brown") if c not in names],
+                                 size=rng.integers(1, 3), replace=False))
         field = _smooth_noise(rng, size, 4) + 0.6 * _smooth_noise(rng, size, 8)
-        cuts = np.quantile(field[alpha > 0.5], np.sort(rng.uniform(0.15, 0.85, len(names) - 1))) if (alpha > 0.5).any() else []
+        k = len(names)
+        qs = (np.arange(1, k) + rng.uniform(-0.25, 0.25, k - 1)) / k
+        cuts = np.quantile(field[alpha > 0.5], qs) if (alpha > 0.5).any() else []
         zone = np.digitize(field, cuts)
         palette = np.stack([MELANOMA_COLOURS[n] * rng.uniform(0.85, 1.15) for n in names])
         lesion = palette[zone]
