@@ -104,7 +104,10 @@ def test_ddp_two_processes_shard_each_split_and_balance_differently(dermmel_root
     with socket.socket() as sock:  # a free port: other test runs may hold the usual ones
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(dermmel_root), str(tmp_path)), nprocs=2, join=True)
+    # fork, not spawn: a spawned child re-imports torch, Lightning and this module (~15 s each on
+    # two busy cores); the children only build loaders and run gloo collectives.
+    mp.start_processes(_ddp_worker, args=(2, port, str(dermmel_root), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
     for split in ("train", "val", "test"):  # 16 / 6 / 8 images: even, so no padding
         a, b = r0[f"random/{split}"]["paths"], r1[f"random/{split}"]["paths"]
