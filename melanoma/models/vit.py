@@ -100,6 +100,9 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
             )
+        # Release the (B, N, 3D) qkv buffer before proj allocates its output (inference peak memory;
+        # in training autograd keeps it anyway).
+        del q, k, v
         x = _dropout(self.proj_drop, self.proj(x.transpose(1, 2).reshape(B, N, C)))
         return (x, attn) if return_attention else x
 
@@ -164,11 +167,15 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # Residual branches are written as single expressions so that each branch output is freed
+        # as soon as it has been added: a name holding it would keep one more (B, N, D) buffer
+        # alive through the MLP, and fresh buffers cost page faults on CPU.
         if return_attention:
             y, attn = self.attn(self.norm1(x), return_attention=True)
+            x = x + self._drop_path(y)
+            del y
         else:
-            y, attn = self.attn(self.norm1(x)), None
-        x = x + self._drop_path(y)
+            x = x + self._drop_path(self.attn(self.norm1(x)))
         x = x + self._drop_path(self.mlp(self.norm2(x)))
         return (x, attn) if return_attention else x
 
