@@ -151,11 +151,19 @@ def run(cfg: DictConfig) -> float | None:
     import torch
 
     threads = torch.get_num_threads()
+    # Lightning's DDP launcher leaves LOCAL_RANK, MASTER_PORT, ... in os.environ and the process
+    # group open; the next multirun job in this process would then take itself for a DDP child
+    launcher_env = None if "LOCAL_RANK" in os.environ else dict(os.environ)
     try:
         return _run(cfg)
     finally:
         finish_wandb()
         torch.set_num_threads(threads)  # num_threads is this run's setting, not the process's
+        if launcher_env is not None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            os.environ.clear()
+            os.environ.update(launcher_env)
 
 
 def _run(cfg: DictConfig) -> float | None:

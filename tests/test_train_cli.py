@@ -15,28 +15,33 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_ddp_two_processes_one_folder_identical_params_after_unfreeze(tiny_dermmel, tmp_path):
-    run_dir, rec = tmp_path / "run", tmp_path / "rec"
+def test_ddp_two_processes_in_a_multirun_identical_params_after_unfreeze(tiny_dermmel, tmp_path):
+    """Two sweep jobs, each DDP over 2 CPU processes (gloo): each job writes one folder from rank
+    zero, and the layer thawed after DDP wrapped the model is identical on both ranks."""
+    sweep = tmp_path / "sweep"
     # batch 4 x 2 ranks: each rank sees different images, so only all-reduced grads keep them equal
-    run_train_py([*tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=4), "trainer.devices=2",
-                  "callbacks=unfreezing", "callbacks.unfreezing.start_epoch=1",
+    run_train_py(["-m", *tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=4), "trainer.devices=2",
+                  "model.optimizer.lr=1e-4,3e-4", "callbacks=unfreezing", "callbacks.unfreezing.start_epoch=1",
                   "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
-                  f"+callbacks.rec.out_dir={rec}", f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=400)
-    # one output folder, written by rank zero
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec", "run"]
-    assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
-    assert (run_dir / "csv" / "metrics.csv").is_file()
-    for rank in (0, 1):
-        stages = _records(rec / f"stages_rank{rank}.jsonl")
-        assert [s["layers"] for s in stages] == [["head"], ["head", "norm"]]
-    p0, p1 = torch.load(rec / "params_rank0.pt"), torch.load(rec / "params_rank1.pt")
-    start = torch.load(rec / "params_start_rank0.pt")
-    for k in p0:
-        assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
-    # the layer thawed after DDP wrapped the model did train (and so was all-reduced)
-    assert not torch.equal(p0["backbone.norm.weight"], start["backbone.norm.weight"])
-    assert torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
+                  "+callbacks.rec.out_dir=${paths.output_dir}/rec", f"hydra.sweep.dir={sweep}"],
+                 cwd=tmp_path, timeout=400)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in ("0", "1"):
+        run_dir, rec = sweep / job, sweep / job / "rec"
+        assert (run_dir / ".hydra" / "config.yaml").is_file()
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+        assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "test" / "metrics.json").is_file()
+        for rank in (0, 1):
+            stages = _records(rec / f"stages_rank{rank}.jsonl")
+            assert [s["layers"] for s in stages] == [["head"], ["head", "norm"]]
+        p0, p1 = torch.load(rec / "params_rank0.pt"), torch.load(rec / "params_rank1.pt")
+        start = torch.load(rec / "params_start_rank0.pt")
+        for k in p0:
+            assert torch.equal(p0[k], p1[k]), f"job {job}: {k} differs between ranks"
+        # the layer thawed after DDP wrapped the model did train (so it was all-reduced)
+        assert not torch.equal(p0["backbone.norm.weight"], start["backbone.norm.weight"])
+        assert torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
 
 
 def test_kill9_mid_epoch_then_resume_reaches_same_step_and_stage(tiny_dermmel, tmp_path):
