@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from data_fixtures import DERMMEL_COUNTS, dermmel_root  # noqa: F401  (fixture)
+from data_fixtures import DERMMEL_COUNTS, dermmel_root, ham_root  # noqa: F401  (fixtures)
 from melanoma.data.dermmel import DermMelDataModule
 
 
@@ -65,3 +65,23 @@ def test_kfold_and_bad_options_are_refused(dermmel_root):
         DermMelDataModule(dermmel_root, label_set="dx")
     with pytest.raises(ValueError, match="sampler"):
         DermMelDataModule(dermmel_root, sampler="weighted")
+
+
+def test_resume_refuses_a_different_split(dermmel_root, ham_root):
+    dm = DermMelDataModule(dermmel_root, num_workers=0)
+    assert dm.state_dict() == {}  # nothing to record before setup
+    dm.setup()
+    state = dm.state_dict()
+    assert state["split_counts"] == {"test": 8, "train": 16, "val": 6}
+    same = DermMelDataModule(dermmel_root, num_workers=0, seed=7)  # official split: seed irrelevant
+    same.setup()
+    same.load_state_dict(state)
+    from melanoma.data.ham10000 import HAM10000DataModule
+
+    a = HAM10000DataModule(ham_root, seed=1, num_workers=0)
+    a.setup()
+    b = HAM10000DataModule(ham_root, seed=2, num_workers=0)
+    b.setup()
+    with pytest.raises(RuntimeError, match="differs from the one this checkpoint was trained on"):
+        b.load_state_dict(a.state_dict())
+    b.load_state_dict(state)  # another dataset's state (fine-tuning from a DermMel run): ignored

@@ -6,6 +6,7 @@ splitting, transforms, caching, samplers and loaders live here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -254,6 +255,39 @@ class LesionDataModule(L.LightningDataModule):
             absent = [self.class_names[i] for i in np.flatnonzero(~present)]
             log.warning("%s: classes %s have no training images; their loss weight is 0", self.name, absent)
         return torch.tensor(weights, dtype=torch.float32)
+
+    # --- resume safety -----------------------------------------------------------------------
+    def split_fingerprint(self) -> str:
+        """Hash of (file name, label, split) over all rows: the same data split the same way
+        gives the same fingerprint wherever the dataset folder lives."""
+        t = self._require_table()
+        rows = sorted(zip((os.path.basename(p) for p in t["path"]), t["label"].tolist(), t["split"]))
+        return hashlib.sha1(repr(rows).encode()).hexdigest()
+
+    def state_dict(self) -> dict:
+        # Lightning stores this in checkpoints; load_state_dict checks it on resume.
+        if self.table is None:
+            return {}
+        counts = self.table.groupby("split").size().to_dict()
+        return {"name": self.name, "label_set": self.label_set, "split_fingerprint": self.split_fingerprint(),
+                "split_counts": {k: int(v) for k, v in counts.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: refuse to continue on a different split (that would leak test images
+        into training, or silently change what "val" means)."""
+        if not state or "split_fingerprint" not in state:
+            return
+        if state.get("name") != self.name:
+            return  # a checkpoint from another dataset (fine-tuning): nothing to compare
+        if self.split_fingerprint() != state["split_fingerprint"]:
+            now = {k: int(v) for k, v in self._require_table().groupby("split").size().to_dict().items()}
+            raise RuntimeError(
+                f"{self.name}: the data split differs from the one this checkpoint was trained on "
+                f"(checkpoint {state.get('split_counts')}, now {now}, label_set "
+                f"{state.get('label_set')!r} vs {self.label_set!r}). Resuming would mix images "
+                f"across train/val/test. Resume with the same dataset files, seed, fractions and "
+                f"fold, or start a new run."
+            )
 
     # --- transforms ------------------------------------------------------------------------
     @property
