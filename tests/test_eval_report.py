@@ -124,3 +124,23 @@ def test_calibration_and_operating_point_are_stored_in_the_checkpoint(report):
 def test_wrong_head_or_label_set_is_refused(report, tmp_path):
     with pytest.raises(ValueError, match="no head 'other'"):
         evaluate_checkpoint(report["ckpt"], report["dm"], tmp_path, head="other")
+
+
+def test_figures_and_numbers_go_to_wandb(report):
+    import wandb
+
+    from melanoma.evaluation.report import _log_wandb
+
+    class FakeRun:
+        def __init__(self):
+            self.logged, self.summary = {}, {}
+
+        def log(self, data):
+            self.logged.update(data)
+
+    run = FakeRun()
+    paths = {name: report["out"] / f"{name}.png" for name in FIGURES}
+    _log_wandb(run, report["metrics"], paths)
+    assert {f"eval/{n}" for n in FIGURES} <= set(run.logged)
+    assert all(isinstance(run.logged[f"eval/{n}"], wandb.Image) for n in FIGURES)
+    assert run.logged["eval/auroc"] == report["metrics"]["auroc"] == run.summary["eval/auroc"]
