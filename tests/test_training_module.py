@@ -110,3 +110,22 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
     assert math.isfinite(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
                                     weights_only=True)["state_dict"]["model.heads.dermmel.fc.bias"].sum())
+
+
+def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
+    from melanoma.models import build_backbone
+
+    torch.manual_seed(123)
+    source = build_backbone("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    weights = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), weights)
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), f"model.pretrained={weights}",
+                       "trainer.fast_dev_run=true"], tmp_path / "run")
+    from omegaconf import OmegaConf
+
+    module = LesionClassifier(backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True), dataset_name="dermmel",
+                              class_names=["not_melanoma", "melanoma"], pretrained=str(weights))
+    module.load_initial_weights()
+    for k, v in source.state_dict().items():
+        assert torch.equal(module.model.backbone.state_dict()[k], v), k
+    run(cfg)  # the same through the config

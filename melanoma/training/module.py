@@ -310,8 +310,9 @@ class LesionClassifier(pl.LightningModule):
                 tn = cm.sum() - tp - fn - fp
                 values[f"{stage}/sensitivity"] = tp / (tp + fn).clamp(min=1)
                 values[f"{stage}/specificity"] = tn / (tn + fp).clamp(min=1)
-        # metrics are already synced across processes by torchmetrics' compute()
-        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=False)
+        # compute() already synced the states across processes, so every rank holds the same
+        # values; sync_dist averages equal numbers (a no-op) and keeps Lightning from warning
+        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=True)
         return cm
 
     # --- optimisation ---------------------------------------------------------------------------
