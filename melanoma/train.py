@@ -166,7 +166,18 @@ def run(cfg: DictConfig) -> float | None:
             os.environ.update(launcher_env)
 
 
+def _single_console_handler() -> None:
+    # importing `lightning` gives its top logger a stderr handler that also propagates to the
+    # root handler Hydra set up, so each of its lines would print twice
+    if logging.getLogger().handlers:
+        top = logging.getLogger("lightning")
+        for handler in list(top.handlers):
+            if type(handler) is logging.StreamHandler:
+                top.removeHandler(handler)
+
+
 def _run(cfg: DictConfig) -> float | None:
+    _single_console_handler()
     pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("num_threads"):
         import torch
