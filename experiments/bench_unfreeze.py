@@ -31,12 +31,17 @@ def make_module(image_size: int) -> LesionClassifier:
                             dataset_name="bench", class_names=["not_melanoma", "melanoma"])
 
 
-def step_time(module: LesionClassifier, opt: torch.optim.Optimizer, x, y) -> float:
+def step_time(module: LesionClassifier, opt: torch.optim.Optimizer, x, y, bf16: bool = False) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(module(x), y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = module(x)
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -47,29 +52,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-    y = torch.randint(0, 2, (args.batch,))
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 2, (args.batch,), device=device)
     setups = {}
     for name, layers in VARIANTS.items():
-        module = make_module(args.image_size).train()
+        module = make_module(args.image_size).to(device).train()
         module.set_trainable_layers(layers)
         lrs = optim.layer_lrs(module.model.backbone.depth, lr=1e-4)
         opt = optim.build_optimizer(optim.param_groups(module.model.backbone, module.head, lrs, 0.05), {})
-        step_time(module, opt, x, y)  # warm-up: allocator, AdamW state
+        for _ in range(2):  # warm-up: allocator, AdamW state, kernels
+            step_time(module, opt, x, y, args.bf16)
         setups[name] = (module, opt)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.rounds):
         for name, (module, opt) in setups.items():
-            times[name] += [step_time(module, opt, x, y) for _ in range(args.steps)]
+            times[name] += [step_time(module, opt, x, y, args.bf16) for _ in range(args.steps)]
 
     full = statistics.median(times["full fine-tuning"])
-    print(f"vit_small, batch {args.batch}, {args.image_size} px, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"vit_small, batch {args.batch}, {args.image_size} px, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"{where}, torch {torch.__version__}")
     print(f"{'variant':<26} {'trainable params':>16} {'median s/step':>14} {'speed-up':>9}")
     for name, (module, _) in setups.items():
         med = statistics.median(times[name])
