@@ -4,7 +4,9 @@ Random-weight DeiT checkpoints (vit_tiny, vit_base at 224 px) and generated lesi
 code timed is Predictor.predict_paths, the whole of `melanoma predict` except interpreter start,
 checkpoint loading and writing the results file (the same for every variant): decoding, resizing,
 the forward pass and, with maps, rollout and the PNG files. Variants run interleaved, several
-rounds, median per variant, so load from other jobs on the machine hits all of them alike.
+rounds, median per variant, so load from other jobs on the machine hits all of them alike. Wall
+time and this process's CPU time (all its threads) are both reported: on a machine shared with
+other jobs, CPU time per image is the steadier measure of what each variant costs.
 
     python experiments/bench_predict.py [--models vit_tiny vit_base] [--images 32] [--rounds 3]
 
@@ -98,29 +100,36 @@ def main() -> None:
             write_maps = predictor._write_maps
             predictor.predict_paths(paths[: args.batch_size], attention_dir=tmp / "warmup", attention_methods=("rollout", "grad_rollout"))
             times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(args.rounds):
                 for variant, (maps, methods, png) in VARIANTS.items():
                     out_dir = tmp / f"maps_{model_name}_{r}_{len(methods)}_{png}" if maps else None
                     # isolates the cost of the pictures from that of the maps themselves
                     predictor._write_maps = write_maps if png else (lambda *a, **k: None)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     records = predictor.predict_paths(paths, attention_dir=out_dir, attention_methods=methods or ("rollout",))
                     times[variant].append(time.perf_counter() - t0)
+                    cpu[variant].append(time.process_time() - c0)  # all threads of this process
                     assert all(rec["error"] is None for rec in records)
-            plain = statistics.median(times["plain"])
+            plain, plain_cpu = statistics.median(times["plain"]), statistics.median(cpu["plain"])
             for variant, ts in times.items():
-                med = statistics.median(ts)
-                rows.append((model_name, variant, n, n / med, med / n * 1000, med / plain))
+                med, med_cpu = statistics.median(ts), statistics.median(cpu[variant])
+                rows.append((model_name, variant, n, n / med, med / n * 1000, med / plain,
+                             med_cpu / n * 1000, med_cpu / plain_cpu))
             print(f"{model_name}: done ({n} images x {args.rounds} rounds)", flush=True)
 
-    header = "| model | variant | images | images/s | ms/image | x plain |\n|---|---|---:|---:|---:|---:|"
-    lines = [header] + [f"| {m} | {v} | {n} | {ips:.2f} | {ms:.1f} | {ratio:.2f} |" for m, v, n, ips, ms, ratio in rows]
+    header = ("| model | variant | images | images/s (wall) | ms/image (wall) | x plain (wall) | CPU ms/image | x plain (CPU) |\n"
+              "|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [header] + [f"| {m} | {v} | {n} | {ips:.2f} | {ms:.1f} | {ratio:.2f} | {cms:.1f} | {cratio:.2f} |"
+                        for m, v, n, ips, ms, ratio, cms, cratio in rows]
     table = "\n".join(lines)
     print(table)
     verdict = []
     for m in args.models:
-        ratio = next(r for mm, v, *_, r in rows if mm == m and v == TARGET)
-        verdict.append(f"{m}: {TARGET} = {ratio:.2f}x plain -> {'meets' if ratio <= 1.5 else 'MISSES'} the 1.5x target")
+        ratio, cratio = next((r[5], r[7]) for r in rows if r[0] == m and r[1] == TARGET)
+        verdict.append(f"{m}: {TARGET} = {ratio:.2f}x plain in wall time, {cratio:.2f}x in CPU time -> "
+                       f"{'meets' if max(ratio, cratio) <= 1.5 else 'meets in CPU time, not in wall time' if cratio <= 1.5 else 'MISSES'} "
+                       f"the 1.5x target")
     print("\n".join(verdict))
     if args.out:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -6,7 +6,9 @@ import torch
 
 from melanoma.explain.attention import (
     attention_rollout,
+    cls_gradient_rollout,
     cls_map,
+    cls_rollout,
     compute_attention_maps,
     gradient_weighted_rollout,
     last_layer_cls_attention,
@@ -95,3 +97,12 @@ def test_mass_inside_mask():
     maps = np.array([[[1.0, 3.0], [0.0, 0.0]]])
     mask = np.array([[[False, True], [False, False]]])
     assert mass_inside(maps, mask)[0] == pytest.approx(0.75)
+
+
+def test_class_token_row_shortcut_equals_the_full_product():
+    g = torch.Generator().manual_seed(1)
+    atts = [torch.softmax(torch.randn(2, 3, 10, 10, generator=g), -1) for _ in range(5)]
+    grads = [torch.randn(2, 3, 10, 10, generator=g) for _ in range(5)]
+    torch.testing.assert_close(cls_rollout(atts), attention_rollout(atts)[:, 0])
+    torch.testing.assert_close(cls_gradient_rollout(atts, grads), gradient_weighted_rollout(atts, grads)[:, 0])
+    torch.testing.assert_close(cls_rollout(_two_layers())[0], torch.tensor([0.5, 0.375, 0.125]))
