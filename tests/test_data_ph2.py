@@ -63,3 +63,16 @@ def test_bad_tables_and_missing_images(tmp_path, ph2_table):
         PH2DataModule(tmp_path / "good").setup()
     with pytest.raises(ValueError, match="label_set"):
         PH2DataModule(tmp_path, label_set="dx")
+
+
+def test_mask_path_finds_the_official_lesion_masks(ph2_official_root):
+    from PIL import Image
+
+    from melanoma.data.synthetic import mask_path
+
+    dm = PH2DataModule(ph2_official_root, num_workers=0)
+    dm.setup()
+    image = dm.table.path[0]
+    mask = mask_path(image)
+    assert mask.name == f"{mask.parent.name}.bmp" and mask.parent.name.endswith("_lesion") and mask.exists()
+    assert Image.open(mask).size == Image.open(image).size
