@@ -81,7 +81,12 @@ def cmd_predict(args) -> int:
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {args.out}")
-    paths = find_images(args.images)
+    # Folders are searched for images; a file named explicitly is always tried, so a missing or
+    # non-image file becomes a reported row (like a corrupt one) instead of stopping the batch.
+    paths = []
+    for item in args.images:
+        paths.extend(find_images(item) if item.is_dir() else [item])
+    paths = list(dict.fromkeys(paths))
     if not paths:
         raise FileNotFoundError(f"no image files (jpg/jpeg/png/bmp/tif) found in {[str(p) for p in args.images]}")
     predictor = Predictor(

@@ -99,9 +99,22 @@ def test_predict_json_other_head_attention_and_tta(ckpt, folder, tmp_path):
     assert single["prob_mel"] != pytest.approx(result["predictions"][0]["prob_mel"], abs=1e-7)
 
 
+def test_named_files_that_cannot_be_read_are_rows_too(ckpt, folder, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    rc = main(["predict", str(ckpt), str(folder / "a.jpg"), str(tmp_path / "missing.jpg"),
+               str(folder / "notes.txt"), "--out", str(out), "-q"])
+    assert rc == 1
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
+    assert rows["missing.jpg"]["error"] == "file not found" and rows["notes.txt"]["error"]
+    assert rows["a.jpg"]["error"] == "" and rows["a.jpg"]["predicted_class"]
+    err = capsys.readouterr().err
+    assert "missing.jpg" in err and "notes.txt" in err and "1 of 3 images predicted" in err
+
+
 def test_predict_errors_say_what_to_do(ckpt, tmp_path, capsys):
-    assert main(["predict", str(ckpt), str(tmp_path / "missing")]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(ckpt), str(tmp_path / "empty")]) == 2
+    assert "no image files" in capsys.readouterr().err
     (tmp_path / "x.jpg").write_bytes(b"")
     assert main(["predict", str(ckpt), str(tmp_path / "x.jpg"), "--head", "ph2", "-q"]) == 2
     assert "no head named 'ph2'" in capsys.readouterr().err
