@@ -85,3 +85,8 @@ def test_resume_refuses_a_different_split(dermmel_root, ham_root):
     with pytest.raises(RuntimeError, match="differs from the one this checkpoint was trained on"):
         b.load_state_dict(a.state_dict())
     b.load_state_dict(state)  # another dataset's state (fine-tuning from a DermMel run): ignored
+
+
+def test_impossible_fractions_fail_at_construction(dermmel_root):
+    with pytest.raises(ValueError, match="leave something to train on"):
+        DermMelDataModule(dermmel_root, val_fraction=0.5, test_fraction=0.5)

@@ -137,6 +137,12 @@ class LesionDataModule(L.LightningDataModule):
         self.cache_size = int(cache_size) if cache_size else default_cache_size(self.image_size)
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(
+                f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
+                f"and leave something to train on (sum < 1)"
+            )
         self.num_folds = int(num_folds) if num_folds else None
         self.fold = None if fold is None else int(fold)
         if self.num_folds and self.has_official_split:
