@@ -179,7 +179,7 @@ def test_missing_file_and_unknown_names(tmp_path):
 
 HUB_SCRIPT = textwrap.dedent("""
     import json, sys, time
-    import torch
+    import timm, torch  # imported up front: the timer below is for the hub lookup, not imports
     from melanoma.models.pretrained import PretrainedWeightsError, load_pretrained
     from melanoma.models.vit import vit_tiny, vit_small
     out = {}

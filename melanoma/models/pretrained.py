@@ -92,25 +92,46 @@ def _hub_state_dict(name: str) -> dict[str, torch.Tensor]:
             f"({ACCEPTED}) or a timm name such as 'deit_base_patch16_224'."
         )
     try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - only used for the offline check and a nicer hint
+        cfg = None
+    hint = f" (e.g. {cfg.url})" if cfg is not None and cfg.url else ""
+    offline = _hub_offline()
+
+    def fail(reason: str) -> PretrainedWeightsError:
+        return PretrainedWeightsError(
+            f"could not fetch pretrained weights for {name!r} through timm / the Hugging Face hub: "
+            f"{reason}\nTo use weights without network, download the checkpoint on a machine that "
+            f"has it{hint} and pass the local file instead: load_pretrained(model, "
+            f"'path/to/weights.pth') (accepted: {ACCEPTED}); or copy a Hugging Face cache "
+            f"(HF_HOME) that holds {name!r}."
+        )
+
+    # Offline and not cached: say so at once, before timm spends seconds building the model.
+    if offline and cfg is not None and cfg.hf_hub_id and not _in_hub_cache(cfg.hf_hub_id, cfg.hf_hub_filename):
+        raise fail(f"HF_HUB_OFFLINE=1 and {cfg.hf_hub_id!r} is not in the local hub cache")
+    try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types; all mean "not here"
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        hint = ""
-        try:
-            cfg = timm.models.get_pretrained_cfg(name)
-            if cfg is not None and cfg.url:
-                hint = f" (e.g. {cfg.url})"
-        except Exception:  # noqa: BLE001 - only used for a nicer hint
-            pass
-        raise PretrainedWeightsError(
-            f"could not fetch pretrained weights for {name!r} through timm / the Hugging Face hub"
-            f"{' (HF_HUB_OFFLINE=1 and not in the local hub cache)' if offline else ''}: "
-            f"{type(e).__name__}: {e}\nTo use weights without network, download the checkpoint on "
-            f"a machine that has it{hint} and pass the local file instead: "
-            f"load_pretrained(model, 'path/to/weights.pth') (accepted: {ACCEPTED}); or copy a "
-            f"Hugging Face cache (HF_HOME) that holds {name!r}."
-        ) from e
+        raise fail(f"{'(HF_HUB_OFFLINE=1) ' if offline else ''}{type(e).__name__}: {e}") from e
     return model.state_dict()
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str, filename: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    # timm reads model.safetensors when a repo has it, else pytorch_model.bin.
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
 
 
 def resample_pos_embed(

@@ -167,9 +167,9 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        # Residual branches are written as single expressions so that each branch output is freed
-        # as soon as it has been added: a name holding it would keep one more (B, N, D) buffer
-        # alive through the MLP, and fresh buffers cost page faults on CPU.
+        # Residual branches are single expressions so that each branch output is freed as soon as
+        # it has been added: a name holding it would keep one more (B, N, D) buffer alive through
+        # the MLP (peak inference memory).
         if return_attention:
             y, attn = self.attn(self.norm1(x), return_attention=True)
             x = x + self._drop_path(y)
