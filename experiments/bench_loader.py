@@ -3,7 +3,7 @@
 Compares, in one run on the same files:
   ours           load_rgb (JPEG draft decode at reduced scale) + albumentations train pipeline
   ours, no draft the same at full decode, to show what draft decoding buys
-  ours, cached   pre-resized cache (short side 256) + the same pipeline
+  ours, cached   pre-resized cache (short side 256, JPEG q95 or raw .npy) + the same pipeline
   torchvision    plain PIL open/convert + torchvision.transforms (RandomResizedCrop, flips,
                  90-degree turn, ColorJitter, ToTensor, Normalize), full decode
   torchvision, cached  the same peer reading the cache
@@ -11,7 +11,7 @@ Each row is one process doing decode + transform per image (what one DataLoader 
 torch and OpenCV limited to one thread each. The last column runs a real DataLoader with
 num_workers=1, batch 32 (adds IPC and collation).
 
-    python experiments/bench_loader.py [--images 200] [--passes 3] [--out experiments/results/bench_loader.md]
+    python experiments/bench_loader.py [--images 200] [--passes 5] [--out experiments/results/bench_loader.md]
 """
 
 from __future__ import annotations
@@ -69,17 +69,24 @@ class TorchvisionDataset(Dataset):
             return self.transform(im.convert("RGB")), 0
 
 
-def per_item(ds, passes: int) -> tuple[float, float]:
-    """(img/s by wall clock, img/s by this process's CPU time). On a shared machine the CPU
-    time is the steadier measure of what one worker costs."""
-    for i in range(min(20, len(ds))):  # warm-up
-        ds[i]
-    n, t0, c0 = 0, time.perf_counter(), time.process_time()
-    for _ in range(passes):
-        for i in range(len(ds)):
+def per_item_rounds(datasets: list, rounds: int) -> list[tuple[float, float]]:
+    """Median (img/s by wall clock, img/s by this process's CPU time) per dataset.
+
+    Round-robin: every round times one pass of each pipeline in turn, so load changes on the
+    shared machine hit all pipelines alike. CPU time is the steadier per-worker cost there."""
+    for ds in datasets:  # warm-up
+        for i in range(min(20, len(ds))):
             ds[i]
-            n += 1
-    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+    wall = [[] for _ in datasets]
+    cpu = [[] for _ in datasets]
+    for _ in range(rounds):
+        for k, ds in enumerate(datasets):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for i in range(len(ds)):
+                ds[i]
+            wall[k].append(len(ds) / (time.perf_counter() - t0))
+            cpu[k].append(len(ds) / (time.process_time() - c0))
+    return [(float(np.median(w)), float(np.median(c))) for w, c in zip(wall, cpu)]
 
 
 def with_loader(ds, passes: int) -> float:
@@ -105,7 +112,7 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=5, help="interleaved rounds")
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -118,21 +125,24 @@ def main() -> None:
         t0 = time.perf_counter()
         cached = build_cache(paths, tmp / "cache", 256, num_threads=1, progress=False)
         cache_build = args.images / (time.perf_counter() - t0)
+        cached_npy = build_cache(paths, tmp / "cache", 256, num_threads=1, progress=False, fmt="npy")
         ours_t = train_transform(SIZE)
         rows = [
             ("ours (draft decode + albumentations)", LesionImageDataset(paths, [0] * len(paths), ours_t, decode_size=SIZE)),
             ("ours, no draft (full decode)", LesionImageDataset(paths, [0] * len(paths), ours_t, decode_size=None)),
-            ("ours, cached (short side 256)", LesionImageDataset(cached, [0] * len(paths), ours_t)),
+            ("ours, cached jpg (short side 256)", LesionImageDataset(cached, [0] * len(paths), ours_t)),
+            ("ours, cached npy (short side 256)", LesionImageDataset(cached_npy, [0] * len(paths), ours_t)),
             ("torchvision (PIL + transforms)", TorchvisionDataset(paths)),
             ("torchvision, cached", TorchvisionDataset(cached)),
         ]
-        results = [(name, per_item(ds, args.passes), with_loader(ds, args.passes)) for name, ds in rows]
+        rates = per_item_rounds([ds for _, ds in rows], args.passes)
+        results = [(name, r, with_loader(ds, 1)) for (name, ds), r in zip(rows, rates)]
 
-    base, base_cpu = results[3][1]
+    base, base_cpu = next(r for name, r, _ in results if name.startswith("torchvision ("))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"Loader throughput, one worker, {args.images} JPEGs 600x450 -> train pipeline -> {SIZE} px, "
-        f"{args.passes} passes.",
+        f"median of {args.passes} interleaved rounds (one pass per pipeline per round).",
         f"Date: {when}. Machine: {cpu_name()}, 2 cores, CPU only, shared with other jobs "
         f"(absolute numbers move with the load; ratios are from the same run).",
         "",

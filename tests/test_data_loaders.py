@@ -147,3 +147,18 @@ def test_cache_stores_resized_copies_and_is_used(dermmel_root, tmp_path):
     os.utime(src)  # leave the shared fixture's mtimes fresh
     # default cache size keeps the 256-for-224 margin
     assert DermMelDataModule(dermmel_root, image_size=224, cache_dir=cache).cache_size == 256
+
+
+def test_npy_cache_skips_decoding_and_matches_jpg_cache(dermmel_root, tmp_path):
+    kw = dict(image_size=16, cache_size=20, num_workers=0)
+    npy = DermMelDataModule(dermmel_root, cache_dir=tmp_path / "c", cache_format="npy", **kw)
+    npy.setup()
+    ds = npy.dataset("val")
+    assert all(str(p).endswith(".npy") for p in ds.paths)
+    arr = np.load(ds.paths[0])
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and min(arr.shape[:2]) == 20
+    jpg = DermMelDataModule(dermmel_root, cache_dir=tmp_path / "c", cache_format="jpg", **kw)
+    jpg.setup()
+    assert (ds[0][0] - jpg.dataset("val")[0][0]).abs().mean() < 0.05  # JPEG q95 vs raw
+    with pytest.raises(ValueError, match="cache_format"):
+        DermMelDataModule(dermmel_root, cache_dir=tmp_path, cache_format="png")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from .cache import build_cache, default_cache_size
+from .cache import CACHE_FORMATS, build_cache, default_cache_size
 from .io import load_rgb
 from .samplers import BalancedDistributedSampler
 from .splits import train_val_test_split
@@ -67,7 +67,11 @@ class LesionImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        img = load_rgb(self.paths[i], target_size=self.decode_size)
+        path = self.paths[i]
+        if path.endswith(".npy"):  # pre-resized cache entry: a raw HxWx3 uint8 array
+            img = np.load(path)
+        else:
+            img = load_rgb(path, target_size=self.decode_size)
         return self.transform(img), int(self.labels[i])
 
 
@@ -105,6 +109,7 @@ class LesionDataModule(L.LightningDataModule):
         augment: Mapping | None = None,
         cache_dir: str | os.PathLike | None = None,
         cache_size: int | None = None,
+        cache_format: str = "jpg",
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         num_folds: int | None = None,
@@ -135,6 +140,9 @@ class LesionDataModule(L.LightningDataModule):
         self.augment = resolve_augment(_plain(augment))  # fail on a typo now, not in a worker
         self.cache_dir = Path(os.path.expanduser(str(cache_dir))) if cache_dir else None
         self.cache_size = int(cache_size) if cache_size else default_cache_size(self.image_size)
+        if cache_format not in CACHE_FORMATS:
+            raise ValueError(f"cache_format must be one of {CACHE_FORMATS}, got {cache_format!r}")
+        self.cache_format = cache_format
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
@@ -208,7 +216,8 @@ class LesionDataModule(L.LightningDataModule):
         # Runs on one process per node before setup(): the place for one-time disk work.
         if self.cache_dir is not None:
             table = self._make_table()
-            build_cache(table["path"].tolist(), self.cache_dir, self.cache_size, max(1, self.num_workers))
+            build_cache(table["path"].tolist(), self.cache_dir, self.cache_size, max(1, self.num_workers),
+                        fmt=self.cache_format)
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
@@ -218,7 +227,8 @@ class LesionDataModule(L.LightningDataModule):
             raise RuntimeError(f"{self.name}: the train split is empty ({len(table)} images in all)")
         if self.cache_dir is not None:
             paths = table["path"].tolist()
-            self._cached = dict(zip(paths, build_cache(paths, self.cache_dir, self.cache_size, max(1, self.num_workers))))
+            cached = build_cache(paths, self.cache_dir, self.cache_size, max(1, self.num_workers), fmt=self.cache_format)
+            self._cached = dict(zip(paths, cached))
         self.table = table
         counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
         if self._world()[1] == 0:  # one summary per run, not one per DDP rank
