@@ -165,7 +165,8 @@ class Predictor:
         records: list[dict] = []
         used_stems: dict[str, int] = {}
         # PNG encoding releases the GIL: writing maps in threads overlaps it with the next batch
-        writer = ThreadPoolExecutor(max_workers=2) if attention_dir is not None else None
+        # one thread: more would compete with the forward pass for the same cores
+        writer = ThreadPoolExecutor(max_workers=1) if attention_dir is not None else None
         pending = []
         bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not self.progress)
         for start in range(0, len(paths), self.batch_size):
