@@ -129,3 +129,16 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     for k, v in source.state_dict().items():
         assert torch.equal(module.model.backbone.state_dict()[k], v), k
     run(cfg)  # the same through the config
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_dermmel, tmp_path):
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=2), "test=false",
+                       "callbacks.last_checkpoint.every_n_train_steps=1",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.inf_grad_at_step=2"],
+                      tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf .* global step 2"):
+        run(cfg)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())

@@ -21,13 +21,17 @@ __all__ = ["RecordTraining"]
 
 class RecordTraining(Callback):
     """Per rank: the trainable layers at the first batch of every train epoch
-    (``stages_rank<r>.jsonl``) and the parameters at the end of fit (``params_rank<r>.pt``); optionally SIGKILL the process after
-    a given optimizer step, or poison the head with NaN before a given step."""
+    (``stages_rank<r>.jsonl``) and the parameters at the start and end of fit
+    (``params_start_rank<r>.pt``, ``params_rank<r>.pt``); optionally SIGKILL the process after a
+    given optimizer step, poison the head with NaN before a given step, or put an Inf into a
+    gradient just before a given optimizer step."""
 
-    def __init__(self, out_dir: str, kill_at_step: int | None = None, nan_at_step: int | None = None):
+    def __init__(self, out_dir: str, kill_at_step: int | None = None, nan_at_step: int | None = None,
+                 inf_grad_at_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.kill_at_step = kill_at_step
         self.nan_at_step = nan_at_step
+        self.inf_grad_at_step = inf_grad_at_step
 
     def _rank_file(self, trainer: pl.Trainer, stem: str, suffix: str) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,12 @@ class RecordTraining(Callback):
             with torch.no_grad():
                 for p in pl_module.head.parameters():
                     p.fill_(float("nan"))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # callbacks run before the module's own hook, which must then refuse the step
+        if self.inf_grad_at_step is not None and trainer.global_step == self.inf_grad_at_step:
+            grad = next(p.grad for p in pl_module.head.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("inf")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
