@@ -31,7 +31,10 @@ def lesions(n, seed):
     return x, torch.arange(n) % 2, masks
 
 
-def train(steps=150, seed=0):
+def train(steps=400, seed=1):
+    # This 2-layer, dim-32 ViT sometimes sits on the chance plateau (loss ln 2) for hundreds of
+    # steps: seed 0 did for 400 with generator v2, seeds 1-3 reached 0.96-0.99 test accuracy.
+    # The accuracy assertion below makes "the model learned" a checked premise, not a hope.
     torch.manual_seed(seed)
     x, y, _ = lesions(400, seed=1)
     model = build_classifier("vit_tiny", dict(img_size=SIZE, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2),
@@ -65,6 +68,6 @@ def test_rollout_mass_lies_inside_the_lesion_mask():
         results[method] = ((inside > share).mean(), inside.mean())
     line = "; ".join(f"{k}: mass inside > mask share on {a:.0%} (mean {b:.3f})" for k, (a, b) in results.items())
     print(f"\naccuracy {accuracy:.2f}, mean mask share {share.mean():.3f}; {line}")
-    assert accuracy > 0.6
+    assert accuracy > 0.8
     assert results["rollout"][0] > 0.5
     assert results["rollout"][1] > 1.5 * share.mean()
