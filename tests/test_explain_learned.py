@@ -5,7 +5,6 @@ An untrained model spreads attention evenly (mass inside = mask share, so "above
 ~20 % of images); the longer measurement at 64 px is experiments/attention_mass.py."""
 
 import functools
-import logging
 
 import numpy as np
 import pytest
@@ -16,8 +15,6 @@ from melanoma.data.synthetic import render_lesion
 from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.evaluation.checkpoint_io import build_classifier
 from melanoma.explain.attention import compute_attention_maps, mass_inside
-
-log = logging.getLogger(__name__)
 
 SIZE, PATCH = 32, 4
 
