@@ -38,8 +38,8 @@ def test_multirun_of_two_ddp_jobs_each_own_folder_identical_params_after_unfreez
         for rank in (0, 1):
             stages = _records(rec / f"stages_rank{rank}.jsonl")
             assert [s["layers"] for s in stages] == [["head"], ["head", "norm"]]
-        p0, p1 = torch.load(rec / "params_rank0.pt"), torch.load(rec / "params_rank1.pt")
-        start = torch.load(rec / "params_start_rank0.pt")
+        p0, p1 = torch.load(rec / "params_rank0.pt", weights_only=True), torch.load(rec / "params_rank1.pt", weights_only=True)
+        start = torch.load(rec / "params_start_rank0.pt", weights_only=True)
         for k in p0:
             assert torch.equal(p0[k], p1[k]), f"job {job}: {k} differs between ranks"
         # the layer thawed after DDP wrapped the model did train (so it was all-reduced)

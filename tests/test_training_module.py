@@ -108,8 +108,8 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["global_step"] <= 3
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
-    assert math.isfinite(torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt",
-                                    weights_only=True)["state_dict"]["model.heads.dermmel.fc.bias"].sum())
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
 
 
 def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):

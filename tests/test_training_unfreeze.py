@@ -92,13 +92,13 @@ def test_training_run_thaws_one_layer_per_epoch_and_keeps_frozen_weights(tiny_de
         ["head"], ["head", "norm"], ["block1", "head", "norm"], ["block0", "block1", "head", "norm"]]
     counts = [s["trainable_params"] for s in stages]
     assert counts[0] < counts[1] < counts[2] < counts[3]
-    start, end = torch.load(rec / "params_start_rank0.pt"), torch.load(rec / "params_rank0.pt")
+    start, end = torch.load(rec / "params_start_rank0.pt", weights_only=True), torch.load(rec / "params_rank0.pt", weights_only=True)
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert {"backbone.pos_embed", "backbone.cls_token", "backbone.patch_embed.proj.weight"}.isdisjoint(changed)
     assert {"backbone.norm.weight", "backbone.blocks.1.attn.qkv.weight",
             "backbone.blocks.0.mlp.fc1.weight", "heads.dermmel.fc.weight"} <= changed
     # every parameter is in the optimizer from the start; only thawed ones have AdamW state
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     opt = ckpt["optimizer_states"][0]
     layers = [g["layer"] for g in opt["param_groups"]]
     assert {"head", "norm", "block1", "block0", "pos_cls", "patch_embed"} == set(layers)
