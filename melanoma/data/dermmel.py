@@ -14,6 +14,7 @@ import pandas as pd
 
 from .base import BINARY_CLASSES, LesionDataModule
 from .io import iter_files
+from .layout import require_root
 
 DOWNLOAD = "https://www.kaggle.com/datasets/drscarlat/melanoma"
 SPLIT_FOLDERS = {"train": ("train_sep", "train"), "val": ("valid", "val", "validation"), "test": ("test",)}
@@ -47,12 +48,8 @@ class DermMelDataModule(LesionDataModule):
         """The folder holding the split folders: ``root`` itself or one below it (a folder
         named DermMel is preferred)."""
         root = Path(root or self.root)
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"{self.name}: dataset root {root} does not exist. Expected the DermMel download "
-                f"(a DermMel/ folder with train_sep/, valid/, test/, each holding Melanoma/ and "
-                f"NotMelanoma/); get it from {DOWNLOAD} and set dataset.root to where it is."
-            )
+        require_root(root, self.name, "DermMel download (a DermMel/ folder with train_sep/, valid/, "
+                     "test/, each holding Melanoma/ and NotMelanoma/)", DOWNLOAD)
         queue, candidates = [(root, 0)], []
         while queue:
             folder, depth = queue.pop(0)

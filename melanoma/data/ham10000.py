@@ -11,7 +11,7 @@ import pandas as pd
 
 from .base import BINARY_CLASSES, LesionDataModule
 from .io import iter_files
-from .layout import find_file, subdirs
+from .layout import require_file, require_root, subdirs
 
 DOWNLOAD = ("https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 "
             "(or the ISIC archive, https://doi.org/10.7910/DVN/DBW86T)")
@@ -25,19 +25,9 @@ class HAM10000DataModule(LesionDataModule):
     label_sets = {"binary": BINARY_CLASSES, "dx": list(DX)}
 
     def find_metadata(self):
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"{self.name}: dataset root {self.root} does not exist. Expected the HAM10000 "
-                f"download ({METADATA} beside HAM10000_images_part_1/ and _part_2/); get it from "
-                f"{DOWNLOAD} and set dataset.root to where it is."
-            )
-        csv = find_file(self.root, METADATA)
-        if csv is None:
-            raise FileNotFoundError(
-                f"{self.name}: {METADATA} not found under {self.root} (searched 3 levels). It comes "
-                f"with the HAM10000 download from {DOWNLOAD}."
-            )
-        return csv
+        require_root(self.root, self.name, f"HAM10000 download ({METADATA} beside "
+                     "HAM10000_images_part_1/ and _part_2/)", DOWNLOAD)
+        return require_file(self.root, METADATA, self.name, DOWNLOAD)
 
     def read_metadata(self, csv) -> pd.DataFrame:
         meta = pd.read_csv(csv, dtype=str)

@@ -28,6 +28,26 @@ def find_file(root: Path, name: str, max_depth: int = 3) -> Path | None:
     return None
 
 
+def require_root(root: Path, dataset: str, expected: str, download: str) -> None:
+    """Refuse a dataset root that does not exist, saying what the download looks like."""
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"{dataset}: dataset root {root} does not exist. Expected the {expected}; get it from "
+            f"{download} and set dataset.root to where it is."
+        )
+
+
+def require_file(root: Path, name: str, dataset: str, download: str, max_depth: int = 3) -> Path:
+    """``find_file`` that fails with a message naming the file and where it comes from."""
+    found = find_file(root, name, max_depth)
+    if found is None:
+        raise FileNotFoundError(
+            f"{dataset}: {name} not found under {root} (searched {max_depth} levels); it comes "
+            f"with the download from {download}."
+        )
+    return found
+
+
 def subdirs(folder: Path) -> dict[str, Path]:
     """Visible subfolders keyed by lower-cased name."""
     with os.scandir(folder) as it:

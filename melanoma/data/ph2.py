@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .base import BINARY_CLASSES, LesionDataModule
-from .layout import find_file, subdirs
+from .layout import require_file, require_root, subdirs
 
 DOWNLOAD = "https://www.fc.up.pt/addi/ph2%20database.html"
 TABLE = "PH2_dataset.txt"
@@ -76,19 +76,9 @@ class PH2DataModule(LesionDataModule):
                          test_fraction=test_fraction, **kwargs)
 
     def find_table(self) -> Path:
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"{self.name}: dataset root {self.root} does not exist. Expected the PH2 download "
-                f"({TABLE} beside 'PH2 Dataset images/'); get it from {DOWNLOAD} and set "
-                f"dataset.root to where it is."
-            )
-        table = find_file(self.root, TABLE)
-        if table is None:
-            raise FileNotFoundError(
-                f"{self.name}: {TABLE} not found under {self.root} (searched 3 levels); it comes "
-                f"with the PH2 download from {DOWNLOAD}."
-            )
-        return table
+        require_root(self.root, self.name, f"PH2 download ({TABLE} beside 'PH2 Dataset images/')",
+                     DOWNLOAD)
+        return require_file(self.root, TABLE, self.name, DOWNLOAD)
 
     def locate_images(self, folder: Path, names) -> list[str | None]:
         dirs = subdirs(folder)
