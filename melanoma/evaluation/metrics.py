@@ -46,36 +46,35 @@ def balanced_accuracy(probs, labels) -> float:
     return float(np.mean(recalls)) if recalls else float("nan")
 
 
-def roc_curve(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, thresholds), thresholds descending; a sample
-    is called positive when score >= threshold. Starts at (0, 0) with threshold +inf."""
+def _counts_at_thresholds(scores, targets):
+    """Sort by score, descending; for each distinct score (ties move together) the number of
+    true and of all positive calls when everything scoring >= it is called positive."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets).astype(bool)
     order = np.argsort(-scores, kind="mergesort")
     scores, targets = scores[order], targets[order]
-    # one point per distinct score: ties move together
     last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     tps = np.cumsum(targets)[last_of_run]
-    fps = (last_of_run + 1) - tps
-    n_pos, n_neg = targets.sum(), (~targets).sum()
+    return tps, last_of_run + 1, targets.sum(), scores[last_of_run]
+
+
+def roc_curve(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), thresholds descending; a sample
+    is called positive when score >= threshold. Starts at (0, 0) with threshold +inf."""
+    tps, predicted, n_pos, thresholds = _counts_at_thresholds(scores, targets)
+    fps = predicted - tps
+    n_neg = np.asarray(targets).size - n_pos
     tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(tps.size + 1, np.nan)
     fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(fps.size + 1, np.nan)
-    return fpr, tpr, np.r_[np.inf, scores[last_of_run]]
+    return fpr, tpr, np.r_[np.inf, thresholds]
 
 
 def precision_recall_curve(scores, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds) with thresholds descending, one point per distinct score."""
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets).astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, targets = scores[order], targets[order]
-    last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tps = np.cumsum(targets)[last_of_run]
-    predicted = last_of_run + 1
-    n_pos = targets.sum()
+    tps, predicted, n_pos, thresholds = _counts_at_thresholds(scores, targets)
     precision = tps / predicted
     recall = tps / n_pos if n_pos else np.full(tps.size, np.nan)
-    return precision, recall, scores[last_of_run]
+    return precision, recall, thresholds
 
 
 def binary_auroc(scores, targets) -> float:
