@@ -22,12 +22,12 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"], "ham10000": HAM})
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    save_classifier_checkpoint(path, model, "vit_tiny", KW, image_size=32, active_head="synthetic")
-    # as `melanoma evaluate` would have stored them
-    ck = torch.load(path, weights_only=True)
-    ck["melanoma"]["calibration"] = {"synthetic": {"temperature": 2.0}}
-    ck["melanoma"]["operating_point"] = {"synthetic": {"threshold": 0.5, "target_sensitivity": 0.95}}
-    torch.save(ck, path)
+    # calibration and operating point as `melanoma evaluate` would have stored them
+    save_classifier_checkpoint(
+        path, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
+        calibration={"synthetic": {"temperature": 2.0}},
+        operating_point={"synthetic": {"threshold": 0.5, "target_sensitivity": 0.95}},
+    )
     return path
 
 

@@ -14,7 +14,7 @@ import torch
 
 from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.models import build_backbone
-from melanoma.models.classifier import META_KEY, STATE_PREFIX, Classifier
+from melanoma.models.classifier import META_KEY, STATE_PREFIX, Classifier, checkpoint_meta
 from melanoma.models.heads import DatasetHeads, LinearHead
 
 
@@ -38,21 +38,15 @@ def save_classifier_checkpoint(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     config: dict | None = None,
+    calibration: dict | None = None,
+    operating_point: dict | None = None,
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    specs = model.heads.specs()
-    meta = {
-        "backbone": {"name": backbone, "kwargs": dict(backbone_kwargs)},
-        "heads": specs,
-        "active_head": active_head or next(iter(specs)),
-        "image_size": int(image_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "calibration": {},
-        "operating_point": {},
-        "config": dict(config or {}),
-    }
+    meta = checkpoint_meta(
+        model, backbone, backbone_kwargs, image_size=image_size, mean=mean, std=std,
+        active_head=active_head, calibration=calibration, operating_point=operating_point, config=config,
+    )
     state = {STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, META_KEY: meta}, path)
     return path

@@ -19,10 +19,39 @@ from melanoma.models.heads import DatasetHeads
 from melanoma.models.pretrained import state_dict_mismatch
 from melanoma.models.vit import VisionTransformer
 
-__all__ = ["CheckpointError", "Classifier"]
+__all__ = ["CheckpointError", "Classifier", "checkpoint_meta"]
 
 STATE_PREFIX = "model."
 META_KEY = "melanoma"
+
+
+def checkpoint_meta(
+    model: "Classifier",
+    backbone: str,
+    backbone_kwargs: dict,
+    *,
+    image_size: int,
+    mean,
+    std,
+    active_head: str | None = None,
+    calibration: dict | None = None,
+    operating_point: dict | None = None,
+    config: dict | None = None,
+) -> dict:
+    """The ckpt[META_KEY] entry that ``Classifier.from_checkpoint`` reads back: everything needed
+    to rebuild and use the model without a config file or dataset."""
+    specs = model.heads.specs()
+    return {
+        "backbone": {"name": backbone, "kwargs": dict(backbone_kwargs)},
+        "heads": specs,
+        "active_head": active_head or next(iter(specs)),
+        "image_size": int(image_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "calibration": dict(calibration or {}),
+        "operating_point": dict(operating_point or {}),
+        "config": dict(config or {}),
+    }
 
 
 class CheckpointError(RuntimeError):

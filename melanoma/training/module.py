@@ -25,7 +25,7 @@ from torchmetrics.classification import (
 )
 
 from melanoma.models import build_backbone
-from melanoma.models.classifier import META_KEY, Classifier, state_dict_mismatch
+from melanoma.models.classifier import META_KEY, Classifier, checkpoint_meta, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
 from melanoma.training import optim
 
@@ -386,17 +386,11 @@ class LesionClassifier(pl.LightningModule):
     # --- checkpoint META ------------------------------------------------------------------------
 
     def meta(self) -> dict:
-        return {
-            "backbone": {"name": self.backbone_name, "kwargs": dict(self.backbone_kwargs)},
-            "heads": self.model.heads.specs(),
-            "active_head": self.active_head,
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "calibration": dict(self.calibration),
-            "operating_point": dict(self.operating_point),
-            "config": dict(self.hparams.get("config") or {}),
-        }
+        return checkpoint_meta(
+            self.model, self.backbone_name, self.backbone_kwargs, image_size=self.image_size,
+            mean=self.mean, std=self.std, active_head=self.active_head, calibration=self.calibration,
+            operating_point=self.operating_point, config=self.hparams.get("config"),
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[META_KEY] = self.meta()
