@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from melanoma.models.heads import positive_index
+
 from .cache import CACHE_FORMATS, build_cache, default_cache_size
 from .io import load_rgb
 from .samplers import BalancedDistributedSampler
@@ -176,11 +178,7 @@ class LesionDataModule(L.LightningDataModule):
 
     @property
     def positive_index(self) -> int | None:
-        lowered = [c.lower() for c in self.class_names]
-        for name in ("melanoma", "mel"):
-            if name in lowered:
-                return lowered.index(name)
-        return None
+        return positive_index(self.class_names)
 
     # --- setup ---------------------------------------------------------------------------
     def _make_table(self) -> pd.DataFrame:

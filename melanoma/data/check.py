@@ -29,6 +29,9 @@ def check_images(paths: Iterable[str | os.PathLike], progress: bool = True) -> l
 
 def check_dataset(datamodule, progress: bool = True) -> list[tuple[str, str]]:
     """check_images over every image of a LesionDataModule (all splits)."""
-    if datamodule.table is None:
+    if datamodule.table is None and datamodule.cache_dir is None:
         datamodule.setup()
-    return check_images(datamodule.image_paths(), progress=progress)
+    # With a cache, setup() would build it first and stop at the first unreadable image instead
+    # of listing them all: read only the dataset's table then.
+    table = datamodule.table if datamodule.table is not None else datamodule._make_table()
+    return check_images(table["path"].tolist(), progress=progress)

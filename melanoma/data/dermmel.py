@@ -7,14 +7,13 @@ measured on it flatters a model.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from .base import BINARY_CLASSES, LesionDataModule
 from .io import iter_files
-from .layout import require_root
+from .layout import require_root, subdirs
 
 DOWNLOAD = "https://www.kaggle.com/datasets/drscarlat/melanoma"
 SPLIT_FOLDERS = {"train": ("train_sep", "train"), "val": ("valid", "val", "validation"), "test": ("test",)}
@@ -23,13 +22,8 @@ EXTENSIONS = (".jpg", ".jpeg")
 MAX_SEARCH_DEPTH = 4
 
 
-def _children(folder: Path) -> dict[str, Path]:
-    with os.scandir(folder) as it:
-        return {e.name.lower(): Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")}
-
-
 def _split_dirs(folder: Path) -> dict[str, Path] | None:
-    children = _children(folder)
+    children = subdirs(folder)
     found = {}
     for split, names in SPLIT_FOLDERS.items():
         match = next((children[n] for n in names if n in children), None)
@@ -57,7 +51,7 @@ class DermMelDataModule(LesionDataModule):
                 candidates.append(folder)
                 continue
             if depth < MAX_SEARCH_DEPTH:
-                queue.extend((child, depth + 1) for child in sorted(_children(folder).values()))
+                queue.extend((child, depth + 1) for child in sorted(subdirs(folder).values()))
         if not candidates:
             raise FileNotFoundError(
                 f"{self.name}: no DermMel folder found under {root} (searched {MAX_SEARCH_DEPTH} "
@@ -70,7 +64,7 @@ class DermMelDataModule(LesionDataModule):
     def table_from(self, dermmel: Path) -> pd.DataFrame:
         rows = []
         for split, split_dir in _split_dirs(dermmel).items():
-            classes = _children(split_dir)
+            classes = subdirs(split_dir)
             unknown = sorted(set(classes) - set(CLASS_FOLDERS))
             missing = sorted(set(CLASS_FOLDERS) - set(classes))
             if unknown or missing:

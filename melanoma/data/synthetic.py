@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .base import BINARY_CLASSES, LesionDataModule, _plain
 from .dermmel import DermMelDataModule
+from .ham10000 import DX
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,6 @@ def write_dermmel_layout(
 
 # --- HAM10000 layout (test fixtures) -------------------------------------------------------
 
-HAM_DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
 
 def write_ham10000_layout(
@@ -254,7 +254,7 @@ def write_ham10000_layout(
     rows = []
     image_no = 24306
     lesion_no = 0
-    for d, dx in enumerate(HAM_DX):
+    for d, dx in enumerate(DX):
         for _ in range(int(lesions_per_dx.get(dx, 0))):
             lesion_id = f"HAM_{lesion_no:07d}"
             lesion_no += 1

@@ -81,8 +81,7 @@ def update_checkpoint_meta(ckpt_path: str | os.PathLike, head: str, temperature:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     meta = ckpt[META_KEY]
     if temperature is not None:
-        meta.setdefault("calibration", {})
-        meta["calibration"] = dict(meta["calibration"] or {})
+        meta["calibration"] = dict(meta.get("calibration") or {})
         meta["calibration"][head] = {"temperature": float(temperature)}
     if operating_point is not None:
         meta["operating_point"] = dict(meta.get("operating_point") or {})
@@ -174,10 +173,10 @@ def evaluate_checkpoint(
     raw_probs = softmax(test_logits)
     threshold = op["threshold"] if op else None
     metrics = classification_metrics(probs, test_labels, pos, threshold)
-    metrics.pop("ece"), metrics.pop("nll")
+    metrics["ece_after_calibration"] = metrics.pop("ece")  # computed on the calibrated probs
+    metrics.pop("nll")
     metrics.update({
         "ece_before_calibration": expected_calibration_error(raw_probs, test_labels),
-        "ece_after_calibration": expected_calibration_error(probs, test_labels),
         "nll_before_calibration": nll(test_logits, test_labels),
         "nll_after_calibration": nll(test_logits, test_labels, temperature),
     })
