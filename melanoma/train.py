@@ -133,12 +133,9 @@ def _print_report(metrics: dict, dataset: str, ckpt: str | None) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _evaluate(cfg: DictConfig, ckpt: str, dm, run_dir: Path, loggers: list) -> dict | None:
-    try:
-        from melanoma.evaluation.report import evaluate_checkpoint
-    except ImportError as e:
-        log.info("melanoma.evaluation.report not available (%s); skipping the report", e)
-        return None
+def _evaluate(ckpt: str, dm, run_dir: Path, loggers: list) -> dict:
+    from melanoma.evaluation.report import evaluate_checkpoint
+
     wandb_run = None
     for logger in loggers:
         if isinstance(logger, WandbLogger) and getattr(logger, "_melanoma_mode", "") != "disabled":
@@ -190,7 +187,7 @@ def _run(cfg: DictConfig) -> float | None:
     mean, std = list(cfg.model.mean), list(cfg.model.std)
     dm = hydra.utils.instantiate(cfg.dataset, mean=mean, std=std, _convert_="all")
     image_size = int(getattr(dm, "image_size", cfg.dataset.image_size))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = resolved["model"]
     module = LesionClassifier(
         backbone=model_cfg["backbone"], dataset_name=dm.name, class_names=list(dm.class_names),
         head=model_cfg.get("head"), optimizer=model_cfg.get("optimizer"),
@@ -238,8 +235,8 @@ def _run(cfg: DictConfig) -> float | None:
             _print_report(test_metrics, dm.name, best_ckpt)
 
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
-        report = _evaluate(cfg, best_ckpt, dm, run_dir, loggers)
-        if report is not None and cfg.get("print_report"):
+        _evaluate(best_ckpt, dm, run_dir, loggers)
+        if cfg.get("print_report"):
             print(f"Calibrated report written to {run_dir / 'report'}", flush=True)
 
     if best_score is not None:

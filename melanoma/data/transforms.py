@@ -20,8 +20,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,

@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 LAYER_NORM_EPS = 1e-6
+# DeiT's input normalisation (ImageNet statistics): images fed to these weights use it
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:
@@ -263,11 +266,6 @@ class VisionTransformer(nn.Module):
             return self.forward_head(tokens), attentions
         return self.forward_head(self.forward_features(x))
 
-    def reset_head(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            _init_linear(self.head)
 
 
 # --- initialisation (kept apart from the forward code) -------------------------------------------

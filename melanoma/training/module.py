@@ -27,15 +27,12 @@ from torchmetrics.classification import (
 from melanoma.models import build_backbone
 from melanoma.models.classifier import META_KEY, Classifier, checkpoint_meta, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
+from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.training import optim
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LesionClassifier", "NonFiniteLossError"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients became NaN/Inf; raised before the optimizer step (and so before
@@ -97,6 +94,7 @@ class LesionClassifier(pl.LightningModule):
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
         self.loss_cfg = dict(loss or {})
         self.class_weight: torch.Tensor | None = None
+        self._lr_groups: dict = {}
         # META entries written by evaluation (calibration, operating point); carried through saves
         self.calibration: dict = {}
         self.operating_point: dict = {}
@@ -241,17 +239,18 @@ class LesionClassifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.log("trainable_params", float(self.trainable_parameter_count()), on_step=False, on_epoch=True)
 
+    def on_train_start(self) -> None:
+        # computed once: the groups never change after configure_optimizers; a layer's decay and
+        # no-decay groups share one rate, so one key per layer
+        self._lr_groups = {}
+        for group in self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []:
+            self._lr_groups.setdefault(f"lr/{group.get('layer', group.get('name'))}", group)
+        if self.class_weight is not None:
+            self.class_weight = self.class_weight.to(self.device)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if not self.trainer.optimizers:
-            return
-        seen = set()
-        lrs = {}
-        for group in self.trainer.optimizers[0].param_groups:
-            layer = group.get("layer", group.get("name"))
-            if layer not in seen:
-                seen.add(layer)
-                lrs[f"lr/{layer}"] = float(group["lr"])
-        self.log_dict(lrs, on_step=True, on_epoch=False)
+        if self._lr_groups:
+            self.log_dict({k: float(g["lr"]) for k, g in self._lr_groups.items()}, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")

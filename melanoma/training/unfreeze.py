@@ -96,9 +96,13 @@ class GradualUnfreezing(Callback):
         return min(1 + (epoch - self.start_epoch) // self.every_n_epochs, num_stages)
 
     def trainable_layers(self, epoch: int, depth: int) -> set[str]:
+        return self._schedule(epoch, depth)[2]
+
+    def _schedule(self, epoch: int, depth: int) -> tuple[list[list[str]], int, set[str]]:
+        """(stages, number thawed during ``epoch``, the layers that train then)."""
         stages = self.resolve_stages(depth)
         n = self.stage_at(epoch, len(stages))
-        return {"head", *(layer for stage in stages[:n] for layer in stage)}
+        return stages, n, {"head", *(layer for stage in stages[:n] for layer in stage)}
 
     # --- hooks ----------------------------------------------------------------------------------
 
@@ -118,10 +122,7 @@ class GradualUnfreezing(Callback):
         self._apply(trainer, pl_module)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        depth = pl_module.model.backbone.depth
-        stages = self.resolve_stages(depth)
-        stage = self.stage_at(trainer.current_epoch, len(stages))
-        layers = {"head", *(layer for s in stages[:stage] for layer in s)}
+        stages, stage, layers = self._schedule(trainer.current_epoch, pl_module.model.backbone.depth)
         pl_module.set_trainable_layers(layers)
         if stage != self.current_stage:
             newest = "head only" if stage == 0 else ", ".join(stages[stage - 1])
