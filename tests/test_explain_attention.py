@@ -1,4 +1,5 @@
-"""Attention maps: rollout and gradient-weighted rollout on hand-built attentions."""
+"""Attention maps: rollout (Abnar & Zuidema) and gradient-weighted rollout (Chefer et al. 2021,
+unnormalised) on hand-built attentions."""
 
 import numpy as np
 import pytest
@@ -54,14 +55,62 @@ def test_last_layer_cls_attention_per_head_and_mean():
         last_layer_cls_attention(_two_layers(), (2, 2))
 
 
+def test_gradient_weighted_rollout_follows_the_chefer_rule_by_hand():
+    atts = _two_layers()
+    # layer 1: head 0 (identity) x grad 1, head 1 (all to token 1) x grad 2; mean over heads
+    #   A1 = [[.5, 1, 0], [0, 1.5, 0], [0, 1, .5]];  R1 = I + A1 = [[1.5, 1, 0], [0, 2.5, 0], [0, 1, 1.5]]
+    # layer 2 (uniform 1/3): head 0 x grad 3 = all ones; head 1 x [[3,-3,0],[0,0,0],[0,0,3]] = diag(1, 0, 1)
+    #   once the -1 is clamped;  A2 = [[1, .5, .5], [.5, .5, .5], [.5, .5, 1]]
+    #   R2 = R1 + A2 R1 = (I + A2) R1, rows by hand:
+    #   2[1.5,1,0] + .5[0,2.5,0] + .5[0,1,1.5] = [3, 3.75, .75]
+    #   .5[1.5,1,0] + 1.5[0,2.5,0] + .5[0,1,1.5] = [.75, 4.75, .75]
+    #   .5[1.5,1,0] + .5[0,2.5,0] + 2[0,1,1.5] = [.75, 3.75, 3]
+    grads = [
+        torch.stack([torch.ones(3, 3), torch.full((3, 3), 2.0)])[None],
+        torch.stack([torch.full((3, 3), 3.0), torch.tensor([[3.0, -3, 0], [0, 0, 0], [0, 0, 3]])])[None],
+    ]
+    expected = torch.tensor([[3.0, 3.75, 0.75], [0.75, 4.75, 0.75], [0.75, 3.75, 3.0]])
+    joint = gradient_weighted_rollout(atts, grads)
+    torch.testing.assert_close(joint[0], expected)
+    torch.testing.assert_close(cls_map(joint, (1, 2)), torch.tensor([[[3.75, 0.75]]]))
+    torch.testing.assert_close(cls_gradient_rollout(atts, grads)[0], expected[0])
+    # layer 1 alone: R1 = I + A1, nothing renormalised
+    one = gradient_weighted_rollout(atts[:1], grads[:1])[0]
+    torch.testing.assert_close(one, torch.tensor([[1.5, 1, 0], [0, 2.5, 0], [0, 1, 1.5]]))
+
+
 def test_gradient_weighted_rollout_known_cases():
     atts = _two_layers()
     ones = [torch.ones_like(a) for a in atts]
-    # unit gradients weight nothing: the same as plain rollout
-    torch.testing.assert_close(gradient_weighted_rollout(atts, ones), attention_rollout(atts))
+    # unit gradients on row-stochastic attention: every I + A has rows summing to 2, which rollout
+    # divides away layer by layer, so the unnormalised product is 2^layers times rollout
+    torch.testing.assert_close(gradient_weighted_rollout(atts, ones), 4 * attention_rollout(atts))
     # negative gradients are clamped away: only the residual identity is left
     negative = [-torch.ones_like(a) for a in atts]
     torch.testing.assert_close(gradient_weighted_rollout(atts, negative)[0], torch.eye(3))
+
+
+def test_gradient_scale_is_kept_not_renormalised():
+    # one layer: R = I + mean_h (c g * a)+ = I + c (A_bar), so R - I scales with c exactly
+    g = torch.Generator().manual_seed(2)
+    att = [torch.softmax(torch.randn(2, 3, 10, 10, generator=g), -1)]
+    grad = [torch.randn(2, 3, 10, 10, generator=g)]
+    eye = torch.eye(10)
+    base = gradient_weighted_rollout(att, grad) - eye
+    assert base.abs().max() > 0  # the comparison below is not 0 == 0
+    for c in (0.5, 100.0):
+        torch.testing.assert_close(gradient_weighted_rollout(att, [c * grad[0]]) - eye, c * base)
+        torch.testing.assert_close(cls_gradient_rollout(att, [c * grad[0]]) - eye[0], c * base[:, 0])
+
+
+def test_gradients_must_match_the_attentions():
+    atts = _two_layers()
+    with pytest.raises(ValueError, match="2 attention layers but 1 gradients"):
+        gradient_weighted_rollout(atts, [torch.ones_like(atts[0])])
+    with pytest.raises(ValueError, match="2 attention layers but 1 gradients"):
+        cls_gradient_rollout(atts, [torch.ones_like(atts[0])])
+    with pytest.raises(ValueError, match="gradient of layer 1 has shape"):
+        gradient_weighted_rollout(atts, [torch.ones_like(atts[0]), torch.ones(1, 1, 3, 3)])
 
 
 def test_compute_attention_maps_takes_gradients_through_the_attentions():
@@ -83,8 +132,8 @@ def test_compute_attention_maps_takes_gradients_through_the_attentions():
     for b in range(2):
         t = int(target[b])
         w2[b, 0, 1 + t] = a2[b, :, 0, 1 + t].mean() / 2
+    # layer 1 gets zero weight (R1 = I), so R = I + w2, not renormalised
     r2 = torch.eye(3) + w2
-    r2 = r2 / r2.sum(-1, keepdim=True)  # layer 1 gets zero weight: identity only
     expected = r2[:, 0, 1:].reshape(2, 1, 2).numpy()
     np.testing.assert_allclose(out.maps["grad_rollout"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.maps["rollout"], cls_map(attention_rollout([a1, a2]), (1, 2)).numpy(), rtol=1e-6)
@@ -105,4 +154,7 @@ def test_class_token_row_shortcut_equals_the_full_product():
     grads = [torch.randn(2, 3, 10, 10, generator=g) for _ in range(5)]
     torch.testing.assert_close(cls_rollout(atts), attention_rollout(atts)[:, 0])
     torch.testing.assert_close(cls_gradient_rollout(atts, grads), gradient_weighted_rollout(atts, grads)[:, 0])
+    # large gradients: the unnormalised product grows by orders of magnitude, the two still agree
+    big = [100 * g_ for g_ in grads]
+    torch.testing.assert_close(cls_gradient_rollout(atts, big), gradient_weighted_rollout(atts, big)[:, 0])
     torch.testing.assert_close(cls_rollout(_two_layers())[0], torch.tensor([0.5, 0.375, 0.125]))

@@ -4,15 +4,19 @@
   head and averaged over heads. Cheap, but ignores everything the earlier layers mixed in.
 - attention rollout (Abnar & Zuidema 2020): heads averaged, the identity added for the residual
   connection, rows renormalised, and the matrices multiplied through the layers, so the class
-  token's row says how much of each input patch reaches it.
-- gradient-weighted rollout (after Chefer et al. 2021): each layer's attention weighted by the
-  gradient of the explained class logit with respect to it, negative parts dropped, then rolled
-  out the same way. Class-specific, where plain rollout is not.
+  token's row says how much of each input patch reaches it. Every row of the result sums to 1.
+- gradient-weighted rollout, the rule of Chefer et al. 2021 ("Generic attention-model
+  explainability for interpreting bi-modal and encoder-decoder transformers", eqs. 5-6):
+  R starts as the identity; for each layer in forward order
+      A_bar = mean over heads of (dlogit_t/dA ⊙ A)⁺,   R <- R + A_bar · R,
+  where t is the explained class and ⁺ clamps negative values to 0. Nothing is renormalised, so
+  the map keeps the gradients' scale (R - I grows with them) and is class-specific, where plain
+  rollout is not. Its rows do not sum to 1: read a map's shape, not its absolute values
+  (the PNG overlays min-max normalise, mass_inside divides by the map's total).
 
 Every function takes the per-layer attention list that VisionTransformer.forward(x,
 return_attention=True) returns: tensors (B, heads, N, N) with N = prefix tokens + patches.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,6 +84,49 @@ def _roll_out_cls_row(layer_mats: Sequence[torch.Tensor]) -> torch.Tensor:
     return row
 
 
+def _relevance_layers(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Chefer et al.'s per-layer A_bar = mean over heads of (grad ⊙ attn)⁺, (B, N, N) each."""
+    _check(attentions)
+    if len(gradients) != len(attentions):
+        raise ValueError(
+            f"{len(attentions)} attention layers but {len(gradients)} gradients; pass one gradient per "
+            f"attention layer (torch.autograd.grad(score, attentions))"
+        )
+    for i, (a, g) in enumerate(zip(attentions, gradients)):
+        if g.shape != a.shape:
+            raise ValueError(
+                f"gradient of layer {i} has shape {tuple(g.shape)}, its attention {tuple(a.shape)}; "
+                f"pass the gradient of the score with respect to that attention tensor"
+            )
+    return [(g.detach().float() * a.detach().float()).clamp(min=0).mean(dim=1) for a, g in zip(attentions, gradients)]
+
+
+def _accumulate(layer_mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R = (I + A_L) ... (I + A_1), (B, N, N): R <- R + A R from the first layer to the last,
+    with no renormalisation (Chefer et al. 2021)."""
+    joint = None
+    for a in layer_mats:
+        if joint is None:
+            joint = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        else:
+            joint = joint + a @ joint
+    return joint
+
+
+def _accumulate_cls_row(layer_mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Row 0 of _accumulate(layer_mats), (B, N), without forming any N x N product.
+
+    Row 0 of (I + A_L) ... (I + A_1) is e0^T (I + A_L) ... (I + A_1), computed left to right:
+    r <- r + r A, from the last layer down, O(N^2) per layer instead of O(N^3)."""
+    row = None
+    for m in reversed(layer_mats):
+        if row is None:
+            row = torch.zeros(m.shape[0], m.shape[-1], dtype=m.dtype, device=m.device)
+            row[:, 0] = 1.0
+        row = row + torch.bmm(row.unsqueeze(1), m).squeeze(1)
+    return row
+
+
 def cls_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
     """The class token's row of attention_rollout, (B, N), at a fraction of its cost."""
     _check(attentions)
@@ -88,12 +135,9 @@ def cls_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def cls_gradient_rollout(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The class token's row of gradient_weighted_rollout, (B, N)."""
-    _check(attentions)
+    """The class token's row of gradient_weighted_rollout, (B, N), at a fraction of its cost."""
     with torch.no_grad():
-        return _roll_out_cls_row(
-            [(g.float() * a.detach().float()).clamp(min=0).mean(dim=1) for a, g in zip(attentions, gradients)]
-        )
+        return _accumulate_cls_row(_relevance_layers(attentions, gradients))
 
 
 def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -107,14 +151,12 @@ def attention_rollout(attentions: Sequence[torch.Tensor]) -> torch.Tensor:
 def gradient_weighted_rollout(
     attentions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """Joint relevance (B, N, N): per layer mean over heads of clamp(grad * attn, min=0), then
-    identity added, rows renormalised and multiplied through the layers like rollout."""
-    _check(attentions)
-    if len(gradients) != len(attentions):
-        raise ValueError(f"{len(attentions)} attention layers but {len(gradients)} gradients")
+    """Relevance R (B, N, N) of input tokens (columns) for output tokens (rows), Chefer et al. 2021:
+    R = I, then per layer in forward order R <- R + A_bar R with A_bar = mean over heads of
+    (grad ⊙ attn)⁺. Not renormalised: rows do not sum to 1, and R - I scales with the gradients.
+    `gradients[i]` is d(explained logit)/d(attentions[i]), same shape."""
     with torch.no_grad():
-        weighted = [(g.float() * a.detach().float()).clamp(min=0).mean(dim=1) for a, g in zip(attentions, gradients)]
-        return _roll_out(weighted)
+        return _accumulate(_relevance_layers(attentions, gradients))
 
 
 def cls_map(joint: torch.Tensor, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
@@ -145,7 +187,8 @@ def compute_attention_maps(
 
     `forward` is VisionTransformer.forward or a functools.partial(Classifier.forward, head=...).
     `target`: class index per image for the gradient-weighted map (default: the predicted class).
-    Only "grad_rollout" needs a backward pass; the other methods run without autograd.
+    Only "grad_rollout" needs a backward pass; the other methods run without autograd. Its map
+    is not normalised (see the module docstring): compare maps by shape, not by absolute value.
     """
     unknown = set(methods) - set(METHODS)
     if unknown:
