@@ -2,7 +2,7 @@
 
 A random-weight vit_tiny at 224 px (head classes not_melanoma / melanoma) on the shared
 HAM10000 (lesion-grouped default split). Timed, in one run:
-  (a) the logits pass over the test split (report.collect_logits: decode, resize, forward),
+  (a) the logits pass over the test split (Predictor.logits_of_paths, what evaluate runs: decode, resize, forward),
   (b) the point metrics (metrics.classification_metrics),
   (c) the bootstrap intervals (bootstrap.bootstrap, 1,000 resamples, grouped by lesion).
 (a) runs once (it dominates and is the same work `evaluate` does); (b) and (c) are repeated and
@@ -28,16 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+import tempfile
 
 from bench_predict import cpu_name
 from melanoma.data.ham10000 import HAM10000DataModule
 from melanoma.evaluation.bootstrap import N_RESAMPLES, bootstrap
 from melanoma.evaluation.calibration import softmax
-from melanoma.evaluation.checkpoint_io import build_classifier
+from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.metrics import classification_metrics
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.report import collect_logits
+from melanoma.inference import Predictor
 from melanoma.models.heads import positive_index
 
 CLASS_NAMES = ["not_melanoma", "melanoma"]
@@ -69,17 +69,18 @@ def main() -> None:
     dm = HAM10000DataModule(args.root, image_size=224, eval_batch_size=args.batch_size, num_workers=args.workers)
     dm.setup()
     rows = dm.split_table("test")
-    dataset = dm.dataset("test", train=False)
     if args.quick:
         rows = rows.iloc[:QUICK_IMAGES]
-        dataset = Subset(dataset, range(len(rows)))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     torch.manual_seed(0)
     model = build_classifier("vit_tiny", {"img_size": 224}, {dm.name: CLASS_NAMES})
+    ckpt = save_classifier_checkpoint(Path(tempfile.mkdtemp()) / "bench.ckpt", model, "vit_tiny", {"img_size": 224},
+                                      image_size=224)
+    predictor = Predictor(ckpt, batch_size=args.batch_size, progress=False, announce=False)
     pos = positive_index(CLASS_NAMES)
     groups = rows["group"].to_numpy()
+    labels = rows["label"].to_numpy()
 
-    (logits, labels), a_wall, a_cpu = timed(lambda: collect_logits(model, loader, dm.name, progress=False))
+    logits, a_wall, a_cpu = timed(lambda: predictor.logits_of_paths(rows["path"].tolist(), num_workers=args.workers))
     probs = softmax(logits)
     # the report picks the operating point on val; any realistic threshold costs the same here
     threshold = threshold_for_sensitivity(probs[:, pos], labels == pos)["threshold"]
@@ -94,7 +95,7 @@ def main() -> None:
 
     n, n_groups, n_mel = len(labels), len(np.unique(groups)), int((labels == pos).sum())
     stages = [
-        ("(a) logits pass (collect_logits)", a_wall, a_cpu),
+        ("(a) logits pass (Predictor.logits_of_paths)", a_wall, a_cpu),
         ("(b) point metrics (classification_metrics)", b_wall, b_cpu),
         (f"(c) bootstrap intervals ({args.resamples} resamples, {n_groups} lesions)", c_wall, c_cpu),
     ]

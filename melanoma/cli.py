@@ -1,12 +1,13 @@
 """`melanoma` command line: predict, evaluate, check-data, export.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
-    melanoma evaluate runs/.../best.ckpt dataset=ham10000 dataset.root=/data/HAM10000
+    melanoma evaluate runs/.../best.ckpt [dataset.root=/data/HAM10000]
+    melanoma evaluate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --external
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
-    melanoma export runs/.../best.ckpt --format onnx --calibrated
+    melanoma export runs/.../best.ckpt --format onnx
 
-`evaluate` and `check-data` take Hydra-style overrides of the training configs in conf/, so a
-dataset is described exactly as for `python train.py`.
+`evaluate --external` and `check-data` take Hydra-style overrides of the training configs in
+conf/, so a dataset is described exactly as for `python train.py`.
 """
 
 from __future__ import annotations
@@ -23,33 +24,12 @@ log = logging.getLogger("melanoma.cli")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def conf_dir() -> Path:
-    import melanoma
-
-    return Path(melanoma.__file__).resolve().parents[1] / "conf"
-
-
-def compose_config(overrides: list[str]):
-    """The training config (conf/train.yaml) with `overrides`, through Hydra's compose API."""
-    from hydra import compose, initialize_config_dir
-
-    directory = conf_dir()
-    if not (directory / "train.yaml").is_file():
-        raise FileNotFoundError(
-            f"training configs not found at {directory}; `evaluate` and `check-data` need the "
-            f"repository's conf/ folder (install the package editable from a clone)"
-        )
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ValueError(f"expected Hydra overrides like dataset=ham10000 or dataset.root=PATH, got {bad}")
-    with initialize_config_dir(config_dir=str(directory), version_base="1.3", job_name="melanoma_cli"):
-        return compose(config_name="train", overrides=list(overrides))
-
-
 def build_datamodule(overrides: list[str], **forced):
     """Instantiate cfg.dataset; `forced` keyword arguments win over the config (the image size
     and normalisation a checkpoint was trained with)."""
     import hydra
+
+    from melanoma.config import compose_config
 
     cfg = compose_config(overrides)
     return hydra.utils.instantiate(cfg.dataset, **forced)
@@ -97,9 +77,12 @@ def cmd_predict(args) -> int:
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
     header = {
         "checkpoint": str(args.checkpoint), "head": predictor.head, "class_names": predictor.class_names,
-        "temperature": predictor.temperature, "threshold": predictor.threshold, "tta": predictor.tta,
+        "calibrated": predictor.calibrated, "temperature": predictor.temperature, "threshold": predictor.threshold,
+        "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta,
     }
     _write_records(records, args.out, header)
+    if predictor.calibration_warning:
+        print(f"melanoma predict: head {predictor.head!r}: {predictor.calibration_warning}", file=sys.stderr)
     failed = [r for r in records if r["error"]]
     for r in failed:
         print(f"melanoma predict: cannot read {r['path']}: {r['error']}", file=sys.stderr)
@@ -113,28 +96,50 @@ def cmd_predict(args) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------------
 
-def cmd_evaluate(args) -> int:
-    from melanoma.evaluation.report import evaluate_checkpoint
-    from melanoma.models.classifier import Classifier
+def _print_metrics(metrics: dict) -> None:
+    from melanoma.evaluation.bootstrap import format_ci
 
-    # The image size and normalisation are the checkpoint's, whatever the dataset config says.
-    _, meta = Classifier.from_checkpoint(args.checkpoint)
-    dm = build_datamodule(args.overrides, image_size=meta["image_size"], mean=meta["mean"], std=meta["std"])
-    out = args.out or Path(args.checkpoint).with_name(f"{Path(args.checkpoint).stem}_report_{dm.name}")
-    metrics = evaluate_checkpoint(
-        args.checkpoint, dm, out, calibrate=not args.no_calibration,
-        target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=args.head,
-        progress=not args.quiet,
-    )
     keys = ["n", "accuracy", "balanced_accuracy", "auroc", "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
-            "temperature", "ece_before_calibration", "ece_after_calibration"]
-    print(f"test split of {dm.name} (head {metrics['head']}):")
+            "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
+    intervals = metrics.get("ci95") or {}
     for k in keys:
-        if k in metrics:
-            v = metrics[k]
-            print(f"  {k:<26} {v:.4f}" if isinstance(v, float) else f"  {k:<26} {v}")
-    print(f"report written to {out}; temperature and operating point stored in {args.checkpoint}")
+        v = metrics.get(k)
+        if v is None:
+            continue
+        shown = format_ci(v, intervals[k]) if k in intervals else f"{v:.4f}" if isinstance(v, float) else str(v)
+        print(f"  {k:<26} {shown}")
+
+
+def cmd_evaluate(args) -> int:
+    from melanoma.evaluation.datasets import external_datamodule, training_datamodule
+    from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external
+    from melanoma.models.checkpoint import read_meta
+
+    meta = read_meta(args.checkpoint)
+    head = meta.choose_head(args.head)
+    stem = Path(args.checkpoint)
+    if args.external:
+        dm = external_datamodule(meta, args.overrides)
+        out = args.out or stem.with_name(f"{stem.stem}_external_{dm.name}")
+        metrics = evaluate_external(args.checkpoint, dm, out, head=head, tta=args.tta, device=args.device,
+                                    progress=not args.quiet)
+        mapped = " (labels mapped to melanoma vs rest)" if metrics["labels_mapped_to_melanoma_vs_rest"] else ""
+        print(f"external test set {dm.name}, all {metrics['n']} images (head {head}){mapped}:")
+        _print_metrics(metrics)
+        print(f"report written to {out}; nothing was fitted and {args.checkpoint} is unchanged")
+        return EXIT_OK
+    dm = training_datamodule(meta.heads[head].data, head, args.overrides, meta.preprocessing)
+    out = args.out or stem.with_name(f"{stem.stem}_report_{dm.name}")
+    metrics = evaluate_checkpoint(
+        args.checkpoint, dm, out, calibrate=not args.no_calibration,
+        target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=head,
+        progress=not args.quiet,
+    )
+    print(f"test split of {dm.name} as trained (head {head}; {metrics['n']} images):")
+    _print_metrics(metrics)
+    print(f"report written to {out}; calibration and operating point{' (TTA)' if args.tta else ''} "
+          f"stored in {args.checkpoint}")
     return EXIT_OK
 
 
@@ -158,7 +163,7 @@ def cmd_check_data(args) -> int:
 def cmd_export(args) -> int:
     from melanoma.evaluation.export import export_onnx
 
-    info = export_onnx(args.checkpoint, out=args.out, head=args.head, calibrated=args.calibrated)
+    info = export_onnx(args.checkpoint, out=args.out, head=args.head, calibrated=not args.uncalibrated)
     print(f"exported {info['path']} (head {info['head']}, classes {info['class_names']}, "
           f"input (batch, 3, {info['image_size']}, {info['image_size']}), "
           f"max |onnxruntime - torch| = {info['max_abs_diff']:.1e}); metadata in {info['path']}.json")
@@ -187,21 +192,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="map(s) drawn with --attention (repeatable; default rollout). The per-head "
                         "grid of the last layer is always written")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
-    p.add_argument("--uncalibrated", action="store_true", help="ignore the stored temperature")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="show raw (uncalibrated) probabilities; the threshold column is mapped onto that "
+                        "scale (two-class heads) and decisions stay the calibrated ones")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="calibrate on val, choose the operating point, report test",
-                       description="Writes metrics.json, predictions.csv and figures, and stores the "
-                                   "temperature and operating point in the checkpoint.")
+                       description="On the data the head was trained on: rebuilds exactly the split the "
+                                   "checkpoint recorded (pass dataset.root=DIR if the data moved; overrides "
+                                   "that change the split are refused), fits the calibration and the "
+                                   "operating point on val, stores them in the checkpoint and reports test. "
+                                   "With --external: every image of a dataset the model never trained on is "
+                                   "a test image, the stored calibration is used as it is and the checkpoint "
+                                   "is not changed. Writes metrics.json (with 95%% bootstrap intervals), "
+                                   "predictions.csv and figures.")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ham10000 dataset.root=PATH")
-    p.add_argument("--out", type=Path, help="report folder (default: <checkpoint>_report_<dataset> beside it)")
-    p.add_argument("--head", help="head to evaluate (default: the dataset's name)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: dataset.root=PATH (and loader settings); "
+                                                "with --external, dataset=NAME dataset.root=PATH")
+    p.add_argument("--out", type=Path, help="report folder (default: beside the checkpoint)")
+    p.add_argument("--head", help="head to evaluate (default: the checkpoint's active head)")
+    p.add_argument("--external", action="store_true",
+                   help="test on a dataset the model never trained on, with the stored calibration")
     p.add_argument("--target-sensitivity", type=float, default=0.95)
-    p.add_argument("--no-calibration", action="store_true", help="do not fit or store a temperature")
-    p.add_argument("--tta", action="store_true")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="store temperature 1 (no calibration) with the operating point fitted on it")
+    p.add_argument("--tta", action="store_true",
+                   help="8-view TTA; the calibration fitted with it is stored beside the plain one")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -213,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--head", help="default: the checkpoint's active head")
-    p.add_argument("--calibrated", action="store_true", help="fold the stored temperature into the graph")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="probabilities output without the stored calibration (default: calibrated, as "
+                        "`melanoma predict` shows them); the sidecar's threshold is mapped onto that scale")
     p.add_argument("--out", type=Path, help="default: the checkpoint's path with .onnx")
     p.set_defaults(func=cmd_export)
     return parser

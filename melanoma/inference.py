@@ -1,6 +1,10 @@
-"""Predicting new images from a checkpoint alone: the model, its preprocessing (image size,
-mean/std), the chosen head's class names, the calibration temperature and the stored operating
-point all come from the checkpoint's META, so no config file or dataset is needed."""
+"""Predicting new images from a checkpoint alone: the model, its preprocessing, the chosen
+head's class names and its calibration record (temperature, operating point) all come from the
+checkpoint contract (melanoma.models.checkpoint), so no config file or dataset is needed.
+
+The decision is made in one place, ``decide``, on calibrated probabilities, whatever scale the
+output shows: `predict`, `predict --uncalibrated`, `evaluate` and the ONNX sidecar agree.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from melanoma.data.io import ImageReadError, load_rgb
-from melanoma.data.transforms import eval_transform
+from melanoma.data.transforms import EvalTransform
 from melanoma.evaluation.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
+from melanoma.models.checkpoint import Calibration, CheckpointMeta, Preprocessing, softmax
 from melanoma.models.classifier import Classifier
-from melanoma.models.heads import positive_index
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +35,33 @@ MELANOMA_DECISION = "melanoma"
 NOT_MELANOMA_DECISION = "not_melanoma"
 
 
-def choose_head(meta: dict, head: str | None) -> str:
-    """The head to use: `head` if given, else the checkpoint's active head."""
-    heads = list(meta.get("heads", {}))
-    name = head or meta.get("active_head") or (heads[0] if len(heads) == 1 else None)
-    if name is None:
-        raise ValueError(f"the checkpoint has several heads {heads} and no active_head; pass --head NAME")
-    if name not in heads:
-        raise ValueError(f"no head named {name!r} in this checkpoint; it has heads {heads} (choose with --head)")
-    return name
+def decide(p_melanoma, threshold: float | None) -> list[str | None]:
+    """The melanoma decision at an operating point, from *calibrated* melanoma probabilities."""
+    if threshold is None:
+        return [None] * len(p_melanoma)
+    return [MELANOMA_DECISION if p >= threshold else NOT_MELANOMA_DECISION for p in np.asarray(p_melanoma, dtype=np.float64)]
 
 
-def head_temperature(meta: dict, head: str) -> float:
-    return float(((meta.get("calibration") or {}).get(head) or {}).get("temperature", 1.0))
+def eval_transform_of(pre: Preprocessing) -> EvalTransform:
+    return EvalTransform(pre.image_size, pre.mean, pre.std, pre.interpolation)
 
 
-def head_operating_point(meta: dict, head: str) -> dict | None:
-    return (meta.get("operating_point") or {}).get(head) or None
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The one way an image file becomes the model's RGB input picture (full decode, EXIF
+    orientation applied; no draft decoding, so an outside consumer can reproduce it)."""
+    return load_rgb(path)
 
 
-def meta_interpolation(meta: dict) -> str:
-    """The resize interpolation the model was trained with (the dataset's augment config)."""
-    augment = (((meta.get("config") or {}).get("dataset") or {}).get("augment")) or {}
-    return str(augment.get("interpolation", "bicubic"))
+class _PathDataset(Dataset):
+    def __init__(self, paths: Sequence[str], transform: EvalTransform):
+        self.paths = np.asarray([str(p) for p in paths])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(read_image(self.paths[i]))
 
 
 def _safe_stem(path: Path) -> str:
@@ -62,8 +71,11 @@ def _safe_stem(path: Path) -> str:
 class Predictor:
     """Batched prediction of image files with one head of a trained checkpoint.
 
-    calibrated: divide logits by the stored temperature (1.0 when none is stored).
-    tta: average logits over the 8 flips/rotations.
+    tta: average logits over the 8 flips/rotations (and use the calibration fitted with TTA
+    when the checkpoint has one).
+    calibrated: show calibrated probabilities (default). With False the probabilities shown are
+    the raw softmax and ``threshold`` is mapped onto that scale where an exact mapping exists
+    (two classes); the decision is the same either way.
     """
 
     def __init__(
@@ -75,32 +87,58 @@ class Predictor:
         tta: bool = False,
         calibrated: bool = True,
         progress: bool = True,
+        announce: bool = True,
     ):
+        """announce: warn (log) when the head's calibration does not fit (uncalibrated, or fitted
+        without TTA for TTA predictions); evaluation, which is about to fit one, passes False."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
         self.checkpoint = Path(checkpoint)
-        self.head = choose_head(self.meta, head)
-        self.class_names = list(self.meta["heads"][self.head]["class_names"])
-        self.positive_index = positive_index(self.class_names)
-        self.temperature = head_temperature(self.meta, self.head) if calibrated else 1.0
-        op = head_operating_point(self.meta, self.head)
-        self.threshold = float(op["threshold"]) if op else None
-        if self.threshold is not None and not calibrated and head_temperature(self.meta, self.head) != 1.0:
-            # the stored threshold is on calibrated probabilities; uncalibrated ones would shift it
-            log.warning("operating point is defined on calibrated probabilities; decisions use them regardless")
-        self.image_size = int(self.meta["image_size"])
-        self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"], meta_interpolation(self.meta))
-        self.batch_size = int(batch_size)
+        self.head = self.meta.choose_head(head)
+        record = self.meta.heads[self.head]
+        self.class_names = record.class_names
+        self.positive_index = record.positive_index
         self.tta = bool(tta)
+        self.calibration, warning = record.calibration_for(self.tta)
+        self.calibration_warning = warning
+        if warning and announce:
+            log.warning("head %r of %s: %s", self.head, checkpoint, warning)
+        self.show_calibrated = bool(calibrated) and self.calibration is not None
+        self.image_size = self.meta.preprocessing.image_size
+        self.transform = eval_transform_of(self.meta.preprocessing)
+        self.batch_size = int(batch_size)
         self.progress = progress
-        if self.threshold is None and self.positive_index is not None:
-            log.warning(
-                "checkpoint %s stores no operating point for head %r: decisions are left empty; "
-                "run `melanoma evaluate` to choose one on the validation split", checkpoint, self.head
-            )
+        if (not calibrated and self.calibration is not None and self.positive_index is not None
+                and self.calibration.threshold is not None and self.threshold is None):
+            log.warning("--uncalibrated: head %r has %d classes, so no threshold on raw probabilities "
+                        "reproduces the operating point; decisions are made on calibrated probabilities",
+                        self.head, len(self.class_names))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the probabilities shown are calibrated."""
+        return self.show_calibrated
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature if self.show_calibrated else 1.0
+
+    @property
+    def threshold(self) -> float | None:
+        """The operating point on the scale of the probabilities shown."""
+        cal = self.calibration
+        if cal is None or cal.threshold is None or self.positive_index is None:
+            return None
+        if self.show_calibrated:
+            return cal.threshold
+        return cal.threshold_on_raw_scale(len(self.class_names), self.positive_index)
+
+    @property
+    def target_sensitivity(self) -> float | None:
+        return None if self.calibration is None else self.calibration.target_sensitivity
 
     # --- tensors ----------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, return_attention: bool = False):
@@ -112,32 +150,56 @@ class Predictor:
         x = x.to(self.device)
         return tta_logits(self._forward, x) if self.tta else self._forward(x)
 
-    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
-        """Calibrated class probabilities from logits (temperature applied)."""
-        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
+    def calibrated_probabilities(self, logits) -> np.ndarray:
+        logits = np.asarray(torch.as_tensor(logits).float().cpu(), dtype=np.float64)
+        return softmax(logits) if self.calibration is None else self.calibration.probabilities(logits)
+
+    def probabilities(self, logits) -> np.ndarray:
+        """The probabilities shown: calibrated unless ``calibrated=False``."""
+        logits = np.asarray(torch.as_tensor(logits).float().cpu(), dtype=np.float64)
+        return self.calibrated_probabilities(logits) if self.show_calibrated else softmax(logits)
+
+    def decisions(self, logits) -> list[str | None]:
+        if self.positive_index is None or self.calibration is None:
+            return [None] * len(logits)
+        p = self.calibrated_probabilities(logits)[:, self.positive_index]
+        return decide(p, self.calibration.threshold)
+
+    def logits_of_paths(self, paths: Sequence[str | os.PathLike], num_workers: int = 0,
+                        desc: str = "predict") -> np.ndarray:
+        """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
+        (loader workers for speed). An unreadable file raises ImageReadError naming it."""
+        loader = DataLoader(_PathDataset(paths, self.transform), batch_size=self.batch_size,
+                            num_workers=num_workers, shuffle=False)
+        out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
+                                                          disable=not self.progress)]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
     # --- files ------------------------------------------------------------------------------
     def _load(self, path: Path) -> tuple[torch.Tensor | None, Image.Image | None, str | None]:
         try:
-            image = load_rgb(path, target_size=self.image_size)
+            image = read_image(path)
             return self.transform(image), image, None
         except ImageReadError as e:
             return None, None, e.reason
         except Exception as e:  # noqa: BLE001 - any decoder/transform failure is reported per file
             return None, None, f"{type(e).__name__}: {e}"
 
-    def record(self, path: Path, probs: np.ndarray) -> dict:
+    def records(self, paths: Sequence[Path], logits) -> list[dict]:
+        probs = self.probabilities(logits)
+        decisions = self.decisions(logits)
+        return [self._record(p, probs[i], decisions[i]) for i, p in enumerate(paths)]
+
+    def _record(self, path: Path, probs: np.ndarray, decision: str | None) -> dict:
         # None, not "": JSON gets null and the CSV writer an empty cell
         out = {"path": str(path), "error": None, "predicted_class": self.class_names[int(probs.argmax())]}
         for name, p in zip(self.class_names, probs):
             out[f"prob_{name}"] = float(p)
         if self.positive_index is not None:
-            p_mel = float(probs[self.positive_index])
-            out["melanoma_probability"] = p_mel
+            out["melanoma_probability"] = float(probs[self.positive_index])
             out["threshold"] = self.threshold
-            out["decision"] = (
-                None if self.threshold is None else MELANOMA_DECISION if p_mel >= self.threshold else NOT_MELANOMA_DECISION
-            )
+            out["decision"] = decision
+        out["calibrated"] = self.calibrated
         return out
 
     def error_record(self, path: Path, reason: str) -> dict:
@@ -145,6 +207,7 @@ class Predictor:
         out.update({f"prob_{name}": None for name in self.class_names})
         if self.positive_index is not None:
             out.update({"melanoma_probability": None, "threshold": None, "decision": None})
+        out["calibrated"] = None
         return out
 
     def predict_paths(
@@ -189,9 +252,9 @@ class Predictor:
                     )
                 # with attention maps (and no TTA) the same forward pass gives the logits
                 logits = torch.from_numpy(maps.logits) if maps is not None and not self.tta else self.logits(x)
-                probs = self.probabilities(logits)
+                batch_records = self.records([chunk[i] for i in good], logits)
                 for j, i in enumerate(good):
-                    rec = self.record(chunk[i], probs[j])
+                    rec = batch_records[j]
                     if maps is not None:
                         stem = _safe_stem(chunk[i])
                         n = used_stems.get(stem, 0)

@@ -192,7 +192,7 @@ def _run(cfg: DictConfig) -> float | None:
         backbone=model_cfg["backbone"], dataset_name=dm.name, class_names=list(dm.class_names),
         head=model_cfg.get("head"), optimizer=model_cfg.get("optimizer"),
         scheduler=model_cfg.get("scheduler"), loss=model_cfg.get("loss"), image_size=image_size,
-        mean=mean, std=std, pretrained=model_cfg.get("pretrained"),
+        mean=mean, std=std, interpolation=dm.augment["interpolation"], pretrained=model_cfg.get("pretrained"),
         init_from=model_cfg.get("init_from"), config=resolved,
     )
     if cfg.get("ckpt_path"):

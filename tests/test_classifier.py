@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from melanoma.models import build_backbone
+from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, Preprocessing
 from melanoma.models.classifier import CheckpointError, Classifier
 from melanoma.models.heads import DatasetHeads, LinearHead, MLPHead
 
@@ -21,11 +22,12 @@ def _model() -> Classifier:
 
 
 def _meta(model: Classifier) -> dict:
-    return {"backbone": BACKBONE, "heads": model.heads.specs(), "active_head": "synthetic",
-            "image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "calibration": {"synthetic": {"temperature": 1.5}},
-            "operating_point": {"synthetic": {"threshold": 0.3, "target_sensitivity": 0.95}},
-            "config": {"dataset": {"name": "synthetic"}}}
+    specs = model.heads.specs()
+    heads = {"synthetic": HeadRecord(specs["synthetic"], Calibration(1.5, threshold=0.3, target_sensitivity=0.95)),
+             "ham10000": HeadRecord(specs["ham10000"])}
+    return CheckpointMeta(BACKBONE["name"], BACKBONE["kwargs"], heads, "synthetic",
+                          Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                          config={"dataset": {"name": "synthetic"}}).to_dict()
 
 
 def _save_ckpt(path, model, meta=None, state=None, extra=None):
@@ -63,7 +65,8 @@ def test_from_checkpoint_round_trip(tmp_path):
     model = _model().eval()
     path = _save_ckpt(tmp_path / "best.ckpt", model)
     loaded, meta = Classifier.from_checkpoint(path)
-    assert meta == _meta(model)
+    assert meta.to_dict() == _meta(model)
+    assert meta.heads["synthetic"].calibration.temperature == 1.5
     assert not loaded.training
     assert loaded.heads.specs() == model.heads.specs()
     assert loaded.heads["ham10000"].class_names[4] == "mel"
@@ -90,7 +93,7 @@ def test_from_checkpoint_refuses_missing_keys(tmp_path):
 def test_from_checkpoint_refuses_mis_shaped_keys(tmp_path):
     model = _model()
     meta = _meta(model)
-    meta["heads"]["synthetic"]["class_names"] = ["a", "b", "c"]  # META says 3 classes, weights 2
+    meta["heads"]["synthetic"]["spec"]["class_names"] = ["a", "b", "c"]  # META says 3 classes, weights 2
     with pytest.raises(CheckpointError, match=r"mis-shaped: \['heads.synthetic.fc.weight \(checkpoint \(2, 32\), model \(3, 32\)\)'"):
         Classifier.from_checkpoint(_save_ckpt(tmp_path / "c.ckpt", model, meta=meta))
 
@@ -98,7 +101,7 @@ def test_from_checkpoint_refuses_mis_shaped_keys(tmp_path):
 def test_from_checkpoint_refuses_non_melanoma_files(tmp_path):
     path = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(CheckpointError, match=r"not a melanoma training checkpoint.*found \['state_dict'\]"):
+    with pytest.raises(CheckpointError, match=r"not a melanoma checkpoint.*found \['state_dict'\]"):
         Classifier.from_checkpoint(path)
     with pytest.raises(FileNotFoundError):
         Classifier.from_checkpoint(tmp_path / "nope.ckpt")

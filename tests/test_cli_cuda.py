@@ -50,8 +50,20 @@ def test_cuda_prediction_and_maps_equal_cpu(ckpt, tmp_path):
                  "--out", str(tmp_path / "r.csv")]) == 0
 
 
-def test_report_on_cuda(ckpt, tmp_path):
-    dm = SyntheticDataModule(root=tmp_path / "data", counts={"train": 4, "val": 20, "test": 20}, generate_size=64,
-                             image_size=64, batch_size=16, num_workers=0)
-    m = evaluate_checkpoint(ckpt, dm, tmp_path / "report", device="cuda", tta=True, progress=False)
-    assert m["n"] == 40 and (tmp_path / "report" / "roc.png").is_file()
+def test_report_on_cuda_equals_cpu(ckpt, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    reports = {}
+    for device in ("cpu", "cuda"):
+        dm = SyntheticDataModule(root=tmp_path / "data", counts={"train": 4, "val": 20, "test": 20},
+                                 generate_size=64, image_size=64, batch_size=16, num_workers=0)
+        copy = shutil.copy(ckpt, tmp_path / f"{device}.ckpt")
+        reports[device] = evaluate_checkpoint(copy, dm, tmp_path / device, device=device, tta=True, progress=False)
+    cpu, gpu = reports["cpu"], reports["cuda"]
+    assert gpu["n"] == cpu["n"] == 40
+    for key in ("temperature", "threshold", "auroc", "accuracy", "sensitivity_at_threshold"):
+        assert gpu[key] == pytest.approx(cpu[key], abs=1e-3), key
+    tables = {d: pd.read_csv(tmp_path / d / "predictions.csv") for d in reports}
+    np.testing.assert_allclose(tables["cuda"]["melanoma_probability"], tables["cpu"]["melanoma_probability"], atol=1e-4)

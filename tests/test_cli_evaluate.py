@@ -8,8 +8,9 @@ import torch
 
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
-from melanoma.models.classifier import Classifier
+from melanoma.data.dermmel import DermMelDataModule
+from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
+from melanoma.models.checkpoint import read_meta
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -21,27 +22,63 @@ def dermmel(tmp_path_factory):
     return root
 
 
-def test_evaluate_writes_report_and_stores_calibration(dermmel, tmp_path, capsys):
+def _checkpoint(path, dermmel, with_data=True):
     torch.manual_seed(0)
-    ckpt = save_classifier_checkpoint(
-        tmp_path / "m.ckpt", build_classifier("vit_tiny", KW, {"dermmel": ["not_melanoma", "melanoma"]}),
-        "vit_tiny", KW, image_size=32,
+    dm = DermMelDataModule(root=dermmel, image_size=32, num_workers=0)
+    dm.setup()
+    config = {"_target_": "melanoma.data.dermmel.DermMelDataModule", "root": str(dermmel), "num_workers": 0,
+              "persistent_workers": False}
+    return save_classifier_checkpoint(
+        path, build_classifier("vit_tiny", KW, {"dermmel": ["not_melanoma", "melanoma"]}), "vit_tiny", KW,
+        image_size=32, data={"dermmel": training_data(dm, config)} if with_data else None,
     )
+
+
+def test_evaluate_writes_report_and_stores_calibration(dermmel, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
     out = tmp_path / "report"
-    rc = main(["evaluate", str(ckpt), "dataset=dermmel", f"dataset.root={dermmel}", "dataset.num_workers=0",
-               "dataset.persistent_workers=false", "--out", str(out), "--target-sensitivity", "0.8", "-q"])
+    rc = main(["evaluate", str(ckpt), "--out", str(out), "--target-sensitivity", "0.8", "-q"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sensitivity_at_threshold" in printed and str(out) in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == "dermmel" and metrics["n"] == 12 and metrics["val"]["n"] == 12
     assert (out / "predictions.csv").is_file() and (out / "reliability.png").is_file()
-    _, meta = Classifier.from_checkpoint(ckpt)
-    assert meta["operating_point"]["dermmel"]["target_sensitivity"] == 0.8
-    assert meta["calibration"]["dermmel"]["temperature"] == pytest.approx(metrics["temperature"])
-    # a checkpoint without a head for the dataset is refused with the heads it has
+    cal = read_meta(ckpt).heads["dermmel"].calibration
+    assert cal.target_sensitivity == 0.8 and cal.temperature == pytest.approx(metrics["temperature"])
+    # another dataset is not the trained split: refused, with the way to test on it
     assert main(["evaluate", str(ckpt), "dataset=synthetic", f"dataset.root={tmp_path / 'synth'}", "-q"]) == 2
-    assert "has no head 'synthetic'" in capsys.readouterr().err
+    assert "split" in capsys.readouterr().err
+
+
+def test_no_calibration_stores_t1_with_its_own_threshold(dermmel, tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert main(["evaluate", str(ckpt), "--no-calibration", "--out", str(tmp_path / "b"), "-q"]) == 0
+    cal = read_meta(ckpt).heads["dermmel"].calibration
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert cal.method == "none" and cal.temperature == 1.0 and cal.threshold == pytest.approx(metrics["threshold"])
+    # the threshold was fitted on T=1 probabilities: val sensitivity is the target, not more
+    assert metrics["val"]["sensitivity_at_threshold"] >= 0.95
+
+
+def test_tta_calibration_is_stored_beside_the_plain_one(dermmel, tmp_path):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
+    plain = read_meta(ckpt).heads["dermmel"].calibration
+    assert main(["evaluate", str(ckpt), "--tta", "--out", str(tmp_path / "b"), "-q"]) == 0
+    head = read_meta(ckpt).heads["dermmel"]
+    assert head.calibration == plain and head.calibration_tta.tta and not plain.tta
+    assert head.calibration_for(tta=True) == (head.calibration_tta, None)
+
+
+def test_a_checkpoint_without_training_data_evaluates_only_externally(dermmel, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel, with_data=False)
+    assert main(["evaluate", str(ckpt), f"dataset.root={dermmel}", "-q"]) == 2
+    assert "--external" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "dataset=dermmel", f"dataset.root={dermmel}", "dataset.num_workers=0",
+                 "--external", "--out", str(tmp_path / "x"), "-q"]) == 0
+    assert json.loads((tmp_path / "x" / "metrics.json").read_text())["n"] == 32
 
 
 def test_check_data_lists_unreadable_images(dermmel, capsys):

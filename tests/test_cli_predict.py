@@ -12,6 +12,7 @@ from melanoma.cli import main
 from melanoma.data.synthetic import render_lesion
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.inference import Predictor
+from melanoma.models.checkpoint import Calibration
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -25,8 +26,7 @@ def ckpt(tmp_path_factory):
     # calibration and operating point as `melanoma evaluate` would have stored them
     save_classifier_checkpoint(
         path, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
-        calibration={"synthetic": {"temperature": 2.0}},
-        operating_point={"synthetic": {"threshold": 0.5, "target_sensitivity": 0.95}},
+        calibration={"synthetic": Calibration(2.0, threshold=0.5, target_sensitivity=0.95)},
     )
     return path
 

@@ -26,8 +26,9 @@ def test_training_run_writes_report_and_checkpoint_predicts(tiny_dermmel, tmp_pa
         assert (report / name).is_file(), name
     ckpt = Path(metrics["checkpoint"])
     model, meta = Classifier.from_checkpoint(ckpt)
-    assert meta["calibration"]["dermmel"]["temperature"] == pytest.approx(metrics["temperature"])
-    assert meta["operating_point"]["dermmel"]["threshold"] == pytest.approx(metrics["threshold"])
+    cal = meta.heads["dermmel"].calibration
+    assert cal.temperature == pytest.approx(metrics["temperature"]) and cal.threshold == pytest.approx(metrics["threshold"])
+    assert meta.heads["dermmel"].data.fingerprint == cal.fitted_on["fingerprint"]
     # Lightning's own entries survive the rewrite (resume still works from this file)
     assert {"state_dict", "epoch", "global_step"} <= set(torch.load(ckpt, weights_only=True))
 
@@ -35,4 +36,4 @@ def test_training_run_writes_report_and_checkpoint_predicts(tiny_dermmel, tmp_pa
     assert main(["predict", str(ckpt), str(images), "--out", str(tmp_path / "p.csv"), "-q"]) == 0
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 16 and all(r["decision"] in ("melanoma", "not_melanoma") for r in rows)
-    assert main(["export", str(ckpt), "--calibrated", "--out", str(tmp_path / "m.onnx"), "-q"]) == 0
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "-q"]) == 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchmetrics.functional.classification as tmf
 
 from melanoma.data.synthetic import SyntheticDataModule
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
 from melanoma.evaluation.report import evaluate_checkpoint
 from melanoma.inference import Predictor
 from melanoma.models.classifier import Classifier
@@ -48,7 +48,7 @@ def train_tiny_checkpoint(path, datamodule, steps=20, seed=0):
         opt.step()
     return save_classifier_checkpoint(
         path, model.eval(), "vit_tiny", BACKBONE_KW, image_size=IMAGE_SIZE,
-        mean=datamodule.mean, std=datamodule.std,
+        mean=datamodule.mean, std=datamodule.std, data={datamodule.name: training_data(datamodule)},
     )
 
 
@@ -102,14 +102,17 @@ def test_metrics_json_equals_torchmetrics_on_predictions_csv(report):
     }
     for key, value in expected.items():
         assert m[key] == pytest.approx(float(value), abs=1e-5), key
-    assert list(table["melanoma_at_operating_point"]) == (p_mel >= thr).tolist()
+    assert list(table["decision"] == "melanoma") == (p_mel >= thr).tolist()
+    assert table["melanoma_probability"].tolist() == table["prob_melanoma"].tolist()
 
 
 def test_calibration_and_operating_point_are_stored_in_the_checkpoint(report):
     m = report["metrics"]
     model, meta = Classifier.from_checkpoint(report["ckpt"])  # still loads strictly
-    assert meta["calibration"]["synthetic"]["temperature"] == pytest.approx(m["temperature"])
-    assert meta["operating_point"]["synthetic"] == {"threshold": pytest.approx(m["threshold"]), "target_sensitivity": 0.9}
+    cal = meta.heads["synthetic"].calibration
+    assert cal.temperature == pytest.approx(m["temperature"]) and not cal.tta and cal.method == "temperature"
+    assert (cal.threshold, cal.target_sensitivity) == (pytest.approx(m["threshold"]), 0.9)
+    assert cal.fitted_on == {"dataset": "synthetic", "split": "val", "fingerprint": report["dm"].split_fingerprint()}
     assert m["val"]["sensitivity_at_threshold"] >= 0.9
     assert m["val"]["nll_after_calibration"] <= m["val"]["nll_before_calibration"] + 1e-9
     # prediction applies both: the same probabilities and decisions as the report
@@ -118,11 +121,11 @@ def test_calibration_and_operating_point_are_stored_in_the_checkpoint(report):
     assert pred.temperature == pytest.approx(m["temperature"]) and pred.threshold == pytest.approx(m["threshold"])
     records = pred.predict_paths(table["path"][:8])
     np.testing.assert_allclose([r["prob_melanoma"] for r in records], table["prob_melanoma"][:8], atol=1e-5)
-    assert [r["decision"] == "melanoma" for r in records] == list(table["melanoma_at_operating_point"][:8])
+    assert [r["decision"] for r in records] == list(table["decision"][:8])
 
 
 def test_wrong_head_or_label_set_is_refused(report, tmp_path):
-    with pytest.raises(ValueError, match="no head 'other'"):
+    with pytest.raises(ValueError, match="no head named 'other'"):
         evaluate_checkpoint(report["ckpt"], report["dm"], tmp_path, head="other")
 
 

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from melanoma.cli import main
+from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, read_meta
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier, NonFiniteLossError
@@ -32,13 +34,19 @@ def test_run_folder_and_checkpoint_meta(dermmel_run):
                 "lr/head", "lr/block1", "lr/patch_embed", "trainable_params", "test/acc"):
         assert key in metrics_csv, key
     ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
-    meta = ckpt["melanoma"]
-    assert meta["backbone"] == {"name": "vit_tiny", "kwargs": dict(cfg.model.backbone.kwargs)}
-    assert meta["heads"]["dermmel"]["type"] == "mlp"
-    assert meta["heads"]["dermmel"]["class_names"] == ["not_melanoma", "melanoma"]
-    assert meta["active_head"] == "dermmel" and meta["image_size"] == 32
-    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    assert meta["config"]["model"]["optimizer"]["lr"] == cfg.model.optimizer.lr
+    meta = read_meta(out / "checkpoints" / "best.ckpt")
+    assert (meta.backbone, meta.backbone_kwargs) == ("vit_tiny", dict(cfg.model.backbone.kwargs))
+    head = meta.heads["dermmel"]
+    assert head.spec["type"] == "mlp" and head.class_names == ["not_melanoma", "melanoma"]
+    assert head.calibration is None and head.uncalibrated_reason is None  # evaluate fits one
+    assert meta.active_head == "dermmel" and meta.preprocessing.image_size == 32
+    assert meta.preprocessing.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert meta.preprocessing.interpolation == "bicubic"
+    assert meta.config["model"]["optimizer"]["lr"] == cfg.model.optimizer.lr
+    # what evaluate needs to rebuild the split
+    assert head.data.dataset == "dermmel" and head.data.config["root"] == cfg.dataset.root
+    assert head.data.counts == {"train": 16, "val": 16, "test": 16}
+    assert head.data.fingerprint == ckpt["DermMelDataModule"]["split_fingerprint"]
     assert ckpt["hyper_parameters"]["config"]["seed"] == 42
     model, meta2 = Classifier.from_checkpoint(out / "checkpoints" / "best.ckpt")
     assert list(model.heads) == ["dermmel"]
@@ -47,32 +55,40 @@ def test_run_folder_and_checkpoint_meta(dermmel_run):
         assert torch.equal(v, sd[k]), k
 
 
-def test_meta_keeps_calibration_and_load_rebuilds_extra_heads(dermmel_run, tmp_path):
+def test_load_rebuilds_extra_heads_and_training_marks_calibrations_stale(dermmel_run, tmp_path):
     out, _, _ = dermmel_run
     ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=True)
-    # a checkpoint with a second head and evaluation entries, as init_from + evaluation make them
-    ckpt["melanoma"]["heads"]["ph2"] = {"type": "linear", "in_features": 32, "dropout": 0.0,
-                                        "class_names": ["common_nevus", "atypical_nevus", "melanoma"]}
+    # a checkpoint with a second head and calibrations, as init_from + evaluation make them
+    meta = CheckpointMeta.from_checkpoint(ckpt)
+    meta.heads["ph2"] = HeadRecord({"type": "linear", "in_features": 32, "dropout": 0.0,
+                                    "class_names": ["common_nevus", "atypical_nevus", "melanoma"]},
+                                   calibration=Calibration(1.3, threshold=0.2, target_sensitivity=0.95))
+    meta.set_calibration("dermmel", Calibration(1.7, threshold=0.3, target_sensitivity=0.95))
+    ckpt["melanoma"] = meta.to_dict()
     ckpt["state_dict"]["model.heads.ph2.fc.weight"] = torch.full((3, 32), 0.5)
     ckpt["state_dict"]["model.heads.ph2.fc.bias"] = torch.arange(3.0)
-    ckpt["melanoma"]["calibration"] = {"dermmel": {"temperature": 1.7}}
-    ckpt["melanoma"]["operating_point"] = {"dermmel": {"threshold": 0.3, "target_sensitivity": 0.95}}
     path = tmp_path / "two_heads.ckpt"
     torch.save(ckpt, path)
     module = LesionClassifier.load_from_checkpoint(path)
     assert set(module.model.heads) == {"dermmel", "ph2"}
     assert torch.equal(module.model.heads["ph2"].fc.bias, torch.arange(3.0))
     assert not any(p.requires_grad for p in module.model.heads["ph2"].parameters())
+    # a checkpoint written by training (resumed here) carries no calibration from before
     saved = {}
     module.on_save_checkpoint(saved)
-    assert saved["melanoma"]["calibration"] == {"dermmel": {"temperature": 1.7}}
-    assert saved["melanoma"]["operating_point"]["dermmel"]["threshold"] == 0.3
-    assert set(saved["melanoma"]["heads"]) == {"dermmel", "ph2"}
+    again = CheckpointMeta.from_dict(saved["melanoma"])
+    assert set(again.heads) == {"dermmel", "ph2"}
+    assert again.heads["dermmel"].calibration is None and again.heads["ph2"].calibration is None
+    assert "backbone changed" in again.heads["ph2"].uncalibrated_reason
+    assert again.heads["dermmel"].data == meta.heads["dermmel"].data
 
 
 def test_init_from_keeps_old_head_bit_identical_and_adds_new_head(dermmel_run, tmp_path):
     out, _, _ = dermmel_run
-    source = out / "checkpoints" / "best.ckpt"
+    source = tmp_path / "calibrated.ckpt"
+    source.write_bytes((out / "checkpoints" / "best.ckpt").read_bytes())
+    assert main(["evaluate", str(source), "--out", str(tmp_path / "report"), "-q"]) == 0
+    assert read_meta(source).heads["dermmel"].calibration is not None
     old = torch.load(source, weights_only=True)["state_dict"]
     syn_root = tmp_path / "synthetic"
     overrides = [o for o in tiny_overrides(syn_root, max_epochs=1) if not o.startswith("dataset")]
@@ -90,8 +106,28 @@ def test_init_from_keeps_old_head_bit_identical_and_adds_new_head(dermmel_run, t
     # the backbone started from the checkpoint and kept training
     assert not torch.equal(new["state_dict"]["model.backbone.blocks.0.attn.qkv.weight"],
                            old["model.backbone.blocks.0.attn.qkv.weight"])
-    model, _ = Classifier.from_checkpoint(tmp_path / "run2" / "checkpoints" / "last.ckpt")
+    model, meta = Classifier.from_checkpoint(tmp_path / "run2" / "checkpoints" / "last.ckpt")
     assert model(torch.randn(1, 3, 32, 32), "dermmel").shape == (1, 2)
+    # the old head's calibration was fitted on the old backbone: dropped, with the reason
+    old_head, new_head = meta.heads["dermmel"], meta.heads["synthetic"]
+    assert old_head.calibration is None and "synthetic" in old_head.uncalibrated_reason
+    assert old_head.data.dataset == "dermmel" and new_head.data.dataset == "synthetic"
+    assert new_head.calibration is None
+
+
+def test_init_from_with_a_different_head_spec_starts_a_fresh_head(dermmel_run, tmp_path):
+    out, _, _ = dermmel_run
+    source = out / "checkpoints" / "best.ckpt"  # its dermmel head is an MLP with 16 hidden units
+    cfg = compose_cfg([*tiny_overrides(out.parent / "unused", max_epochs=1), f"dataset.root={out.parent}",
+                       "model.head.type=linear", f"model.init_from={source}"], tmp_path / "run3")
+    module = LesionClassifier(
+        backbone=cfg.model.backbone, dataset_name="dermmel", class_names=["not_melanoma", "melanoma"],
+        head={"type": "linear"}, image_size=32, init_from=str(source),
+    )
+    module.load_initial_weights()
+    assert module.model.heads["dermmel"].spec()["type"] == "linear"
+    src, _ = Classifier.from_checkpoint(source)
+    assert torch.equal(module.model.backbone.blocks[0].attn.qkv.weight, src.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):

@@ -29,6 +29,7 @@ from .splits import train_val_test_split
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    EvalTransform,
     ImageTransform,
     build_eval_pipeline,
     build_train_pipeline,
@@ -96,6 +97,9 @@ class LesionDataModule(L.LightningDataModule):
     label_sets: Mapping[str, list[str]] = {"binary": BINARY_CLASSES}
     #: datasets that ship their own train/val/test split ignore the fractions
     has_official_split: bool = False
+    #: constructor settings that decide which image lands in which split (recorded in
+    #: checkpoints; `melanoma evaluate` refuses to change them)
+    split_setting_keys: tuple[str, ...] = ("label_set", "seed", "val_fraction", "test_fraction", "num_folds", "fold")
 
     def __init__(
         self,
@@ -278,6 +282,18 @@ class LesionDataModule(L.LightningDataModule):
         rows = sorted(zip((os.path.basename(p) for p in t["path"]), t["label"].tolist(), t["split"]))
         return hashlib.sha1(repr(rows).encode()).hexdigest()
 
+    def split_settings(self) -> dict:
+        return {k: _plain(getattr(self, k)) for k in self.split_setting_keys}
+
+    def split_description(self) -> dict:
+        """What a checkpoint records about the data a head was trained on."""
+        t = self._require_table()
+        return {
+            "dataset": self.name, "label_set": self.label_set, "class_names": list(self.class_names),
+            "split_settings": self.split_settings(), "fingerprint": self.split_fingerprint(),
+            "counts": {k: int(v) for k, v in t.groupby("split").size().to_dict().items()},
+        }
+
     def state_dict(self) -> dict:
         # Lightning stores this in checkpoints; load_state_dict checks it on resume.
         if self.table is None:
@@ -309,7 +325,7 @@ class LesionDataModule(L.LightningDataModule):
         return build_train_pipeline(self.image_size, self.mean, self.std, self.augment)
 
     @property
-    def eval_transform(self) -> ImageTransform:
+    def eval_transform(self) -> EvalTransform:
         return build_eval_pipeline(self.image_size, self.mean, self.std, self.augment["interpolation"])
 
     # --- loaders ---------------------------------------------------------------------------

@@ -340,6 +340,7 @@ class SyntheticDataModule(DermMelDataModule):
 
     name = "synthetic"
     label_sets = {"binary": BINARY_CLASSES}
+    split_setting_keys = (*DermMelDataModule.split_setting_keys, "counts", "generate_size", "generator_seed")
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
+from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
 from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
@@ -113,14 +114,45 @@ def build_train_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augme
     return ImageTransform(A.Compose(ops + _normalise_and_tensor(mean, std)), crop=crop, flips=flips)
 
 
-def build_eval_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> "ImageTransform":
-    # The whole field of view is resized (no centre crop): lesions reach the image border often
-    # enough that cropping would cut off the asymmetric part the model should see.
-    h, w = _pair(image_size)
-    return ImageTransform(A.Compose(
-        [A.Resize(h, w, interpolation=INTERPOLATIONS[interpolation], area_for_downscale="image")]
-        + _normalise_and_tensor(mean, std)
-    ))
+def build_eval_pipeline(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> "EvalTransform":
+    """The eval preprocessing, exactly what a consumer with PIL and numpy alone reproduces (see
+    ``EvalTransform``). ``interpolation`` is the dataset config's name; the PIL filter it maps to
+    is what checkpoints and ONNX sidecars record."""
+    if interpolation not in CONFIG_TO_PIL_RESAMPLING:
+        raise ValueError(f"interpolation {interpolation!r}; expected one of {sorted(CONFIG_TO_PIL_RESAMPLING)}")
+    return EvalTransform(image_size, mean, std, CONFIG_TO_PIL_RESAMPLING[interpolation])
+
+
+class EvalTransform:
+    """RGB PIL image (or HxWx3 uint8 array) -> float32 tensor (3, S, S):
+    ``image.resize((S, S), <PIL filter>)``, / 255, (x - mean) / std.
+
+    The whole field of view is resized (no centre crop): lesions reach the image border often
+    enough that cropping would cut off the asymmetric part the model should see. PIL rather than
+    OpenCV so that the ONNX sidecar's recipe (PIL + numpy) gives the same pixels.
+    """
+
+    def __init__(self, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample: str = "bicubic"):
+        if resample not in PIL_RESAMPLING_NAMES:
+            raise ValueError(f"resample {resample!r} is not a PIL filter name; expected one of {PIL_RESAMPLING_NAMES}")
+        self.size = _pair(image_size)
+        self.resample = resample
+        self._filter = getattr(Image.Resampling, resample.upper())
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def __call__(self, image) -> torch.Tensor:
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode}; use load_rgb()")
+        h, w = self.size
+        x = np.asarray(image.resize((w, h), self._filter), dtype=np.float32) / 255.0
+        x = (x - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, resample={self.resample!r})"
 
 
 class ImageTransform:
@@ -174,5 +206,5 @@ def train_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=No
     return build_train_pipeline(image_size, mean, std, augment)
 
 
-def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> ImageTransform:
+def eval_transform(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> EvalTransform:
     return build_eval_pipeline(image_size, mean, std, interpolation)

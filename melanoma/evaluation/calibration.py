@@ -10,12 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from melanoma.models.checkpoint import TEMPERATURE_BOUNDS
+from melanoma.models.checkpoint import softmax as _softmax
+
 log = logging.getLogger(__name__)
 
 
 def _tensors(logits, labels) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    labels = torch.tensor(np.asarray(labels), dtype=torch.long)  # a copy: pandas arrays may be read-only
     if logits.ndim != 2 or labels.shape != (logits.shape[0],):
         raise ValueError(
             f"expected logits (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}"
@@ -30,9 +33,10 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
     return float(F.cross_entropy(logits / temperature, labels))
 
 
-def fit_temperature(logits, labels, max_iter: int = 200) -> float:
-    """The temperature minimising NLL of softmax(logits / T); optimised over log T so T stays
-    positive without constraints. Returns 1.0 (no change) if fitting would not lower the NLL."""
+def fit_temperature(logits, labels, max_iter: int = 200, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """The temperature minimising NLL of softmax(logits / T), kept within `bounds` (a warning
+    says when it hits one: an uninformative model drives T towards infinity); optimised over
+    log T. Returns 1.0 (no change) if fitting would not lower the NLL."""
     logits, labels = _tensors(logits, labels)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -45,19 +49,21 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
 
     optimizer.step(closure)
     temperature = float(log_t.detach().exp())
+    lo, hi = bounds
+    if np.isfinite(temperature) and not lo <= temperature <= hi:
+        clipped = min(max(temperature, lo), hi)
+        log.warning("the fitted temperature %.3g lies outside [%g, %g]; using %g. A temperature at the "
+                    "bound means the validation logits carry almost no (T=%g) or extreme (T=%g) "
+                    "confidence: check that the model was trained on this dataset", temperature, lo, hi,
+                    clipped, hi, lo)
+        temperature = clipped
     before, after = nll(logits, labels), nll(logits, labels, temperature)
     if not np.isfinite(temperature) or after > before:
         log.warning("temperature fit did not lower NLL (%.4f -> %.4f, T=%s); keeping T=1", before, after, temperature)
         return 1.0
     log.info("temperature scaling: T=%.4f, validation NLL %.4f -> %.4f", temperature, before, after)
-    if temperature > 10:
-        log.warning("temperature %.1f flattens the probabilities almost to uniform: on validation the model "
-                    "is barely better than chance; check that it was trained on this dataset", temperature)
     return temperature
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    logits = np.asarray(logits, dtype=np.float64) / temperature
-    logits = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return _softmax(np.asarray(logits, dtype=np.float64) / temperature)

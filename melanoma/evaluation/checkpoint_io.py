@@ -1,20 +1,24 @@
-"""Writing a checkpoint in the training module's format without Lightning.
-
-The file is what Classifier.from_checkpoint reads ({"state_dict": {"model." + key: tensor},
-"melanoma": META}). Used for models trained outside the Lightning module (tests, benchmarks,
-a quick experiment) so that evaluate / predict / export work on them unchanged."""
+"""Writing a checkpoint without Lightning, for models trained elsewhere (tests, benchmarks, a
+quick experiment), so that evaluate / predict / export work on them unchanged. The file follows
+the checkpoint contract of melanoma.models.checkpoint."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Sequence
-
-import torch
 
 from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.models import build_backbone
-from melanoma.models.classifier import META_KEY, STATE_PREFIX, Classifier, checkpoint_meta
+from melanoma.models.checkpoint import (
+    Calibration,
+    CheckpointMeta,
+    HeadRecord,
+    TrainingData,
+    preprocessing_from,
+    save_checkpoint,
+)
+from melanoma.models.classifier import Classifier
 from melanoma.models.heads import DatasetHeads, LinearHead
 
 
@@ -27,6 +31,13 @@ def build_classifier(backbone: str, backbone_kwargs: dict, heads: dict[str, Sequ
     return Classifier(vit, dataset_heads)
 
 
+def training_data(datamodule, config: Mapping | None = None) -> TrainingData:
+    """What a checkpoint records about a (set-up) DataModule; `config` is its dataset config
+    (with _target_), from which `melanoma evaluate` rebuilds it."""
+    d = datamodule.split_description()
+    return TrainingData.from_dict({**d, "config": dict(config or {})})
+
+
 def save_classifier_checkpoint(
     path: str | os.PathLike,
     model: Classifier,
@@ -37,16 +48,18 @@ def save_classifier_checkpoint(
     active_head: str | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    interpolation: str = "bicubic",
     config: dict | None = None,
-    calibration: dict | None = None,
-    operating_point: dict | None = None,
+    calibration: Mapping[str, Calibration] | None = None,
+    data: Mapping[str, TrainingData] | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = checkpoint_meta(
-        model, backbone, backbone_kwargs, image_size=image_size, mean=mean, std=std,
-        active_head=active_head, calibration=calibration, operating_point=operating_point, config=config,
+    """calibration / data: per head name, its calibration record / training data."""
+    calibration, data = dict(calibration or {}), dict(data or {})
+    heads = {name: HeadRecord(spec=spec, calibration=calibration.get(name), data=data.get(name))
+             for name, spec in model.heads.specs().items()}
+    meta = CheckpointMeta(
+        backbone=backbone, backbone_kwargs=dict(backbone_kwargs), heads=heads,
+        active_head=active_head or next(iter(heads)),
+        preprocessing=preprocessing_from(image_size, mean, std, interpolation), config=dict(config or {}),
     )
-    state = {STATE_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, META_KEY: meta}, path)
-    return path
+    return save_checkpoint(path, model.state_dict(), meta)

@@ -1,9 +1,10 @@
 """ONNX export of one head of a checkpoint, checked against onnxruntime before it is kept.
 
-The graph takes normalised images (B, 3, S, S) and returns logits and probabilities; with
-calibration the stored temperature is folded into both. Everything a deployment needs besides
-the graph (class names, mean/std, image size, operating point) goes into the ONNX metadata and
-a JSON file beside it."""
+The graph takes normalised images (B, 3, S, S) and returns the raw `logits` and the calibrated
+`probabilities` (the head's calibration map folded in; raw softmax with ``calibrated=False`` or
+for an uncalibrated head). Everything an outside consumer needs to reproduce `melanoma predict`
+with PIL and numpy alone (image size, mean/std, PIL resampling, class names, positive index, the
+operating point on the `probabilities` scale) goes into the ONNX metadata and `<out>.json`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from melanoma.inference import choose_head, head_operating_point, head_temperature, meta_interpolation
+from melanoma.models.checkpoint import Calibration
 from melanoma.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -30,24 +31,29 @@ class ExportError(RuntimeError):
 
 
 class HeadModel(nn.Module):
-    """Classifier restricted to one head, temperature folded in: x -> (logits, probabilities)."""
+    """Classifier restricted to one head, calibration folded in: x -> (raw logits, calibrated
+    probabilities = softmax(logits / T + bias))."""
 
-    def __init__(self, model: Classifier, head: str, temperature: float = 1.0):
+    def __init__(self, model: Classifier, head: str, calibration: Calibration | None = None):
         super().__init__()
         self.model = model
         self.head = head
-        self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
+        cal = calibration or Calibration()
+        num_classes = len(model.heads[head].class_names)
+        bias = cal.bias or (0.0,) * num_classes
+        self.register_buffer("temperature", torch.tensor(cal.temperature), persistent=False)
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x, self.head) / self.temperature
-        return logits, torch.softmax(logits, dim=1)
+        logits = self.model(x, self.head)
+        return logits, torch.softmax(logits / self.temperature + self.bias, dim=1)
 
 
 def export_onnx(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike | None = None,
     head: str | None = None,
-    calibrated: bool = False,
+    calibrated: bool = True,
     atol: float = 1e-4,
     check_batch: int = 2,
 ) -> dict:
@@ -58,10 +64,15 @@ def export_onnx(
 
     checkpoint = Path(checkpoint)
     model, meta = Classifier.from_checkpoint(checkpoint)
-    head = choose_head(meta, head)
-    temperature = head_temperature(meta, head) if calibrated else 1.0
-    wrapped = HeadModel(model, head, temperature).eval()
-    size = int(meta["image_size"])
+    head = meta.choose_head(head)
+    record = meta.heads[head]
+    stored, warning = record.calibration_for(tta=False)
+    if warning:
+        log.warning("head %r: %s", head, warning)
+    calibration = stored if calibrated else None
+    wrapped = HeadModel(model, head, calibration).eval()
+    pre = meta.preprocessing
+    size = pre.image_size
     out = Path(out) if out else checkpoint.with_suffix(".onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -80,20 +91,35 @@ def export_onnx(
         )
         expected = [t.numpy() for t in wrapped(example)]
 
-    op = head_operating_point(meta, head)
+    pos = record.positive_index
+    threshold = None
+    if stored is not None and pos is not None and stored.threshold is not None:
+        threshold = stored.threshold if calibrated else stored.threshold_on_raw_scale(len(record.class_names), pos)
+        if threshold is None:
+            log.warning("--uncalibrated: a %d-class head has no threshold on raw probabilities that reproduces "
+                        "its operating point; the sidecar carries none", len(record.class_names))
     sidecar = {
         "checkpoint": str(checkpoint),
         "head": head,
-        "class_names": list(meta["heads"][head]["class_names"]),
+        "class_names": record.class_names,
+        "positive_index": pos,
         "image_size": size,
-        "mean": list(meta["mean"]),
-        "std": list(meta["std"]),
-        "interpolation": meta_interpolation(meta),
-        "calibrated": bool(calibrated),
-        "temperature": float(temperature),
-        "operating_point": op,
-        "inputs": {"image": "float32 (batch, 3, %d, %d), RGB scaled to [0, 1] then (x - mean) / std" % (size, size)},
-        "outputs": {"logits": "(batch, classes)", "probabilities": "(batch, classes), softmax of logits"},
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "interpolation": pre.interpolation,
+        "exif_transpose": True,
+        "calibrated": calibration is not None,
+        "calibration": None if calibration is None else {
+            "method": calibration.method, "temperature": calibration.temperature, "bias": list(calibration.bias)},
+        "operating_point": None if threshold is None else {
+            "threshold": threshold, "target_sensitivity": stored.target_sensitivity,
+            "applies_to": "probabilities", "rule": "melanoma when probabilities[:, positive_index] >= threshold"},
+        "inputs": {"image": (f"float32 (batch, 3, {size}, {size}): ImageOps.exif_transpose(Image.open(path))"
+                             f".convert('RGB').resize(({size}, {size}), Image.Resampling.{pre.interpolation.upper()}), "
+                             f"/ 255, then (x - mean) / std, channels first")},
+        "outputs": {"logits": "(batch, classes), raw (uncalibrated)",
+                    "probabilities": "(batch, classes), softmax of the calibrated logits" if calibration is not None
+                    else "(batch, classes), softmax of the raw logits (uncalibrated)"},
     }
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
@@ -114,7 +140,7 @@ def export_onnx(
     if not diff <= atol:
         raise ExportError(
             f"onnxruntime output differs from PyTorch by {diff:.2e} (> {atol:.0e}) for {out}; "
-            f"the export is not faithful. Please report it with the checkpoint's backbone {meta['backbone']}"
+            f"the export is not faithful. Please report it with the checkpoint's backbone {meta.backbone}"
         )
     sidecar["max_abs_diff"] = diff
     Path(f"{out}.json").write_text(json.dumps(sidecar, indent=2))

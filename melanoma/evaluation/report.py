@@ -1,13 +1,20 @@
-"""The clinical test report of a checkpoint: calibrate and pick the operating point on the
-validation split, store both in the checkpoint, and report the test split.
+"""The clinical test report of a checkpoint.
 
-Writes out_dir/metrics.json, predictions.csv (one row per test image: path, true and predicted
-label, every class probability after calibration, and the raw logits so uncalibrated numbers can
-be recomputed) and the figures (*.png), and logs the figures to a W&B run when one is given.
+- ``evaluate_checkpoint``: on the dataset a head was trained on (the split it recorded), fit the
+  calibration and the operating point on val, store them in the checkpoint, and report test.
+- ``evaluate_external``: on a dataset the model never saw, every image is a test image; the
+  stored calibration and threshold are used as they are, nothing is fitted and the checkpoint is
+  not touched.
+
+Both predict through ``melanoma.inference.Predictor`` (the same preprocessing, calibration and
+decision rule as `melanoma predict`) and write out_dir/metrics.json, predictions.csv (one row
+per image: path, true label, every class probability, melanoma probability, decision, raw
+logits) and the figures (*.png), logged to a W&B run when one is given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,96 +22,46 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from melanoma.evaluation.calibration import fit_temperature, nll, softmax
+from melanoma.evaluation.bootstrap import bootstrap
+from melanoma.evaluation.calibration import fit_temperature, nll
 from melanoma.evaluation.figures import report_figures, save_figure
 from melanoma.evaluation.metrics import classification_metrics, expected_calibration_error
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.tta import tta_logits
-from melanoma.models.classifier import META_KEY, Classifier
+from melanoma.inference import Predictor, decide
+from melanoma.models.checkpoint import Calibration, softmax, update_meta
 from melanoma.models.heads import positive_index
 
 log = logging.getLogger(__name__)
 
+__all__ = ["evaluate_checkpoint", "evaluate_external"]
 
-@torch.no_grad()
-def collect_logits(
-    model: Classifier, loader, head: str, device="cpu", tta: bool = False, desc: str = "evaluate",
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, C), labels (N,)) over a loader of (images, labels) batches, in loader order."""
-    model.eval()
-    logits, labels = [], []
-
-    def forward(x):
-        return model(x, head)
-
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        x = x.to(device)
-        logits.append((tta_logits(forward, x) if tta else forward(x)).float().cpu())
-        labels.append(y)
-    if not logits:
-        return np.zeros((0, 0)), np.zeros(0, dtype=np.int64)
-    return torch.cat(logits).numpy().astype(np.float64), torch.cat(labels).numpy().astype(np.int64)
+MAPPED_CLASSES = ["not_melanoma", "melanoma"]
 
 
-def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    rows = datamodule.split_table(split)
+def _logits(predictor: Predictor, rows: pd.DataFrame, datamodule, split: str) -> np.ndarray:
     if len(rows) == 0:
         raise ValueError(
             f"{datamodule.name}: the {split} split is empty; evaluation needs images in both val "
             f"(to calibrate and choose the operating point) and test (to report)"
         )
-    # A loader of our own rather than datamodule.val_dataloader(): under DDP that one is sharded,
-    # and the report must see every image once, in split_table order.
-    loader = DataLoader(
-        datamodule.dataset(split, train=False),
-        batch_size=datamodule.eval_batch_size,
-        shuffle=False,
-        num_workers=datamodule.num_workers,
-    )
-    logits, labels = collect_logits(model, loader, head, device, tta, desc=f"evaluate {split}", progress=progress)
-    if not np.array_equal(labels, rows["label"].to_numpy()):
-        raise RuntimeError(f"{split} loader labels do not follow split_table order; cannot write predictions.csv")
-    return logits, labels, rows
+    # the original files, not a training cache: exactly what `melanoma predict` would read
+    return predictor.logits_of_paths(rows["path"].tolist(), num_workers=datamodule.num_workers,
+                                     desc=f"evaluate {split}").astype(np.float64)
 
 
-def update_checkpoint_meta(ckpt_path: str | os.PathLike, head: str, temperature: float | None, operating_point: dict | None) -> None:
-    """Store calibration / operating point for `head` in ckpt["melanoma"], replacing the file
-    atomically so a crash never leaves half a checkpoint."""
-    # a link (Lightning's last.ckpt may be one) keeps pointing at the updated file
-    ckpt_path = Path(ckpt_path).resolve()
-    # weights_only: Classifier.from_checkpoint already requires a plain checkpoint
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    meta = ckpt[META_KEY]
-    if temperature is not None:
-        meta["calibration"] = dict(meta.get("calibration") or {})
-        meta["calibration"][head] = {"temperature": float(temperature)}
-    if operating_point is not None:
-        meta["operating_point"] = dict(meta.get("operating_point") or {})
-        meta["operating_point"][head] = {
-            "threshold": float(operating_point["threshold"]),
-            "target_sensitivity": float(operating_point["target_sensitivity"]),
-        }
-    tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp-{os.getpid()}")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
-
-
-def predictions_table(rows: pd.DataFrame, logits: np.ndarray, probs: np.ndarray, class_names, pos: int | None, threshold) -> pd.DataFrame:
+def predictions_table(rows: pd.DataFrame, true_names, logits, head_classes, probs, class_names, pos, decisions) -> pd.DataFrame:
     table = pd.DataFrame({
         "path": rows["path"].astype(str).to_numpy(),
-        "true_label": [class_names[i] for i in rows["label"]],
+        "true_label": list(true_names),
         "predicted_label": [class_names[i] for i in probs.argmax(1)],
     })
     for k, name in enumerate(class_names):
         table[f"prob_{name}"] = probs[:, k]
-    if pos is not None and threshold is not None:
-        table["melanoma_at_operating_point"] = probs[:, pos] >= threshold
-    for k, name in enumerate(class_names):
+    if pos is not None:
+        table["melanoma_probability"] = probs[:, pos]
+        table["decision"] = decisions
+    for k, name in enumerate(head_classes):  # raw, so uncalibrated numbers can be recomputed
         table[f"logit_{name}"] = logits[:, k]
     return table
 
@@ -121,6 +78,26 @@ def _jsonable(d):
     return d
 
 
+def _report_metrics(probs, labels, pos, threshold, groups) -> dict:
+    metrics = classification_metrics(probs, labels, pos, threshold)
+    metrics.pop("nll")
+    # 95% percentile bootstrap intervals, resampling whole lesions / patients where there are groups
+    result = bootstrap(probs, labels, pos, threshold, groups=groups)
+    metrics["ci95"], metrics["ci95_method"] = result.intervals, result.summary()
+    return metrics
+
+
+def _write(out_dir: Path, report: dict, table: pd.DataFrame, figures: dict, wandb_run) -> dict:
+    report = _jsonable(report)
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    table.to_csv(out_dir / "predictions.csv", index=False)
+    paths = {name: save_figure(fig, out_dir / f"{name}.png") for name, fig in figures.items()}
+    if wandb_run is not None:
+        _log_wandb(wandb_run, report, paths)
+    log.info("evaluation report written to %s (AUROC %s, accuracy %.3f)", out_dir, report.get("auroc"), report["accuracy"])
+    return report
+
+
 def evaluate_checkpoint(
     ckpt_path: str | os.PathLike,
     datamodule,
@@ -134,83 +111,141 @@ def evaluate_checkpoint(
     head: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fit temperature and operating point on val, store them in the checkpoint, report test.
+    """Fit calibration and operating point on val, store them in the checkpoint, report test.
 
-    `head` defaults to the datamodule's name (the head trained on it). Returns the metrics dict
+    `datamodule` must be the data `head` (default: the checkpoint's active head) was trained on,
+    with the same split: its fingerprint is checked against the one the checkpoint recorded
+    (``melanoma.evaluation.datasets.training_datamodule`` rebuilds it). Returns the metrics
     written to metrics.json (test split; the val numbers under "val").
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = Classifier.from_checkpoint(ckpt_path, map_location=device)
-    head = head or datamodule.name
-    if head not in meta["heads"]:
-        raise ValueError(
-            f"checkpoint {ckpt_path} has no head {head!r} for dataset {datamodule.name!r}; it has "
-            f"{list(meta['heads'])}. Train on this dataset first or pass head=<one of those>"
-        )
-    class_names = list(meta["heads"][head]["class_names"])
+    predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
+                          progress=progress, announce=False)
+    meta, head = predictor.meta, predictor.head
+    record = meta.heads[head]
+    class_names = record.class_names
     if list(datamodule.class_names) != class_names:
         raise ValueError(
             f"head {head!r} predicts {class_names} but the datamodule's label set gives "
             f"{list(datamodule.class_names)}; use the label_set the model was trained with"
         )
-    pos = positive_index(class_names)
     datamodule.prepare_data()
     datamodule.setup("test")
+    fingerprint = datamodule.split_fingerprint()
+    if record.data is not None and record.data.fingerprint and record.data.fingerprint != fingerprint:
+        from melanoma.evaluation.datasets import SplitMismatchError
 
-    val_logits, val_labels, _ = _split_logits(model, datamodule, "val", head, device, tta, progress)
-    test_logits, test_labels, test_rows = _split_logits(model, datamodule, "test", head, device, tta, progress)
+        raise SplitMismatchError(
+            f"the {datamodule.name} split given differs from the split head {head!r} was trained on "
+            f"(recorded {record.data.counts}); its test split would hold training images"
+        )
+    pos = record.positive_index
+    val_rows, test_rows = datamodule.split_table("val"), datamodule.split_table("test")
+    val_logits, test_logits = (_logits(predictor, r, datamodule, s) for s, r in (("val", val_rows), ("test", test_rows)))
+    val_labels, test_labels = val_rows["label"].to_numpy(), test_rows["label"].to_numpy()
 
-    temperature = fit_temperature(val_logits, val_labels) if calibrate else 1.0
-    val_probs = softmax(val_logits, temperature)
+    calibration = Calibration(
+        temperature=fit_temperature(val_logits, val_labels) if calibrate else 1.0,
+        method="temperature" if calibrate else "none", tta=bool(tta),
+        fitted_on={"dataset": datamodule.name, "split": "val", "fingerprint": fingerprint},
+    )
+    val_probs = calibration.probabilities(val_logits)
     op = None
     if pos is not None:
         op = threshold_for_sensitivity(val_probs[:, pos], val_labels == pos, target_sensitivity)
+        calibration = dataclasses.replace(calibration, threshold=op["threshold"], target_sensitivity=float(target_sensitivity))
         log.info("operating point on val: melanoma probability >= %.4f (sensitivity %.3f, specificity %.3f)",
                  op["threshold"], op["sensitivity"], op["specificity"])
+    update_meta(ckpt_path, lambda m: m.set_calibration(head, calibration))
 
-    probs = softmax(test_logits, temperature)
+    probs = calibration.probabilities(test_logits)
     raw_probs = softmax(test_logits)
-    threshold = op["threshold"] if op else None
-    metrics = classification_metrics(probs, test_labels, pos, threshold)
-    metrics["ece_after_calibration"] = metrics.pop("ece")  # computed on the calibrated probs
-    metrics.pop("nll")
+    decisions = decide(probs[:, pos], calibration.threshold) if pos is not None else None
+    metrics = _report_metrics(probs, test_labels, pos, calibration.threshold, test_rows["group"].to_numpy())
+    metrics["ece_after_calibration"] = metrics.pop("ece")  # computed on the calibrated probabilities
     metrics.update({
         "ece_before_calibration": expected_calibration_error(raw_probs, test_labels),
         "nll_before_calibration": nll(test_logits, test_labels),
-        "nll_after_calibration": nll(test_logits, test_labels, temperature),
+        "nll_after_calibration": nll(test_logits, test_labels, calibration.temperature),
     })
     report = {
-        "checkpoint": str(ckpt_path),
-        "dataset": datamodule.name,
-        "head": head,
-        "split": "test",
-        "class_names": class_names,
-        "positive_class": class_names[pos] if pos is not None else None,
-        "tta": bool(tta),
-        "temperature": float(temperature),
-        "target_sensitivity": float(target_sensitivity) if op else None,
-        **metrics,
+        "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "test", "external": False,
+        "class_names": class_names, "positive_class": class_names[pos] if pos is not None else None,
+        "tta": bool(tta), "temperature": calibration.temperature, "calibration": calibration.method,
+        "target_sensitivity": calibration.target_sensitivity, **metrics,
         "val": {
             "n": int(val_labels.size),
             "nll_before_calibration": nll(val_logits, val_labels),
-            "nll_after_calibration": nll(val_logits, val_labels, temperature),
+            "nll_after_calibration": nll(val_logits, val_labels, calibration.temperature),
             "ece_before_calibration": expected_calibration_error(softmax(val_logits), val_labels),
             "ece_after_calibration": expected_calibration_error(val_probs, val_labels),
             **({"sensitivity_at_threshold": op["sensitivity"], "specificity_at_threshold": op["specificity"]} if op else {}),
         },
     }
-    report = _jsonable(report)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    predictions_table(test_rows, test_logits, probs, class_names, pos, threshold).to_csv(out_dir / "predictions.csv", index=False)
+    table = predictions_table(test_rows, [class_names[i] for i in test_labels], test_logits, class_names, probs,
+                              class_names, pos, decisions)
+    figures = report_figures(probs, test_labels, class_names, pos, calibration.threshold, uncalibrated_probs=raw_probs)
+    return _write(out_dir, report, table, figures, wandb_run)
 
-    figures = report_figures(probs, test_labels, class_names, pos, threshold, uncalibrated_probs=raw_probs)
-    paths = {name: save_figure(fig, out_dir / f"{name}.png") for name, fig in figures.items()}
-    update_checkpoint_meta(ckpt_path, head, temperature if calibrate else None, op)
-    if wandb_run is not None:
-        _log_wandb(wandb_run, report, paths)
-    log.info("evaluation report written to %s (test AUROC %s, accuracy %.3f)", out_dir, report.get("auroc"), report["accuracy"])
-    return report
+
+def evaluate_external(
+    ckpt_path: str | os.PathLike,
+    datamodule,
+    out_dir: str | os.PathLike,
+    *,
+    head: str | None = None,
+    tta: bool = False,
+    device: str = "cpu",
+    wandb_run=None,
+    progress: bool = True,
+) -> dict:
+    """Report a dataset the model never trained on: every image of every split is a test image.
+
+    When the head's classes and the dataset's differ, both are mapped to melanoma vs rest
+    (P(rest) = 1 - P(melanoma)); refused when either has no melanoma class. The stored
+    calibration and operating point are used as they are; nothing is fitted or written back.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
+                          progress=progress)
+    head, class_names = predictor.head, predictor.class_names
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    rows = datamodule._require_table().reset_index(drop=True)
+    data_names = list(datamodule.class_names)
+    logits = _logits(predictor, rows, datamodule, "all")
+    probs = predictor.calibrated_probabilities(logits)
+    head_pos = predictor.positive_index
+    labels = rows["label"].to_numpy()
+    true_names = [data_names[i] for i in labels]
+    if data_names == class_names:
+        mapped, names, pos = False, class_names, head_pos
+    else:
+        data_pos = positive_index(data_names)
+        if head_pos is None or data_pos is None:
+            raise ValueError(
+                f"cannot compare head {head!r} (classes {class_names}) with {datamodule.name} (classes "
+                f"{data_names}): melanoma vs rest needs a melanoma class on both sides"
+            )
+        p_mel = probs[:, head_pos]
+        probs, labels, names, pos, mapped = np.stack([1 - p_mel, p_mel], 1), (labels == data_pos).astype(np.int64), MAPPED_CLASSES, 1, True
+    cal = predictor.calibration
+    threshold = None if cal is None else cal.threshold
+    decisions = decide(probs[:, pos], threshold) if pos is not None else None
+    metrics = _report_metrics(probs, labels, pos, threshold, rows["group"].to_numpy())
+    report = {
+        "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "all", "external": True,
+        "class_names": names, "head_class_names": class_names, "dataset_class_names": data_names,
+        "labels_mapped_to_melanoma_vs_rest": mapped, "positive_class": names[pos] if pos is not None else None,
+        "tta": bool(tta), "calibrated": predictor.calibrated,
+        "temperature": None if cal is None else cal.temperature,
+        "target_sensitivity": None if cal is None else cal.target_sensitivity, **metrics,
+    }
+    table = predictions_table(rows, true_names, logits, class_names, probs, names, pos, decisions)
+    figures = report_figures(probs, labels, names, pos, threshold)
+    return _write(out_dir, report, table, figures, wandb_run)
 
 
 def _log_wandb(run, report: dict, figure_paths: dict) -> None:

@@ -25,7 +25,8 @@ from torchmetrics.classification import (
 )
 
 from melanoma.models import build_backbone
-from melanoma.models.classifier import META_KEY, Classifier, checkpoint_meta, state_dict_mismatch
+from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
+from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
 from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.training import optim
@@ -70,6 +71,7 @@ class LesionClassifier(pl.LightningModule):
         image_size: int = 224,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bicubic",
         pretrained: str | None = None,
         init_from: str | None = None,
         config: Mapping | None = None,
@@ -90,14 +92,15 @@ class LesionClassifier(pl.LightningModule):
         self.positive_index = positive_index(self.class_names)
         self.image_size = int(image_size)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
+        self.preprocessing = preprocessing_from(image_size, mean, std, interpolation)
         self.optimizer_cfg = dict(optimizer or {"lr": 1e-4})
         self.scheduler_cfg = dict(scheduler or {"name": "none"})
         self.loss_cfg = dict(loss or {})
         self.class_weight: torch.Tensor | None = None
         self._lr_groups: dict = {}
-        # META entries written by evaluation (calibration, operating point); carried through saves
-        self.calibration: dict = {}
-        self.operating_point: dict = {}
+        # per head: calibration and training data as the checkpoint contract records them
+        # (evaluation writes calibration into the file; init_from and resume bring records along)
+        self.head_records: dict[str, HeadRecord] = {}
         # forward units (embeddings, block0.., norm) below the lowest trainable one run no_grad
         self._no_grad_units = 0
         self._trainable_layers: set[str] | None = None
@@ -358,7 +361,7 @@ class LesionClassifier(pl.LightningModule):
         problems = state_dict_mismatch(self.model.backbone.state_dict(), source.backbone.state_dict())
         if problems:
             raise ValueError(
-                f"model.init_from={path}: its backbone {meta.get('backbone')} does not fit the "
+                f"model.init_from={path}: its backbone {meta.backbone} {meta.backbone_kwargs} does not fit the "
                 f"configured one (name {self.backbone_name}, kwargs {self.backbone_kwargs}): "
                 f"{problems}. Use the checkpoint's model and image size (model=..., "
                 f"dataset.image_size=...)."
@@ -375,8 +378,8 @@ class LesionClassifier(pl.LightningModule):
                                 name, head.spec(), self.head.spec())
                 continue
             self.model.heads.add(name, head)
-        for key, target in (("calibration", self.calibration), ("operating_point", self.operating_point)):
-            target.update({k: v for k, v in (meta.get(key) or {}).items() if k in self.model.heads})
+        # their calibration and training data; meta() marks them uncalibrated once training moves on
+        self.head_records.update({n: rec for n, rec in meta.heads.items() if n != self.active_head})
         self.model.train()
         self._sync_head_flags()
         log.info("init_from %s: backbone and heads %s loaded; training head %r",
@@ -384,27 +387,50 @@ class LesionClassifier(pl.LightningModule):
 
     # --- checkpoint META ------------------------------------------------------------------------
 
-    def meta(self) -> dict:
-        return checkpoint_meta(
-            self.model, self.backbone_name, self.backbone_kwargs, image_size=self.image_size,
-            mean=self.mean, std=self.std, active_head=self.active_head, calibration=self.calibration,
-            operating_point=self.operating_point, config=self.hparams.get("config"),
+    def _active_training_data(self) -> TrainingData | None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "split_description") or getattr(dm, "table", None) is None:
+            rec = self.head_records.get(self.active_head)
+            return None if rec is None else rec.data
+        config = (self.hparams.get("config") or {}).get("dataset") or {}
+        return TrainingData.from_dict({**dm.split_description(), "config": dict(config)})
+
+    def meta(self) -> CheckpointMeta:
+        """The checkpoint contract's metadata of the model being trained."""
+        data = self._active_training_data()
+        # Training moves the backbone, so no calibration fitted before (init_from, or a resumed
+        # checkpoint that was evaluated) still holds: the active head gets a new one from
+        # `melanoma evaluate`; the others are marked uncalibrated, with the reason.
+        moved = (f"the backbone changed after it was calibrated (training head {self.active_head!r}"
+                 f"{'' if data is None else ' on ' + data.dataset})")
+        heads = {}
+        for name, spec in self.model.heads.specs().items():
+            old = self.head_records.get(name) or HeadRecord(spec=spec)
+            rec = HeadRecord(spec=spec, data=old.data, uncalibrated_reason=old.uncalibrated_reason)
+            if name != self.active_head and (old.calibration or old.calibration_tta):
+                rec.drop_calibration(moved)
+            heads[name] = rec
+        heads[self.active_head].data = data
+        heads[self.active_head].uncalibrated_reason = None
+        return CheckpointMeta(
+            backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, heads=heads,
+            active_head=self.active_head, preprocessing=self.preprocessing,
+            config=dict(self.hparams.get("config") or {}),
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[META_KEY] = self.meta()
+        checkpoint[META_KEY] = self.meta().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before load_state_dict (load_from_checkpoint and trainer resume): rebuild the heads
         # the checkpoint has so its state dict fits.
-        meta = checkpoint.get(META_KEY)
-        if not meta:
+        if not checkpoint.get(META_KEY):
             return
-        for name, spec in meta.get("heads", {}).items():
-            if name not in self.model.heads or self.model.heads[name].spec() != spec:
-                self.model.heads.add(name, build_head(spec), replace=True)
-        self.calibration = dict(meta.get("calibration") or {})
-        self.operating_point = dict(meta.get("operating_point") or {})
+        meta = CheckpointMeta.from_checkpoint(checkpoint)
+        for name, rec in meta.heads.items():
+            if name not in self.model.heads or self.model.heads[name].spec() != rec.spec:
+                self.model.heads.add(name, build_head(rec.spec), replace=True)
+        self.head_records = dict(meta.heads)
         self._sync_head_flags()
         if self._trainable_layers is not None:
             self.set_trainable_layers(self._trainable_layers)

@@ -1,0 +1,111 @@
+"""The data an evaluation runs on, rebuilt so that it cannot leak.
+
+- ``training_datamodule``: the dataset a head was trained on, rebuilt from the settings the
+  checkpoint recorded (only the location and loader settings may be changed), and its split
+  checked against the recorded fingerprint. Its test split is then exactly the one held out.
+- ``external_datamodule``: a dataset the model never trained on, described like a training run
+  (``dataset=ph2 dataset.root=...``); every image of it is a test image.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import OmegaConf
+
+from melanoma.config import compose_config
+from melanoma.models.checkpoint import CheckpointMeta, Preprocessing, TrainingData
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SplitMismatchError", "external_datamodule", "training_datamodule"]
+
+EXTERNAL_HINT = ("to test on other data, evaluate it as an external test set: "
+                 "melanoma evaluate CKPT dataset=NAME dataset.root=DIR --external")
+
+
+class SplitMismatchError(ValueError):
+    """An evaluation would not run on the split the checkpoint was trained with."""
+
+
+def _forced(pre: Preprocessing) -> dict:
+    # the checkpoint's input size and normalisation, whatever the dataset config says
+    return {"image_size": pre.image_size, "mean": list(pre.mean), "std": list(pre.std)}
+
+
+def _parse(override: str) -> tuple[str, object]:
+    key, sep, value = override.partition("=")
+    if not sep:
+        raise ValueError(f"expected Hydra overrides like dataset.root=PATH, got {override!r}")
+    return key.lstrip("+~"), OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]))["v"]
+
+
+def training_datamodule(data: TrainingData | None, head: str, overrides: list[str], pre: Preprocessing):
+    """The DataModule `head` was trained on, with its recorded split; refuses overrides that
+    would change the split and data whose split differs from the recorded fingerprint."""
+    if data is None or not data.config:
+        raise SplitMismatchError(
+            f"the checkpoint records no training data for head {head!r}, so the split it was trained "
+            f"on cannot be rebuilt; {EXTERNAL_HINT} (only data the model never saw)"
+        )
+    cfg = OmegaConf.create(data.config)
+    differing = []
+    for override in overrides:
+        key, value = _parse(override)
+        if key == "dataset":
+            target = compose_config([override]).dataset.get("_target_")
+            if target != data.config.get("_target_"):
+                differing.append(f"dataset={value} (the head was trained on {data.dataset})")
+            continue
+        if not key.startswith("dataset."):
+            raise ValueError(f"evaluate takes dataset.* overrides (e.g. dataset.root=DIR), got {override!r}")
+        sub = key[len("dataset."):]
+        top = sub.split(".")[0]
+        if top in data.split_settings:
+            if value != data.split_settings[top]:
+                differing.append(f"dataset.{top}: trained with {data.split_settings[top]!r}, asked for {value!r}")
+            continue
+        OmegaConf.update(cfg, sub, value, force_add=True)
+    if differing:
+        raise SplitMismatchError(
+            f"these overrides change the split head {head!r} was trained on ({data.dataset}): "
+            f"{'; '.join(differing)}. Evaluating on another split would test on training images. "
+            f"Drop them (dataset.root=DIR is enough when the data moved), or {EXTERNAL_HINT}"
+        )
+    dm = hydra.utils.instantiate(cfg, **_forced(pre), _convert_="all")
+    dm.prepare_data()
+    dm.setup("test")
+    if dm.name != data.dataset:
+        raise SplitMismatchError(f"the recorded dataset config builds {dm.name!r}, not {data.dataset!r}; {EXTERNAL_HINT}")
+    now = dm.split_description()
+    if data.fingerprint and now["fingerprint"] != data.fingerprint:
+        raise SplitMismatchError(
+            f"the data under {dm.root} splits differently from the split head {head!r} was trained on "
+            f"(recorded {data.counts}, found {now['counts']}): the image files or labels differ. Point "
+            f"dataset.root at the data it was trained on, or {EXTERNAL_HINT}"
+        )
+    if not data.fingerprint:
+        log.warning("the checkpoint records no split fingerprint for head %r: the rebuilt split (%s) "
+                    "cannot be checked against the trained one", head, now["counts"])
+    return dm
+
+
+def external_datamodule(meta: CheckpointMeta, overrides: list[str]):
+    """A dataset described by `overrides` (which must name it, `dataset=NAME`), refused when any
+    head of the model was trained on it."""
+    if not any(_parse(o)[0] == "dataset" for o in overrides):
+        raise ValueError("--external needs the dataset named: dataset=NAME dataset.root=DIR")
+    cfg = compose_config(overrides)
+    dm = hydra.utils.instantiate(cfg.dataset, **_forced(meta.preprocessing), _convert_="all")
+    trained_on = {name: rec.data.dataset for name, rec in meta.heads.items() if rec.data is not None}
+    hit = [h for h, d in trained_on.items() if d == dm.name]
+    if hit:
+        raise SplitMismatchError(
+            f"{dm.name} is not external to this model: head(s) {hit} were trained on it, so part of it "
+            f"is training data. Evaluate its held-out test split instead (melanoma evaluate CKPT "
+            f"[dataset.root=DIR]), which rebuilds the trained split"
+        )
+    dm.prepare_data()
+    dm.setup("test")
+    return dm

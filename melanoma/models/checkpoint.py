@@ -1,0 +1,404 @@
+"""The checkpoint contract: what a melanoma checkpoint means, as one typed object.
+
+A checkpoint file is a dict (Lightning's, or one written by ``save_checkpoint``)::
+
+    {"state_dict": {"model.backbone.*": tensor, "model.heads.<name>.*": tensor, ...},
+     "melanoma": CheckpointMeta.to_dict(),
+     ...Lightning's own entries (optimizer, loops, callbacks, datamodule state)...}
+
+``CheckpointMeta`` holds everything needed to use the weights without a config file or dataset:
+
+- the backbone (preset name and keyword arguments);
+- per head: its spec (class names and the positive class with them), its calibration records
+  (one fitted without and one with test-time augmentation), and a description of the data it
+  was trained on (dataset, label set, every setting that determines the split, and the split's
+  fingerprint);
+- the eval preprocessing (image size, mean/std, the PIL resampling used for the resize);
+- the resolved training config, for the record.
+
+Every writer and reader of that metadata goes through this module: nothing else parses the
+``"melanoma"`` entry. Version 1 checkpoints (written before this module) are read and upgraded
+in memory by ``CheckpointMeta.from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
+from melanoma.models.heads import positive_index
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
+    "CheckpointMeta", "HeadRecord", "Preprocessing", "TrainingData", "load_checkpoint", "read_meta",
+    "save_checkpoint", "update_meta",
+]
+
+META_KEY = "melanoma"
+META_VERSION = 2
+STATE_PREFIX = "model."
+#: a fitted temperature is kept inside these bounds (an uninformative model drives it to ~1e5)
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as a melanoma checkpoint."""
+
+
+# --- the records ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The exact eval preprocessing: ``ImageOps.exif_transpose(Image.open(p)).convert("RGB")``,
+    ``.resize((image_size, image_size), <interpolation>)``, / 255, then (x - mean) / std."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"  # a PIL resampling filter name
+
+    def __post_init__(self):
+        if self.interpolation not in PIL_RESAMPLING_NAMES:
+            raise CheckpointError(
+                f"preprocessing interpolation {self.interpolation!r} is not a PIL resampling name; "
+                f"expected one of {PIL_RESAMPLING_NAMES}"
+            )
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How one head's logits become the probabilities and the decision users see.
+
+    Probabilities are ``softmax(logits / temperature + bias)`` (bias: per-class offsets, empty
+    for plain temperature scaling); the melanoma decision is ``p_melanoma >= threshold``.
+    ``method`` is "temperature" when fitted, "none" when stored with T = 1 on purpose.
+    ``fitted_on`` names the data it was fitted on (dataset, split, split fingerprint).
+    """
+
+    temperature: float = 1.0
+    bias: tuple[float, ...] = ()
+    method: str = "temperature"
+    threshold: float | None = None
+    target_sensitivity: float | None = None
+    tta: bool = False
+    fitted_on: dict | None = None
+
+    def __post_init__(self):
+        t = float(self.temperature)
+        if not (math.isfinite(t) and t > 0):
+            raise CheckpointError(f"calibration temperature must be a positive number, got {self.temperature}")
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "bias", tuple(float(b) for b in self.bias))
+
+    def calibrated_logits(self, logits) -> np.ndarray:
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        if self.bias:
+            z = z + np.asarray(self.bias, dtype=np.float64)
+        return z
+
+    def probabilities(self, logits) -> np.ndarray:
+        """(N, C) calibrated class probabilities from raw (N, C) logits, in float64."""
+        return softmax(self.calibrated_logits(logits))
+
+    def threshold_on_raw_scale(self, num_classes: int, pos: int) -> float | None:
+        """The threshold on *uncalibrated* probabilities that gives the same decisions, where one
+        exists: for two classes, p_cal >= t  <=>  d / T + db >= logit(t)  <=>  p_raw >=
+        sigmoid(T (logit(t) - db)), with d the logit difference. None for more classes (there the
+        calibrated melanoma probability is not a function of the raw one)."""
+        if self.threshold is None or num_classes != 2:
+            return None
+        t = float(self.threshold)
+        if t <= 0.0 or t >= 1.0:
+            return t
+        db = (self.bias[pos] - self.bias[1 - pos]) if self.bias else 0.0
+        z = self.temperature * (math.log(t) - math.log1p(-t) - db)
+        return float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data one head was trained on: enough to rebuild exactly its split."""
+
+    dataset: str  # the DataModule's name (also the head's name when trained alone)
+    config: dict  # the dataset config as trained (Hydra, with _target_; root included)
+    label_set: str
+    class_names: tuple[str, ...]
+    split_settings: dict  # every setting that determines the split (seed, fractions, folds, ...)
+    fingerprint: str | None  # hash of (file name, label, split) over all images
+    counts: dict = field(default_factory=dict)  # images per split
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TrainingData:
+        return cls(
+            dataset=str(d["dataset"]), config=dict(d.get("config") or {}), label_set=str(d.get("label_set")),
+            class_names=tuple(d.get("class_names") or ()), split_settings=dict(d.get("split_settings") or {}),
+            fingerprint=d.get("fingerprint"), counts=dict(d.get("counts") or {}),
+        )
+
+
+@dataclass
+class HeadRecord:
+    """One dataset head: its spec, calibration records and training data."""
+
+    spec: dict
+    calibration: Calibration | None = None  # fitted on logits without TTA
+    calibration_tta: Calibration | None = None  # fitted on 8-view TTA logits
+    data: TrainingData | None = None
+    #: why the head carries no calibration (shown to users when they predict with it)
+    uncalibrated_reason: str | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.spec["class_names"])
+
+    @property
+    def positive_index(self) -> int | None:
+        return positive_index(self.class_names)
+
+    def calibration_for(self, tta: bool) -> tuple[Calibration | None, str | None]:
+        """The record to use for plain or TTA predictions, and a warning when it does not fit."""
+        if tta and self.calibration_tta is not None:
+            return self.calibration_tta, None
+        if tta and self.calibration is not None:
+            return self.calibration, (
+                "the stored calibration was fitted without TTA; TTA probabilities and decisions use "
+                "it unchanged (run `melanoma evaluate CKPT --tta` to fit one with TTA)"
+            )
+        if self.calibration is not None:
+            return self.calibration, None
+        reason = self.uncalibrated_reason or "no calibration has been fitted for it (run `melanoma evaluate CKPT`)"
+        return None, f"this head is uncalibrated: {reason}; probabilities are uncalibrated and no decision is made"
+
+    def drop_calibration(self, reason: str) -> None:
+        self.calibration = self.calibration_tta = None
+        self.uncalibrated_reason = reason
+
+
+@dataclass
+class CheckpointMeta:
+    backbone: str
+    backbone_kwargs: dict
+    heads: dict[str, HeadRecord]
+    active_head: str
+    preprocessing: Preprocessing
+    config: dict = field(default_factory=dict)
+    version: int = META_VERSION
+
+    # --- heads ---------------------------------------------------------------------------------
+    def choose_head(self, head: str | None = None) -> str:
+        """`head` if given, else the active head; a clear error naming the heads otherwise."""
+        name = head or self.active_head
+        if name not in self.heads:
+            raise ValueError(f"no head named {name!r} in this checkpoint; it has heads {list(self.heads)} "
+                             f"(choose one with --head)")
+        return name
+
+    def head_specs(self) -> dict[str, dict]:
+        return {name: dict(rec.spec) for name, rec in self.heads.items()}
+
+    def set_calibration(self, head: str, calibration: Calibration) -> None:
+        rec = self.heads[head]
+        if calibration.tta:
+            rec.calibration_tta = calibration
+        else:
+            rec.calibration = calibration
+        rec.uncalibrated_reason = None
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain Python values only: the file loads with torch.load(weights_only=True)."""
+        def cal(c):
+            return None if c is None else dataclasses.asdict(c) | {"bias": list(c.bias)}
+
+        return {
+            "version": self.version,
+            "backbone": {"name": self.backbone, "kwargs": dict(self.backbone_kwargs)},
+            "heads": {
+                name: {
+                    "spec": dict(rec.spec),
+                    "calibration": cal(rec.calibration),
+                    "calibration_tta": cal(rec.calibration_tta),
+                    "data": None if rec.data is None else dataclasses.asdict(rec.data) | {
+                        "class_names": list(rec.data.class_names)},
+                    "uncalibrated_reason": rec.uncalibrated_reason,
+                }
+                for name, rec in self.heads.items()
+            },
+            "active_head": self.active_head,
+            "preprocessing": dataclasses.asdict(self.preprocessing) | {
+                "mean": list(self.preprocessing.mean), "std": list(self.preprocessing.std)},
+            "config": dict(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> CheckpointMeta:
+        version = int(d.get("version", 1))
+        if version == 1:
+            return _upgrade_v1(d, {})
+        if version > META_VERSION:
+            raise CheckpointError(f"checkpoint metadata version {version} is newer than this melanoma "
+                                  f"(reads up to {META_VERSION}); update the package")
+
+        def cal(c):
+            return None if c is None else Calibration(**{**c, "bias": tuple(c.get("bias") or ())})
+
+        heads = {
+            name: HeadRecord(
+                spec=dict(h["spec"]), calibration=cal(h.get("calibration")),
+                calibration_tta=cal(h.get("calibration_tta")),
+                data=None if h.get("data") is None else TrainingData.from_dict(h["data"]),
+                uncalibrated_reason=h.get("uncalibrated_reason"),
+            )
+            for name, h in d["heads"].items()
+        }
+        return cls(
+            backbone=d["backbone"]["name"], backbone_kwargs=dict(d["backbone"].get("kwargs") or {}),
+            heads=heads, active_head=d["active_head"], preprocessing=Preprocessing(**d["preprocessing"]),
+            config=dict(d.get("config") or {}), version=version,
+        )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping) -> CheckpointMeta:
+        """The metadata of a loaded checkpoint dict, upgrading version 1 (whose split fingerprint
+        lives in Lightning's datamodule entry)."""
+        meta = ckpt[META_KEY]
+        if int(meta.get("version", 1)) == 1:
+            return _upgrade_v1(meta, ckpt)
+        return cls.from_dict(meta)
+
+
+# --- version 1 (checkpoints written before this module) ---------------------------------------
+
+
+def _upgrade_v1(meta: Mapping, ckpt: Mapping) -> CheckpointMeta:
+    config = dict(meta.get("config") or {})
+    dataset_cfg = dict(config.get("dataset") or {})
+    interpolation = ((dataset_cfg.get("augment") or {}).get("interpolation")) or "bicubic"
+    # Lightning stored the datamodule's state_dict under its class name
+    dm_state = next((v for v in ckpt.values() if isinstance(v, Mapping) and "split_fingerprint" in v), None)
+    calibration, operating = meta.get("calibration") or {}, meta.get("operating_point") or {}
+    heads = {}
+    for name, spec in meta["heads"].items():
+        cal = None
+        if name in calibration or name in operating:
+            op = operating.get(name) or {}
+            cal = Calibration(
+                temperature=float((calibration.get(name) or {}).get("temperature", 1.0)),
+                method="temperature" if name in calibration else "none",
+                threshold=op.get("threshold"), target_sensitivity=op.get("target_sensitivity"),
+            )
+        data = None
+        if dm_state is not None and dm_state.get("name") == name and dataset_cfg:
+            data = TrainingData(
+                dataset=name, config=dataset_cfg, label_set=str(dm_state.get("label_set")),
+                class_names=tuple(spec["class_names"]),
+                split_settings={k: dataset_cfg.get(k) for k in SPLIT_SETTING_KEYS_V1 if k in dataset_cfg},
+                fingerprint=dm_state.get("split_fingerprint"), counts=dict(dm_state.get("split_counts") or {}),
+            )
+        heads[name] = HeadRecord(spec=dict(spec), calibration=cal, data=data)
+    return CheckpointMeta(
+        backbone=meta["backbone"]["name"], backbone_kwargs=dict(meta["backbone"].get("kwargs") or {}),
+        heads=heads, active_head=meta.get("active_head") or next(iter(heads)),
+        preprocessing=Preprocessing(meta["image_size"], meta["mean"], meta["std"],
+                                    CONFIG_TO_PIL_RESAMPLING.get(interpolation, "bicubic")),
+        config=config, version=META_VERSION,
+    )
+
+
+#: the v1 dataset config keys that determined a split (v2 records the DataModule's own list)
+SPLIT_SETTING_KEYS_V1 = ("label_set", "seed", "val_fraction", "test_fraction", "num_folds", "fold")
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def softmax(z) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _load_dict(path: Path, map_location="cpu") -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects that torch.load(weights_only=True) refuses to unpickle ({e}). "
+            f"Checkpoints must contain only tensors and plain Python values."
+        ) from e
+    if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a melanoma checkpoint: expected a dict with 'state_dict' and '{META_KEY}' "
+            f"(written by training or melanoma.models.checkpoint.save_checkpoint), found {found}"
+        )
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """(the Classifier's state dict, without the ``model.`` prefix; the metadata)."""
+    path = Path(path)
+    ckpt = _load_dict(path, map_location)
+    try:
+        meta = CheckpointMeta.from_checkpoint(ckpt)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
+    state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    return state, meta
+
+
+def read_meta(path: str | os.PathLike) -> CheckpointMeta:
+    return load_checkpoint(path)[1]
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+    """Write a checkpoint (outside Lightning): the Classifier's state dict and the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {STATE_PREFIX + k: v.detach().cpu() for k, v in state_dict.items()}
+    _atomic_save({"state_dict": state, META_KEY: meta.to_dict()}, path)
+    return path
+
+
+def update_meta(path: str | os.PathLike, change: Callable[[CheckpointMeta], None]) -> CheckpointMeta:
+    """Apply `change` to the stored metadata and rewrite the file atomically (a crash never
+    leaves half a checkpoint); every other entry (weights, Lightning state) is kept as it is."""
+    # a link (Lightning's last.ckpt may be one) keeps pointing at the updated file
+    path = Path(path).resolve()
+    ckpt = _load_dict(path)
+    meta = CheckpointMeta.from_checkpoint(ckpt)
+    change(meta)
+    ckpt[META_KEY] = meta.to_dict()
+    _atomic_save(ckpt, path)
+    return meta
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def preprocessing_from(image_size: int, mean: Sequence[float], std: Sequence[float],
+                       config_interpolation: str = "bicubic") -> Preprocessing:
+    """The eval preprocessing of a model trained with the dataset config's interpolation."""
+    if config_interpolation not in CONFIG_TO_PIL_RESAMPLING:
+        raise ValueError(f"interpolation {config_interpolation!r}; expected one of {sorted(CONFIG_TO_PIL_RESAMPLING)}")
+    return Preprocessing(image_size, tuple(mean), tuple(std), CONFIG_TO_PIL_RESAMPLING[config_interpolation])
