@@ -14,6 +14,9 @@ BACKBONE = {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "emb
                                            "depth": 3, "num_heads": 2}}
 
 
+LAYERS = ["patch_embed", "pos_cls", "block0", "block1", "block2", "norm"]  # depth 3, forward order
+
+
 def make_module(**kw):
     return LesionClassifier(backbone=BACKBONE, dataset_name="dermmel",
                             class_names=["not_melanoma", "melanoma"], **kw)
@@ -21,25 +24,25 @@ def make_module(**kw):
 
 def test_schedule_head_only_then_one_stage_per_period():
     cb = GradualUnfreezing(start_epoch=2, every_n_epochs=2)
-    stages = cb.resolve_stages(depth=3)
+    stages = cb.resolve_stages(LAYERS)
     assert stages == [["norm"], ["block2"], ["block1"], ["block0"], ["pos_cls"], ["patch_embed"]]
     assert [cb.stage_at(e, len(stages)) for e in range(16)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6, 6]
-    assert cb.trainable_layers(3, depth=3) == {"head", "norm"}
-    assert cb.trainable_layers(4, depth=3) == {"head", "norm", "block2"}
+    assert cb.trainable_layers(3, LAYERS) == {"head", "norm"}
+    assert cb.trainable_layers(4, LAYERS) == {"head", "norm", "block2"}
 
 
 def test_stage_size_order_and_explicit_stages():
     cb = GradualUnfreezing(start_epoch=0, stage_size=2)
-    assert cb.resolve_stages(3) == [["norm", "block2"], ["block1", "block0"], ["pos_cls", "patch_embed"]]
+    assert cb.resolve_stages(LAYERS) == [["norm", "block2"], ["block1", "block0"], ["pos_cls", "patch_embed"]]
     cb = GradualUnfreezing(order=["block2", "norm"])
-    assert cb.resolve_stages(3) == [["block2"], ["norm"]]
+    assert cb.resolve_stages(LAYERS) == [["block2"], ["norm"]]
     cb = GradualUnfreezing(stages=[["norm", "block2", "block1"], ["block0"]])
-    assert cb.trainable_layers(1, 3) == {"head", "norm", "block2", "block1"}
+    assert cb.trainable_layers(1, LAYERS) == {"head", "norm", "block2", "block1"}
     with pytest.raises(ValueError, match="unknown layers"):
-        GradualUnfreezing(order=["block9"]).resolve_stages(3)
+        GradualUnfreezing(order=["block9"]).resolve_stages(LAYERS)
     with pytest.raises(ValueError, match="two stages"):
-        GradualUnfreezing(stages=[["norm"], ["norm"]]).resolve_stages(3)
-    assert default_unfreeze_order(2) == ["norm", "block1", "block0", "pos_cls", "patch_embed"]
+        GradualUnfreezing(stages=[["norm"], ["norm"]]).resolve_stages(LAYERS)
+    assert default_unfreeze_order(LAYERS) == ["norm", "block2", "block1", "block0", "pos_cls", "patch_embed"]
 
 
 @pytest.mark.parametrize("layers", [{"head"}, {"head", "norm"}, {"head", "norm", "block2"},
@@ -55,9 +58,7 @@ def test_frozen_layers_get_no_gradient_and_forward_is_unchanged(layers):
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
     torch.nn.functional.cross_entropy(out, y).backward()
     for name, p in module.model.backbone.named_parameters():
-        from melanoma.training.optim import layer_of
-
-        trainable = layer_of(name) in layers
+        trainable = module.model.backbone.layer_of(name) in layers
         assert (p.grad is not None) == trainable, name
         assert p.requires_grad == trainable, name
     assert all(p.grad is not None for p in module.head.parameters())

@@ -38,13 +38,16 @@ class Classifier(nn.Module):
         return self.heads[name]
 
     def forward(
-        self, x: torch.Tensor, head: str, return_attention: bool = False
+        self, x: torch.Tensor, head: str, return_attention: bool = False, frozen_prefix: int = 0
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits of ``head``; ``frozen_prefix`` backbone stages run without autograd (training
+        with frozen layers, see ``VisionTransformer.frozen_prefix``)."""
         classifier = self._head(head)
         if return_attention:
             tokens, attentions = self.backbone.forward_features(x, return_attention=True)
             return classifier(self.backbone.forward_head(tokens, pre_logits=True)), attentions
-        return classifier(self.features(x))
+        tokens = self.backbone.forward_features(x, frozen_prefix=frozen_prefix)
+        return classifier(self.backbone.forward_head(tokens, pre_logits=True))
 
     @classmethod
     def from_meta(cls, meta: CheckpointMeta) -> Classifier:

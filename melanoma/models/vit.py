@@ -233,14 +233,62 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         init_vit_weights(self)
 
+    # --- layer groups (what optimiser groups, layer-wise rates and unfreezing address) --------
+
+    def layer_groups(self) -> list[str]:
+        """The backbone's layers in forward order: ``patch_embed``, ``pos_cls`` (``pos_embed`` and
+        ``cls_token``), ``block0`` ... ``block{depth-1}``, ``norm`` (like timm's group_matcher)."""
+        return ["patch_embed", "pos_cls", *(f"block{i}" for i in range(self.depth)), "norm"]
+
+    @staticmethod
+    def layer_of(name: str) -> str:
+        """The layer group of a parameter, by its name relative to the backbone."""
+        if name.startswith("patch_embed."):
+            return "patch_embed"
+        if name in ("pos_embed", "cls_token"):
+            return "pos_cls"
+        if name.startswith("blocks."):
+            return "block" + name.split(".")[1]
+        if name.startswith("norm."):
+            return "norm"
+        raise ValueError(
+            f"backbone parameter {name!r} belongs to no known layer (patch_embed, pos_embed/cls_token, "
+            f"blocks.N, norm); the ViT's parameter names must mirror timm's"
+        )
+
+    def frozen_prefix(self, trainable: set[str] | None) -> int:
+        """How many forward stages (0: the token embedding, 1..depth: the blocks, depth + 1:
+        the final norm) lie below every trainable layer and can run without autograd."""
+        if trainable is None or {"patch_embed", "pos_cls"} & trainable:
+            return 0
+        lowest = next((i for i in range(self.depth) if f"block{i}" in trainable), None)
+        if lowest is not None:
+            return 1 + lowest
+        return 1 + self.depth if "norm" in trainable else 2 + self.depth
+
+    # --- forward ---------------------------------------------------------------------------
+
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return _dropout(self.pos_drop, x + self.pos_embed)
 
     def forward_features(
-        self, x: torch.Tensor, return_attention: bool = False
+        self, x: torch.Tensor, return_attention: bool = False, frozen_prefix: int = 0
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """All tokens after the final norm. The first ``frozen_prefix`` stages (see
+        ``frozen_prefix()``) run under no_grad: frozen layers then cost no backward pass and
+        keep no activations."""
+        if frozen_prefix and torch.is_grad_enabled() and not return_attention:
+            with torch.no_grad():
+                x = self.prepare_tokens(x)
+                for block in self.blocks[: frozen_prefix - 1]:
+                    x = block(x)
+                if frozen_prefix > self.depth + 1:
+                    return self.norm(x).detach()
+            for block in self.blocks[max(frozen_prefix - 1, 0):]:
+                x = block(x)
+            return self.norm(x)
         x = self.prepare_tokens(x)
         if not return_attention:
             for block in self.blocks:

@@ -48,7 +48,7 @@ class RecordTraining(Callback):
         layers = sorted(pl_module._trainable_layers) if pl_module._trainable_layers is not None else None
         record = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                   "layers": layers, "trainable_params": pl_module.trainable_parameter_count(),
-                  "no_grad_units": pl_module._no_grad_units}
+                  "frozen_prefix": pl_module._frozen_prefix}
         with self._rank_file(trainer, "stages", ".jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -101,8 +101,8 @@ class LesionClassifier(pl.LightningModule):
         # per head: calibration and training data as the checkpoint contract records them
         # (evaluation writes calibration into the file; init_from and resume bring records along)
         self.head_records: dict[str, HeadRecord] = {}
-        # forward units (embeddings, block0.., norm) below the lowest trainable one run no_grad
-        self._no_grad_units = 0
+        # forward stages (embeddings, block0.., norm) below the lowest trainable layer run no_grad
+        self._frozen_prefix = 0
         self._trainable_layers: set[str] | None = None
         self._sync_head_flags()
 
@@ -134,39 +134,21 @@ class LesionClassifier(pl.LightningModule):
         for name, h in self.model.heads.items():
             h.requires_grad_(name == self.active_head)
 
-    def layer_names(self) -> list[str]:
-        return optim.backbone_layer_order(self.model.backbone.depth)
-
     def set_trainable_layers(self, layers: set[str] | None) -> None:
-        """Train only ``layers`` (plus nothing else; None = everything).
+        """Train only ``layers`` (the backbone's layer groups and/or ``head``; None = everything).
 
         Frozen parameters get requires_grad False, so they never receive a gradient and AdamW
-        skips them; the forward runs every unit below the lowest trainable one under no_grad."""
+        skips them; the backbone runs every stage below the lowest trainable layer without grad."""
         backbone = self.model.backbone
-        order = self.layer_names()
         if layers is not None:
-            unknown = set(layers) - set(order) - {"head"}
+            unknown = set(layers) - set(backbone.layer_groups()) - {"head"}
             if unknown:
-                raise ValueError(f"unknown layers {sorted(unknown)}; expected head or {order}")
+                raise ValueError(f"unknown layers {sorted(unknown)}; expected head or {backbone.layer_groups()}")
         self._trainable_layers = None if layers is None else set(layers)
         for name, p in backbone.named_parameters():
-            p.requires_grad_(layers is None or optim.layer_of(name) in layers)
+            p.requires_grad_(layers is None or backbone.layer_of(name) in layers)
         self.head.requires_grad_(layers is None or "head" in layers)
-        if layers is None:
-            self._no_grad_units = 0
-            return
-        # units of the forward: 0 = embeddings (patch_embed + pos_cls), 1..depth = blocks, depth+1 = norm
-        depth = backbone.depth
-        if {"patch_embed", "pos_cls"} & layers:
-            self._no_grad_units = 0
-            return
-        lowest = next((i for i in range(depth) if f"block{i}" in layers), None)
-        if lowest is not None:
-            self._no_grad_units = 1 + lowest
-        elif "norm" in layers:
-            self._no_grad_units = 1 + depth
-        else:
-            self._no_grad_units = 2 + depth
+        self._frozen_prefix = backbone.frozen_prefix(self._trainable_layers)
 
     def trainable_parameter_count(self) -> int:
         return optim.trainable_parameter_count(self.model.parameters())
@@ -174,20 +156,7 @@ class LesionClassifier(pl.LightningModule):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._no_grad_units == 0 or not torch.is_grad_enabled():
-            return self.model(x, self.active_head)
-        backbone, cut = self.model.backbone, self._no_grad_units
-        with torch.no_grad():
-            x = backbone.prepare_tokens(x)
-            for block in backbone.blocks[: max(cut - 1, 0)]:
-                x = block(x)
-            if cut > backbone.depth + 1:
-                x = backbone.norm(x)
-        for block in backbone.blocks[max(cut - 1, 0):]:
-            x = block(x)
-        if cut <= backbone.depth + 1:
-            x = backbone.norm(x)
-        return self.head(backbone.forward_head(x, pre_logits=True))
+        return self.model(x, self.active_head, frozen_prefix=self._frozen_prefix)
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -324,7 +293,7 @@ class LesionClassifier(pl.LightningModule):
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
         backbone = self.model.backbone
-        lrs = optim.layer_lrs(backbone.depth, float(cfg.get("lr", 1e-4)),
+        lrs = optim.layer_lrs(backbone.layer_groups(), float(cfg.get("lr", 1e-4)),
                               None if cfg.get("head_lr") is None else float(cfg["head_lr"]),
                               None if cfg.get("layer_decay") is None else float(cfg["layer_decay"]),
                               cfg.get("group_lr"))

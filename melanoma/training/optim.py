@@ -1,10 +1,11 @@
 """AdamW parameter groups (one per layer, split by weight decay) and the LR schedules.
 
-Every backbone parameter belongs to one *layer*: ``patch_embed``, ``pos_cls`` (``pos_embed`` and
-``cls_token``), ``block0`` ... ``block{depth-1}``, ``norm``; the active head is ``head``. The
-optimizer gets one group per layer (two when the layer has both decayed and non-decayed
-parameters), each tagged with ``layer``, so the gradual-unfreezing callback can switch whole
-layers on and off while every parameter stays registered with the optimizer from the start.
+Every backbone parameter belongs to one *layer*, as the backbone itself defines them
+(``VisionTransformer.layer_groups`` / ``layer_of``: ``patch_embed``, ``pos_cls``, ``block0`` ...
+``block{depth-1}``, ``norm``); the active head is ``head``. The optimizer gets one group per layer
+(two when the layer has both decayed and non-decayed parameters), each tagged with ``layer``, so
+the gradual-unfreezing callback can switch whole layers on and off while every parameter stays
+registered with the optimizer from the start.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "WarmupCosine",
-    "backbone_layer_order",
     "build_optimizer",
     "build_scheduler",
     "layer_lrs",
-    "layer_of",
     "param_groups",
 ]
 
@@ -33,34 +32,13 @@ __all__ = [
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
-def layer_of(name: str) -> str:
-    """The layer a backbone parameter (name relative to the backbone) belongs to."""
-    if name.startswith("patch_embed."):
-        return "patch_embed"
-    if name in ("pos_embed", "cls_token"):
-        return "pos_cls"
-    if name.startswith("blocks."):
-        return "block" + name.split(".")[1]
-    if name.startswith("norm."):
-        return "norm"
-    raise ValueError(
-        f"backbone parameter {name!r} belongs to no known layer (patch_embed, pos_embed/cls_token, "
-        f"blocks.N, norm); the ViT's parameter names must mirror timm's"
-    )
-
-
-def backbone_layer_order(depth: int) -> list[str]:
-    """Layers from the input upwards: the order the forward pass visits them."""
-    return ["patch_embed", "pos_cls", *(f"block{i}" for i in range(depth)), "norm"]
-
-
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.endswith(".bias")
 
 
-def layer_lrs(depth: int, lr: float, head_lr: float | None = None, layer_decay: float | None = None,
+def layer_lrs(layers: list[str], lr: float, head_lr: float | None = None, layer_decay: float | None = None,
               group_lr: Mapping[str, float | None] | None = None) -> dict[str, float]:
-    """Learning rate per layer.
+    """Learning rate per layer; ``layers`` are the backbone's layer groups in forward order.
 
     ``lr`` is the backbone rate, ``head_lr`` the head's (default ``lr``). With ``layer_decay``
     the rate shrinks geometrically towards the input: norm gets ``lr``, block i gets
@@ -68,17 +46,17 @@ def layer_lrs(depth: int, lr: float, head_lr: float | None = None, layer_decay: 
     overrides single layers (``block11``) or kinds (``head``, ``norm``, ``blocks``, ``pos_cls``,
     ``patch_embed``); a null entry means "not overridden"; a specific layer wins over its kind.
     """
+    depth = sum(layer.startswith("block") for layer in layers)
     group_lr = {k: v for k, v in (group_lr or {}).items() if v is not None}
-    known = set(backbone_layer_order(depth)) | {"head", "blocks"}
+    known = set(layers) | {"head", "blocks"}
     unknown = sorted(set(group_lr) - known)
     if unknown:
         raise ValueError(
             f"model.optimizer.group_lr has unknown layers {unknown}; expected some of head, norm, "
             f"blocks, block0..block{depth - 1}, pos_cls, patch_embed"
         )
-    order = backbone_layer_order(depth)
     lrs: dict[str, float] = {}
-    for layer in order:
+    for layer in layers:
         if layer_decay is None:
             rate = lr
         else:
@@ -106,11 +84,10 @@ def param_groups(backbone: nn.Module, head: nn.Module, lrs: Mapping[str, float],
     """
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in backbone.named_parameters():
-        buckets.setdefault((layer_of(name), _no_decay(name, p)), []).append(p)
+        buckets.setdefault((backbone.layer_of(name), _no_decay(name, p)), []).append(p)
     for name, p in head.named_parameters():
         buckets.setdefault(("head", _no_decay(name, p)), []).append(p)
-    depth = len({layer for layer, _ in buckets if layer.startswith("block")})
-    order = ["head", *reversed(backbone_layer_order(depth))]
+    order = ["head", *reversed(backbone.layer_groups())]
     groups = []
     for layer in order:
         for no_wd in (False, True):

@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 __all__ = ["GradualUnfreezing", "default_unfreeze_order"]
 
 
-def default_unfreeze_order(depth: int) -> list[str]:
-    """Top down: final norm, block{depth-1} ... block0, pos_embed/cls_token, patch embedding."""
-    return ["norm", *(f"block{i}" for i in reversed(range(depth))), "pos_cls", "patch_embed"]
+def default_unfreeze_order(layer_groups: Sequence[str]) -> list[str]:
+    """Top down, the backbone's layer groups reversed: final norm, block{depth-1} ... block0,
+    pos_embed/cls_token, patch embedding."""
+    return list(reversed(layer_groups))
 
 
 class GradualUnfreezing(Callback):
@@ -69,20 +70,20 @@ class GradualUnfreezing(Callback):
 
     # --- the schedule -------------------------------------------------------------------------
 
-    def resolve_stages(self, depth: int) -> list[list[str]]:
-        """The stages after the head-only one, each a list of layer names."""
-        valid = set(default_unfreeze_order(depth))
+    def resolve_stages(self, layer_groups: Sequence[str]) -> list[list[str]]:
+        """The stages after the head-only one, each a list of layer names (``layer_groups``: the
+        backbone's, in forward order)."""
+        valid = set(layer_groups)
         if self.stages is not None:
             stages = self.stages
         else:
-            order = self.order if self.order is not None else default_unfreeze_order(depth)
+            order = self.order if self.order is not None else default_unfreeze_order(layer_groups)
             stages = [order[i:i + self.stage_size] for i in range(0, len(order), self.stage_size)]
         flat = [layer for stage in stages for layer in stage]
         unknown = [layer for layer in flat if layer not in valid]
         if unknown:
             raise ValueError(
-                f"GradualUnfreezing: unknown layers {unknown}; a ViT of depth {depth} has "
-                f"{default_unfreeze_order(depth)}"
+                f"GradualUnfreezing: unknown layers {unknown}; the backbone has {list(layer_groups)}"
             )
         if len(flat) != len(set(flat)):
             raise ValueError(f"GradualUnfreezing: a layer appears in two stages: {stages}")
@@ -95,12 +96,12 @@ class GradualUnfreezing(Callback):
             return 0
         return min(1 + (epoch - self.start_epoch) // self.every_n_epochs, num_stages)
 
-    def trainable_layers(self, epoch: int, depth: int) -> set[str]:
-        return self._schedule(epoch, depth)[2]
+    def trainable_layers(self, epoch: int, layer_groups: Sequence[str]) -> set[str]:
+        return self._schedule(epoch, layer_groups)[2]
 
-    def _schedule(self, epoch: int, depth: int) -> tuple[list[list[str]], int, set[str]]:
+    def _schedule(self, epoch: int, layer_groups: Sequence[str]) -> tuple[list[list[str]], int, set[str]]:
         """(stages, number thawed during ``epoch``, the layers that train then)."""
-        stages = self.resolve_stages(depth)
+        stages = self.resolve_stages(layer_groups)
         n = self.stage_at(epoch, len(stages))
         return stages, n, {"head", *(layer for stage in stages[:n] for layer in stage)}
 
@@ -122,7 +123,7 @@ class GradualUnfreezing(Callback):
         self._apply(trainer, pl_module)
 
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stages, stage, layers = self._schedule(trainer.current_epoch, pl_module.model.backbone.depth)
+        stages, stage, layers = self._schedule(trainer.current_epoch, pl_module.model.backbone.layer_groups())
         pl_module.set_trainable_layers(layers)
         if stage != self.current_stage:
             newest = "head only" if stage == 0 else ", ".join(stages[stage - 1])
@@ -146,8 +147,7 @@ class GradualUnfreezing(Callback):
                 )
 
     def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        depth = pl_module.model.backbone.depth
-        wanted = {layer for stage in self.resolve_stages(depth) for layer in stage}
+        wanted = {layer for stage in self.resolve_stages(pl_module.model.backbone.layer_groups()) for layer in stage}
         for opt in trainer.optimizers:
             have = {g.get("layer") for g in opt.param_groups}
             missing = wanted - have
