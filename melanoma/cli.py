@@ -114,6 +114,7 @@ def cmd_predict(args) -> int:
 # --- evaluate -----------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
+    from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
     from melanoma.evaluation.report import evaluate_checkpoint
     from melanoma.models.classifier import Classifier
 
@@ -126,7 +127,7 @@ def cmd_evaluate(args) -> int:
         target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=args.head,
         progress=not args.quiet,
     )
-    keys = ["n", "accuracy", "balanced_accuracy", "auroc", "average_precision", "sensitivity_argmax",
+    keys = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
             "temperature", "ece_before_calibration", "ece_after_calibration"]
     print(f"test split of {dm.name} (head {metrics['head']}):")

@@ -15,20 +15,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassRecall,
-)
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from melanoma.models import build_backbone
 from melanoma.models.classifier import META_KEY, Classifier, checkpoint_meta, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
 from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.training import optim
+from melanoma.training.metrics import stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +100,7 @@ class LesionClassifier(pl.LightningModule):
         num_classes = len(self.class_names)
         # keys "<stage>_metrics": a key "train" would clash with nn.Module.train
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_metrics": MetricCollection({
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "bal_acc": MulticlassRecall(num_classes, average="macro"),
-                "auroc": MulticlassAUROC(num_classes, average="macro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-            }) for stage in ("train", "val", "test")
+            f"{stage}_metrics": stage_metrics(self.class_names) for stage in ("train", "val", "test")
         })
         self.confmats = torch.nn.ModuleDict({
             stage: MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")
