@@ -98,8 +98,9 @@ def cmd_predict(args) -> int:
 
 def _print_metrics(metrics: dict) -> None:
     from melanoma.evaluation.bootstrap import format_ci
+    from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
 
-    keys = ["n", "accuracy", "balanced_accuracy", "auroc", "average_precision", "sensitivity_argmax",
+    keys = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
             "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
     intervals = metrics.get("ci95") or {}

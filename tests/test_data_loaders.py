@@ -162,3 +162,24 @@ def test_npy_cache_skips_decoding_and_matches_jpg_cache(dermmel_root, tmp_path):
     assert (ds[0][0] - jpg.dataset("val")[0][0]).abs().mean() < 0.05  # JPEG q95 vs raw
     with pytest.raises(ValueError, match="cache_format"):
         DermMelDataModule(dermmel_root, cache_dir=tmp_path, cache_format="png")
+
+
+@pytest.mark.parametrize("n,world", [(1, 1), (7, 2), (9, 2), (10, 3), (11, 4), (3, 3)])
+def test_eval_sampler_shards_are_disjoint_in_order_and_cover_every_index_once(n, world):
+    from melanoma.data.samplers import EvalDistributedSampler
+
+    shards = [list(EvalDistributedSampler(n, world, r)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))  # each index exactly once
+    for r, s in enumerate(shards):
+        assert s == list(range(r, n, world))  # rank r: r, r + W, r + 2W, ...
+        assert len(EvalDistributedSampler(n, world, r)) == len(s)
+    # no padding: shard sizes differ by at most one and sum to n (DistributedSampler gives 4 + 4 for 7)
+    assert sum(len(s) for s in shards) == n and max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_eval_sampler_refuses_a_rank_without_images():
+    from melanoma.data.samplers import EvalDistributedSampler
+
+    with pytest.raises(ValueError, match="3 images.*4 processes"):
+        EvalDistributedSampler(3, 4, 3)
+    assert list(EvalDistributedSampler(0, 2, 1)) == []  # an empty split is empty everywhere

@@ -121,3 +121,29 @@ def test_tta_averages_the_eight_dihedral_views():
     # "logit" = top-left pixel: averaged over the 8 views it is the mean of the 4 corners
     out = tta_logits(lambda v: v[:, :, 0, 0], x)
     assert float(out) == pytest.approx((0 + 3 + 12 + 15) / 4)
+
+
+def test_auroc_is_melanoma_vs_rest_and_auroc_macro_is_macro_one_vs_rest():
+    from sklearn.metrics import roc_auc_score
+
+    # 3 classes as PH2's 3class label set; melanoma (the last column) is the hardest to separate
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 3, 200)
+    probs = softmax(rng.normal(size=(200, 3)) + np.eye(3)[labels] * [2.0, 2.0, 0.5])
+    got = M.classification_metrics(probs, labels, positive_index=2)
+    assert got[M.AUROC] == pytest.approx(roc_auc_score(labels == 2, probs[:, 2]), abs=1e-12)
+    assert got[M.AUROC_MACRO] == pytest.approx(
+        roc_auc_score(labels, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert got[M.AUROC_MACRO] - got[M.AUROC] > 0.05  # the two keys really differ here
+    # hand-computed: class 0 ranks its one case first of three (1.0); class 1 (0.3 between 0.1
+    # and 0.5) and class 2, melanoma (0.4 between 0.1 and 0.6), rank theirs second (0.5 each)
+    p = np.array([[0.8, 0.1, 0.1], [0.1, 0.3, 0.6], [0.1, 0.5, 0.4]])
+    y = np.array([0, 1, 2])
+    assert M.macro_auroc(p, y) == pytest.approx((1.0 + 0.5 + 0.5) / 3)
+    assert M.classification_metrics(p, y, positive_index=2)[M.AUROC] == pytest.approx(0.5)
+    # a class absent from the labels has no AUROC: averaged over the classes present, not as 0
+    # (torchmetrics' macro would give (1 + 1 + 0) / 3 here)
+    assert M.macro_auroc(p[:2], y[:2]) == pytest.approx(1.0)
+    # without a melanoma class there is no auroc, but the macro average still exists
+    no_mel = M.classification_metrics(p, y, positive_index=None)
+    assert M.AUROC not in no_mel and no_mel[M.AUROC_MACRO] == pytest.approx(2 / 3)

@@ -24,7 +24,7 @@ from melanoma.models.heads import positive_index
 
 from .cache import CACHE_FORMATS, build_cache, default_cache_size
 from .io import load_rgb
-from .samplers import BalancedDistributedSampler
+from .samplers import BalancedDistributedSampler, EvalDistributedSampler
 from .splits import train_val_test_split
 from .transforms import (
     IMAGENET_MEAN,
@@ -350,15 +350,17 @@ class LesionDataModule(L.LightningDataModule):
         return LesionImageDataset(paths, rows["label"].to_numpy(), transform,
                                   decode_size=None if self._cached else self.image_size)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool, shard: bool = True) -> DataLoader:
         ds = self.dataset(split, train)
         world_size, rank = self._world()
         sampler = None
         if train and self.sampler == "balanced":
             sampler = BalancedDistributedSampler(ds.labels, world_size, rank, seed=self.seed)
-        elif world_size > 1:
+        elif world_size > 1 and shard:
             # Built here rather than left to Lightning so a plain DDP script shards the same way.
-            sampler = DistributedSampler(ds, world_size, rank, shuffle=train, seed=self.seed)
+            # Evaluation shards are unpadded so every image counts once in val/test metrics.
+            sampler = (DistributedSampler(ds, world_size, rank, shuffle=True, seed=self.seed) if train
+                       else EvalDistributedSampler(len(ds), world_size, rank))
         generator = torch.Generator().manual_seed(self.seed + rank)
         return DataLoader(
             ds,
@@ -382,7 +384,9 @@ class LesionDataModule(L.LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        # Lightning always shards prediction loaders itself (without padding): a sampler sharded
+        # here would be sharded a second time
+        return self._loader("test", train=False, shard=False)
 
     # --- misc ------------------------------------------------------------------------------
     def image_paths(self) -> list[str]:

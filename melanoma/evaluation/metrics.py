@@ -3,6 +3,11 @@
 Written in NumPy so the report does not depend on a metrics library's defaults; the tests check
 every number against torchmetrics. The positive class is melanoma everywhere: AUROC, average
 precision, sensitivity and specificity are melanoma-versus-rest.
+
+The AUROC keys mean the same here, in the training module's ``val/``/``test/`` metrics and in
+``<run>/test/metrics.json``: ``AUROC`` is melanoma-versus-rest, ``AUROC_MACRO`` the unweighted
+mean of the one-versus-rest AUROCs of the classes the labels contain (both classes of a binary
+set give the same value as ``AUROC``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 ECE_BINS = 15
+
+#: metric keys, defined once: melanoma-vs-rest AUROC and macro one-vs-rest AUROC
+AUROC = "auroc"
+AUROC_MACRO = "auroc_macro"
 
 
 def _as_arrays(probs, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +94,16 @@ def binary_auroc(scores, targets) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def macro_auroc(probs, labels) -> float:
+    """Mean one-versus-rest AUROC over the classes whose AUROC is defined (the class occurs in
+    ``labels`` and is not the only one). torchmetrics' macro average would count a class absent
+    from the labels as 0; here it is left out, as it has no AUROC."""
+    probs, labels = _as_arrays(probs, labels)
+    per_class = [binary_auroc(probs[:, c], labels == c) for c in range(probs.shape[1])]
+    defined = [a for a in per_class if not np.isnan(a)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def binary_average_precision(scores, targets) -> float:
     """Step-wise area under the precision-recall curve: sum over thresholds of
     (R_k - R_{k-1}) * P_k (no interpolation)."""
@@ -142,12 +161,13 @@ def classification_metrics(
         "balanced_accuracy": balanced_accuracy(probs, labels),
         "nll": negative_log_likelihood(probs, labels),
         "ece": expected_calibration_error(probs, labels),
+        AUROC_MACRO: macro_auroc(probs, labels),
     }
     if positive_index is None:
         return out
     is_mel = labels == positive_index
     p_mel = probs[:, positive_index]
-    out["auroc"] = binary_auroc(p_mel, is_mel)
+    out[AUROC] = binary_auroc(p_mel, is_mel)
     out["average_precision"] = binary_average_precision(p_mel, is_mel)
     sens, spec = sensitivity_specificity(probs.argmax(1) == positive_index, is_mel)
     out["sensitivity_argmax"], out["specificity_argmax"] = sens, spec

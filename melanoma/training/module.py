@@ -15,14 +15,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassAUROC,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassRecall,
-)
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
@@ -30,6 +25,7 @@ from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
 from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.training import optim
+from melanoma.training.metrics import stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +105,14 @@ class LesionClassifier(pl.LightningModule):
         num_classes = len(self.class_names)
         # keys "<stage>_metrics": a key "train" would clash with nn.Module.train
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_metrics": MetricCollection({
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "bal_acc": MulticlassRecall(num_classes, average="macro"),
-                "auroc": MulticlassAUROC(num_classes, average="macro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-            }) for stage in ("train", "val", "test")
+            f"{stage}_metrics": stage_metrics(self.class_names) for stage in ("train", "val", "test")
         })
         self.confmats = torch.nn.ModuleDict({
             stage: MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")
         })
+        # the mean loss over images: weighted by batch size and synced as sums, so under DDP it
+        # equals one process's value (self.log's sync_dist would average the per-rank means)
+        self.eval_losses = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.test_figures: dict = {}
 
@@ -234,8 +228,7 @@ class LesionClassifier(pl.LightningModule):
         probs = logits.float().softmax(-1)
         self.metrics[f"{stage}_metrics"].update(probs, y)
         self.confmats[stage].update(probs, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True,
-                 prog_bar=stage == "val")
+        self.eval_losses[stage].update(loss.detach(), weight=y.numel())
         return probs
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -254,10 +247,13 @@ class LesionClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         cm = self._log_metrics("test")
         if self._test_outputs:
-            probs = torch.cat([p for p, _ in self._test_outputs])
-            labels = torch.cat([y for _, y in self._test_outputs])
-            probs = self.all_gather(probs.to(self.device)).reshape(-1, probs.shape[-1]).cpu()
-            labels = self.all_gather(labels.to(self.device)).reshape(-1).cpu()
+            probs = torch.cat([p for p, _ in self._test_outputs]).to(self.device)
+            labels = torch.cat([y for _, y in self._test_outputs]).to(self.device)
+            if self.trainer.world_size > 1:
+                # evaluation shards are unpadded and may differ in length by one: gather_all_tensors
+                # handles that, Lightning's all_gather needs equal shapes
+                probs, labels = torch.cat(gather_all_tensors(probs)), torch.cat(gather_all_tensors(labels))
+            probs, labels = probs.cpu(), labels.cpu()
             if self.trainer.is_global_zero and cm is not None:
                 from melanoma.training.figures import test_figures
 
@@ -271,6 +267,10 @@ class LesionClassifier(pl.LightningModule):
             return None
         values = {f"{stage}/{k}": v for k, v in collection.compute().items()}
         collection.reset()
+        if stage in self.eval_losses and self.eval_losses[stage].update_called:
+            self.log(f"{stage}/loss", self.eval_losses[stage].compute().float(), sync_dist=True,
+                     prog_bar=stage == "val")
+            self.eval_losses[stage].reset()
         cm = None
         if stage in self.confmats and self.confmats[stage].update_called:
             cm = self.confmats[stage].compute()

@@ -1,0 +1,81 @@
+"""The metrics the LightningModule logs per stage (``<stage>/<key>``), as torchmetrics objects so
+their states sync across DDP ranks.
+
+``auroc`` and ``auroc_macro`` mean what they mean in the evaluation report
+(``melanoma.evaluation.metrics``): melanoma-versus-rest, and the macro one-versus-rest average
+over the classes the labels contain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAUROC,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassRecall,
+)
+from torchmetrics.utilities.data import dim_zero_cat
+
+from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
+from melanoma.models.heads import positive_index
+
+__all__ = ["MacroAUROC", "PositiveClassAUROC", "stage_metrics"]
+
+
+def _nan(like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(float("nan"), device=like.device)
+
+
+class PositiveClassAUROC(BinaryAUROC):
+    """AUROC of one class against the rest, updated with (N, C) probabilities and class labels.
+
+    NaN when the labels hold only one side (torchmetrics would return 0 with a warning)."""
+
+    def __init__(self, positive: int, **kwargs):
+        super().__init__(**kwargs)
+        self.positive = int(positive)
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update(probs[:, self.positive], (labels == self.positive).long())
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target)
+        if target.numel() == 0 or bool(target.all()) or not bool(target.any()):
+            return _nan(target)
+        return super().compute()
+
+
+class MacroAUROC(MulticlassAUROC):
+    """Mean one-versus-rest AUROC over the classes whose AUROC is defined (present in the labels
+    and not the only one present); torchmetrics' ``average="macro"`` counts an absent class as 0."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        per_class = super().compute()
+        target = dim_zero_cat(self.target)
+        counts = torch.bincount(target.long(), minlength=self.num_classes)
+        defined = (counts > 0) & (counts < target.numel())
+        return per_class[defined].mean() if bool(defined.any()) else _nan(per_class)
+
+
+def stage_metrics(class_names: Sequence[str]) -> MetricCollection:
+    """One stage's metrics, updated with (probabilities (N, C), labels (N,)). ``auroc`` exists
+    only when a class is melanoma (``positive_index``)."""
+    num_classes = len(class_names)
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "bal_acc": MulticlassRecall(num_classes, average="macro"),
+        AUROC_MACRO: MacroAUROC(num_classes),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    pos = positive_index(class_names)
+    if pos is not None:
+        metrics[AUROC] = PositiveClassAUROC(pos)
+    return MetricCollection(metrics)
