@@ -64,6 +64,7 @@ def test_2017_official_splits_three_classes_superpixels_and_extras_ignored(isic2
                       **{("test", c): 3 for c in range(3)}}
     assert not t.path.str.contains("superpixels").any() and ISIC2017_EXTRA not in stems(t.path)
     assert "1 image(s) in" in caplog.text and "ISIC-2017_Training_Data" in caplog.text
+    assert (t.age == 50).all() and (t.sex == "female").all()  # from each Data folder's metadata CSV
     binary = load(isic2017_root)
     assert binary.table.label.sum() == 6 + 2 + 3
 

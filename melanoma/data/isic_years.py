@@ -145,12 +145,23 @@ def _read_2017(csv: Path) -> pd.DataFrame:
     return _records(table["image_id"], mel, dx)
 
 
+METADATA_2017 = {"age_approximate": "age", "sex": "sex"}  # <Data folder>/<its name>_metadata.csv
+
+
 def read_2017(anchor: Path) -> list[Part]:
-    return _parts(anchor.parent, [
+    parts = _parts(anchor.parent, [
         (None, "ISIC-2017_Training_Part3_GroundTruth.csv", "ISIC-2017_Training_Data"),
         ("val", "ISIC-2017_Validation_Part3_GroundTruth.csv", "ISIC-2017_Validation_Data"),
         ("test", "ISIC-2017_Test_v2_Part3_GroundTruth.csv", "ISIC-2017_Test_v2_Data"),
     ], _read_2017)
+    for part in parts:
+        meta_csv = part.folder / f"{part.folder.name}_metadata.csv"
+        if meta_csv.is_file():
+            meta = _read_csv(meta_csv, ["image_id", *METADATA_2017]).drop_duplicates("image_id").set_index("image_id")
+            for old, new in METADATA_2017.items():
+                part.records[new] = part.records["image"].map(meta[old])
+            part.records["age"] = pd.to_numeric(part.records["age"], errors="coerce")  # "unknown" -> NaN
+    return parts
 
 
 # --- 2018 Task 3 ----------------------------------------------------------------------------
@@ -201,6 +212,7 @@ def read_2019(anchor: Path) -> list[Part]:
         raise FileNotFoundError(f"ISIC 2019: {METADATA_2019} not found under {base}; its lesion_id column is "
                                 f"what keeps images of one lesion in one split. Download it beside {anchor.name}.")
     meta = _read_csv(meta_csv, ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"])
+    meta = meta.drop_duplicates("image")  # a repeated row must not repeat the image
     meta = table[["image"]].merge(meta, on="image", how="left")
     records = _records(table["image"], dx == "mel", dx, meta["lesion_id"],
                        age=pd.to_numeric(meta["age_approx"]), sex=meta["sex"], site=meta["anatom_site_general"])
