@@ -32,7 +32,7 @@ LABEL_SET_YEAR = {y.label_set: y.year for y in YEARS.values() if y.label_set}
 
 class ISICDataModule(LesionDataModule):
     name = "isic"
-    label_sets = {"binary": BINARY_CLASSES, "3class": CLASSES_2017, "dx": CLASSES_2018, "dx8": CLASSES_2019}
+    label_sets = {"binary": BINARY_CLASSES, **{y.label_set: list(y.classes) for y in YEARS.values() if y.label_set}}
     split_setting_keys = (*LesionDataModule.split_setting_keys, "year")
 
     def __init__(self, root, year: int | None = None, **kwargs):

@@ -188,7 +188,7 @@ def read_2018(anchor: Path) -> list[Part]:
         log.warning("ISIC 2018: %s not found under %s: each training image is its own group, so images of one "
                     "lesion can land in different splits. Download it to split by lesion.", GROUPINGS_2018, base)
         return parts
-    lesions = _read_csv(groupings, ["image", "lesion_id"]).set_index("image")["lesion_id"]
+    lesions = _read_csv(groupings, ["image", "lesion_id"]).drop_duplicates("image").set_index("image")["lesion_id"]
     train = parts[0].records
     train["group"] = train["image"].map(lesions).fillna(train["image"])
     return parts
