@@ -111,7 +111,7 @@ class ISICDataModule(LesionDataModule):
         self.year = year
         parts = YEARS[year].read(anchor)
         log.info("%s: ISIC %d, parts %s", self.name, year,
-                 ", ".join(f"{p.csv.name} ({p.split or 'train'})" for p in parts))
+                 ", ".join(f"{p.csv.name} ({p.split or 'training'})" for p in parts))
         return pd.concat([self.part_table(p) for p in parts], ignore_index=True)
 
 
