@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -14,6 +15,7 @@ EXPECTED = {
     "dermmel": ("DermMelDataModule", ["not_melanoma", "melanoma"], "dermmel"),
     "ham10000": ("HAM10000DataModule", ["not_melanoma", "melanoma"], "ham10000"),
     "ph2": ("PH2DataModule", ["common_nevus", "atypical_nevus", "melanoma"], "ph2"),
+    "isic": ("ISICDataModule", ["not_melanoma", "melanoma"], "isic"),
 }
 
 
@@ -54,3 +56,25 @@ def test_ham10000_config_with_dx_labels_and_folds(tmp_path):
     cfg = compose("ham10000", tmp_path, label_set="dx", num_folds=5, fold=2)
     dm = instantiate(cfg.dataset)
     assert dm.num_classes == 7 and dm.num_folds == 5 and dm.fold == 2
+
+
+def test_isic_config_chooses_year_and_label_set(tmp_path):
+    cfg = compose("isic", tmp_path, year=2019, label_set="dx8", num_folds=5, fold=1)
+    dm = instantiate(cfg.dataset)
+    assert dm.year == 2019 and dm.num_classes == 8 and dm.class_names[dm.positive_index] == "mel"
+    assert dm.num_folds == 5 and dm.fold == 1 and "year" in dm.split_setting_keys
+
+
+def test_isic_config_trains_a_fast_dev_run(tmp_path):
+    """dataset=isic through train.py's run() on a miniature 2019 download."""
+    from isic_fixtures import write_isic2019
+    from training_fixtures import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+
+    from melanoma.train import run
+
+    root = write_isic2019(tmp_path / "ISIC2019")
+    cfg = compose_cfg(["dataset=isic", *tiny_dataset_overrides(root, batch_size=4), *tiny_model_overrides(),
+                       *tiny_trainer_overrides(1), "trainer.fast_dev_run=true", "logger=csv"], tmp_path / "run")
+    run(cfg)
+    saved = pd.read_csv(tmp_path / "run" / "splits.csv")
+    assert {"age", "sex", "site"} <= set(saved.columns) and len(saved) == 45

@@ -25,7 +25,7 @@ from melanoma.models.heads import positive_index
 from .cache import CACHE_FORMATS, build_cache, default_cache_size
 from .io import load_rgb
 from .samplers import BalancedDistributedSampler, EvalDistributedSampler
-from .splits import train_val_test_split
+from .splits import carve_missing_splits
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,6 +39,8 @@ from .transforms import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+#: the columns every table has, first; a subclass may add more (metadata), kept after them
+TABLE_COLUMNS = ["path", "label", "group", "split"]
 BINARY_CLASSES = ["not_melanoma", "melanoma"]
 
 
@@ -172,7 +174,9 @@ class LesionDataModule(L.LightningDataModule):
 
     # --- what a subclass provides -------------------------------------------------------
     def build_table(self) -> pd.DataFrame:
-        """DataFrame with columns path (str), label (int), group (str) and optionally split."""
+        """DataFrame with columns path (str), label (int), group (str), optionally split, and any
+        metadata columns (kept in the table and in splits.csv). Rows whose split is missing
+        (no split column, or NA) are split here, around the official splits present."""
         raise NotImplementedError
 
     # --- classes -------------------------------------------------------------------------
@@ -197,9 +201,15 @@ class LesionDataModule(L.LightningDataModule):
         table["label"] = table["label"].astype(np.int64)
         table["group"] = table["group"].astype(str)
         if "split" not in table.columns:
-            table["split"] = train_val_test_split(
-                table["label"].to_numpy(),
-                table["group"].to_numpy(),
+            table["split"] = None
+        table["split"] = table["split"].astype(object)
+        unsplit = table["split"].isna().to_numpy()
+        if unsplit.any():
+            rows = table[unsplit]
+            table.loc[unsplit, "split"] = carve_missing_splits(
+                rows["label"].to_numpy(),
+                rows["group"].to_numpy(),
+                set(table["split"][~unsplit]),
                 self.val_fraction,
                 self.test_fraction,
                 self.seed,
@@ -212,7 +222,8 @@ class LesionDataModule(L.LightningDataModule):
         # Loader order = split, then path: independent of directory listing order.
         order = {s: i for i, s in enumerate(SPLITS)}
         table = table.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
-        return table.reset_index(drop=True)[["path", "label", "group", "split"]]
+        extra = [c for c in table.columns if c not in TABLE_COLUMNS]
+        return table.reset_index(drop=True)[TABLE_COLUMNS + extra]
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup(): the place for one-time disk work.
@@ -243,14 +254,15 @@ class LesionDataModule(L.LightningDataModule):
         return self.table
 
     def split_table(self, split: str) -> pd.DataFrame:
-        """Rows of one split in loader order (columns path, label, group, split)."""
+        """Rows of one split in loader order (columns path, label, group, split, then metadata)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         t = self._require_table()
         return t[t["split"] == split].reset_index(drop=True)
 
     def save_split(self, path: str | os.PathLike) -> Path:
-        """Write splits.csv (path,label,group,split; label as class name). ``path`` may be the
+        """Write splits.csv (path,label,group,split and the metadata columns; label as class
+        name). ``path`` may be the
         file or the folder to put splits.csv in. Returns the file written."""
         path = Path(path)
         if path.is_dir() or path.suffix == "":

@@ -53,3 +53,21 @@ def subdirs(folder: Path) -> dict[str, Path]:
     with os.scandir(folder) as it:
         return {e.name.lower(): Path(e.path) for e in sorted(it, key=lambda e: e.name)
                 if e.is_dir() and not e.name.startswith(".")}
+
+
+def find_dir(root: Path, name: str, max_depth: int = 3) -> Path | None:
+    """Shallowest folder called ``name`` (case-insensitive) at or below ``root``."""
+    wanted = name.lower()
+    level = [root]
+    for _ in range(max_depth + 1):
+        nxt = []
+        for folder in level:
+            try:
+                children = subdirs(folder)
+            except OSError:
+                continue
+            if wanted in children:
+                return children[wanted]
+            nxt.extend(children.values())
+        level = nxt
+    return None

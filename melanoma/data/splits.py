@@ -51,6 +51,13 @@ def assign_groups(
     return np.array(names, dtype=object)[group_bin[group_idx]]
 
 
+def _check_fold(num_folds: int, fold: int | None) -> None:
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2 (or null for no k-fold), got {num_folds}")
+    if fold is None or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1} when num_folds={num_folds}, got {fold}")
+
+
 def train_val_test_split(
     labels,
     groups,
@@ -79,10 +86,7 @@ def train_val_test_split(
             {"train": train_fraction, "val": val_fraction, "test": test_fraction},
             seed,
         )
-    if num_folds < 2:
-        raise ValueError(f"num_folds must be >= 2 (or null for no k-fold), got {num_folds}")
-    if fold is None or not 0 <= fold < num_folds:
-        raise ValueError(f"fold must be in 0..{num_folds - 1} when num_folds={num_folds}, got {fold}")
+    _check_fold(num_folds, fold)
     groups = np.asarray(groups).astype(str)
     split = assign_groups(labels, groups, {"rest": 1.0 - test_fraction, "test": test_fraction}, seed)
     rest = split == "rest"
@@ -92,3 +96,44 @@ def train_val_test_split(
     split = split.astype(object)
     split[rest] = np.where(folds == str(fold), "val", "train")
     return split
+
+
+def carve_missing_splits(
+    labels,
+    groups,
+    official: set[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    num_folds: int | None = None,
+    fold: int | None = None,
+) -> np.ndarray:
+    """Split names for the rows a download leaves unsplit (its training part), when the
+    download already has the ``official`` splits (a subset of {"val", "test"}).
+
+    The splits the download lacks are carved from these rows, grouped and stratified; the
+    fractions are shares of these rows. With nothing official this is ``train_val_test_split``.
+    k-fold cuts the val folds from these rows, so it needs a download without an official val.
+    """
+    official = set(official) & {"val", "test"}
+    if "test" not in official:
+        if "val" in official:
+            if num_folds is not None:
+                raise ValueError(_KFOLD_WITH_OFFICIAL_VAL)
+            return assign_groups(labels, groups, {"train": 1.0 - test_fraction, "test": test_fraction}, seed)
+        return train_val_test_split(labels, groups, val_fraction, test_fraction, seed, num_folds, fold)
+    if "val" in official:
+        if num_folds is not None:
+            raise ValueError(_KFOLD_WITH_OFFICIAL_VAL)
+        return np.full(len(np.asarray(labels)), "train", dtype=object)
+    if num_folds is None:
+        return assign_groups(labels, groups, {"train": 1.0 - val_fraction, "val": val_fraction}, seed)
+    _check_fold(num_folds, fold)
+    folds = assign_groups(labels, groups, {str(i): 1.0 / num_folds for i in range(num_folds)}, seed + 1)
+    return np.where(folds == str(fold), "val", "train").astype(object)
+
+
+_KFOLD_WITH_OFFICIAL_VAL = (
+    "k-fold (num_folds) replaces the val split, but this download has an official val split; "
+    "set num_folds=null to use it"
+)
