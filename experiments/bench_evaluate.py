@@ -37,8 +37,8 @@ from melanoma.evaluation.calibration import softmax
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.metrics import classification_metrics
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.inference import Predictor
-from melanoma.models.heads import positive_index
+from melanoma.predict import Predictor
+from melanoma.conventions import positive_index
 
 CLASS_NAMES = ["not_melanoma", "melanoma"]
 TARGET = 1.10

@@ -33,7 +33,8 @@ from torchvision import transforms as T
 from melanoma.data.base import LesionImageDataset, _seed_worker_augmentations
 from melanoma.data.cache import build_cache
 from melanoma.data.synthetic import _image_rng, _render_rect
-from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.data.transforms import train_transform
 
 SIZE = 224
 

@@ -32,7 +32,7 @@ from PIL import Image
 
 from melanoma.data.synthetic import render_lesion
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
-from melanoma.inference import Predictor
+from melanoma.predict import Predictor
 
 VARIANTS = {
     # name: (attention_dir?, methods, PNGs written?)

@@ -57,7 +57,7 @@ def _write_records(records: list[dict], out: Path | None, header: dict) -> None:
 
 def cmd_predict(args) -> int:
     from melanoma.data.io import find_images
-    from melanoma.inference import Predictor
+    from melanoma.predict import Predictor
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out must end in .csv or .json, got {args.out}")
@@ -162,7 +162,7 @@ def cmd_check_data(args) -> int:
 # --- export -------------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
-    from melanoma.evaluation.export import export_onnx
+    from melanoma.predict.export import export_onnx
 
     info = export_onnx(args.checkpoint, out=args.out, head=args.head, calibrated=not args.uncalibrated)
     print(f"exported {info['path']} (head {info['head']}, classes {info['class_names']}, "

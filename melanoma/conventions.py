@@ -1,11 +1,31 @@
-"""Conventions every room of the package shares (the ground floor: imports nothing above it).
+"""Conventions every room of the package shares (the ground floor: imports nothing of ours).
 
+- The positive class is melanoma everywhere: binary label sets, sensitivity, thresholds.
+- ImageNet normalisation, which the DeiT weights were trained with.
 - The resampling filters: dataset configs name OpenCV's (training crops run in OpenCV), while
   evaluation, prediction and ONNX consumers resize with PIL, so that a consumer holding only PIL
   and numpy reproduces the model's input exactly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: class names that mean melanoma (any case)
+MELANOMA_NAMES = ("melanoma", "mel")
+#: the binary label set every dataset offers: melanoma vs the rest
+BINARY_CLASSES = ["not_melanoma", "melanoma"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def positive_index(class_names: Sequence[str]) -> int | None:
+    """Index of the melanoma class ("melanoma" or "mel", any case), or None if there is none."""
+    for i, name in enumerate(class_names):
+        if str(name).strip().lower() in MELANOMA_NAMES:
+            return i
+    return None
 
 #: PIL resampling filters by the name a checkpoint and an ONNX sidecar record
 PIL_RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")

@@ -10,7 +10,7 @@ from melanoma.data.synthetic import SyntheticDataModule, render_lesion
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.report import evaluate_checkpoint
 from melanoma.explain.attention import compute_attention_maps
-from melanoma.inference import Predictor
+from melanoma.predict import Predictor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

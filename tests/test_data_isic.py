@@ -11,7 +11,7 @@ from isic_fixtures import (ISIC2016, ISIC2017, ISIC2017_EXTRA, ISIC2018_COLUMNS,
                            isic2019_root, isic2019_training, isic2020_root, isic2020_training, write_isic2016,
                            write_isic2019, write_isic2020)
 from data_fixtures import ham_root  # noqa: F401  (fixture)
-from melanoma.data.base import BINARY_CLASSES
+from melanoma.conventions import BINARY_CLASSES
 from melanoma.data.ham10000 import DX, HAM10000DataModule
 from melanoma.data.isic import CLASSES_2017, CLASSES_2019, ISICDataModule
 from melanoma.data.overlap import cross_dataset_overlap, drop_overlap_from_train, image_id

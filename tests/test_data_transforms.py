@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, resolve_augment, train_transform
+from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.data.transforms import eval_transform, resolve_augment, train_transform
 
 
 def _image(w=90, h=60, seed=0):

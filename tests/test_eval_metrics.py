@@ -8,7 +8,7 @@ import torchmetrics.functional.classification as tmf
 from melanoma.evaluation import metrics as M
 from melanoma.evaluation.calibration import fit_temperature, nll, softmax
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.tta import DIHEDRAL_VIEWS, dihedral_view, tta_logits
+from melanoma.predict.tta import DIHEDRAL_VIEWS, dihedral_view, tta_logits
 
 
 def _random_predictions(n=300, c=3, seed=0, decimals=2):

@@ -12,7 +12,7 @@ import torchmetrics.functional.classification as tmf
 from melanoma.data.synthetic import SyntheticDataModule
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
 from melanoma.evaluation.report import evaluate_checkpoint
-from melanoma.inference import Predictor
+from melanoma.predict import Predictor
 from melanoma.models.classifier import Classifier
 
 IMAGE_SIZE = 32

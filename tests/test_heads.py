@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from melanoma.models.heads import DatasetHeads, LinearHead, MLPHead, build_head, positive_index
+from melanoma.conventions import positive_index
+from melanoma.models.heads import DatasetHeads, LinearHead, MLPHead, build_head
 
 HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 

@@ -15,7 +15,7 @@ import torch
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
-from melanoma.inference import Predictor
+from melanoma.predict import Predictor
 from melanoma.models.checkpoint import Calibration, update_meta
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

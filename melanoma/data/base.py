@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
-from melanoma.models.heads import positive_index
+from melanoma.conventions import BINARY_CLASSES, positive_index
 
 from .cache import CACHE_FORMATS, build_cache, default_cache_size
 from .io import load_rgb
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 #: the columns every table has, first; a subclass may add more (metadata), kept after them
 TABLE_COLUMNS = ["path", "label", "group", "split"]
-BINARY_CLASSES = ["not_melanoma", "melanoma"]
 
 
 def _plain(value):

@@ -21,7 +21,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image
 
 from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
-from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,

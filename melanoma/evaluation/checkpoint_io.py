@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import (
     Calibration,

@@ -6,7 +6,7 @@
   stored calibration and threshold are used as they are, nothing is fitted and the checkpoint is
   not touched.
 
-Both predict through ``melanoma.inference.Predictor`` (the same preprocessing, calibration and
+Both predict through ``melanoma.predict.Predictor`` (the same preprocessing, calibration and
 decision rule as `melanoma predict`) and write out_dir/metrics.json, predictions.csv (one row
 per image: path, true label, every class probability, melanoma probability, decision, raw
 logits) and the figures (*.png), logged to a W&B run when one is given.
@@ -28,9 +28,9 @@ from melanoma.evaluation.calibration import fit_temperature, nll
 from melanoma.evaluation.figures import report_figures, save_figure
 from melanoma.evaluation.metrics import classification_metrics, expected_calibration_error
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.inference import Predictor, decide
+from melanoma.predict import Predictor, decide
 from melanoma.models.checkpoint import Calibration, softmax, update_meta
-from melanoma.models.heads import positive_index
+from melanoma.conventions import positive_index
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
-from melanoma.models.heads import positive_index
+from melanoma.conventions import positive_index
 
 log = logging.getLogger(__name__)
 

@@ -11,17 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DatasetHeads", "LinearHead", "MLPHead", "build_head", "positive_index"]
+__all__ = ["DatasetHeads", "LinearHead", "MLPHead", "build_head"]
 
-MELANOMA_NAMES = ("melanoma", "mel")
-
-
-def positive_index(class_names: Sequence[str]) -> int | None:
-    """Index of the melanoma class ("melanoma" or "mel", any case), or None if there is none."""
-    for i, name in enumerate(class_names):
-        if str(name).strip().lower() in MELANOMA_NAMES:
-            return i
-    return None
 
 
 def _check_class_names(class_names: Sequence[str]) -> list[str]:

@@ -32,8 +32,6 @@ __all__ = [
 
 LAYER_NORM_EPS = 1e-6
 # DeiT's input normalisation (ImageNet statistics): images fed to these weights use it
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:

@@ -22,7 +22,7 @@ from torchmetrics.classification import (
 from torchmetrics.utilities.data import dim_zero_cat
 
 from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
-from melanoma.models.heads import positive_index
+from melanoma.conventions import positive_index
 
 __all__ = ["MacroAUROC", "PositiveClassAUROC", "stage_metrics"]
 

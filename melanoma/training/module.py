@@ -22,8 +22,8 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
 from melanoma.models.classifier import Classifier, state_dict_mismatch
-from melanoma.models.heads import DatasetHeads, build_head, positive_index
-from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from melanoma.models.heads import DatasetHeads, build_head
+from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.training import optim
 from melanoma.training.metrics import stage_metrics
 

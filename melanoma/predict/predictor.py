@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from melanoma.data.io import ImageReadError, load_rgb
 from melanoma.data.transforms import EvalTransform
-from melanoma.evaluation.tta import tta_logits
+from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
 from melanoma.models.checkpoint import Calibration, CheckpointMeta, Preprocessing, softmax
