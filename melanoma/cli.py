@@ -1,9 +1,10 @@
-"""`melanoma` command line: predict, evaluate, check-data, export.
+"""`melanoma` command line: predict, evaluate, check-data, export, serve.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
     melanoma evaluate runs/.../best.ckpt dataset=ham10000 dataset.root=/data/HAM10000
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
     melanoma export runs/.../best.ckpt --format onnx --calibrated
+    melanoma serve runs/.../best.ckpt --port 8000
 
 `evaluate` and `check-data` take Hydra-style overrides of the training configs in conf/, so a
 dataset is described exactly as for `python train.py`.
@@ -165,6 +166,29 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+# --- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from melanoma.serve import ServeLimits, create_app
+
+    try:  # checked before the model loads
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError(f"`melanoma serve` needs the serve extra ({e.name} is not installed): "
+                           f"pip install 'melanoma[serve]' (or -e '.[serve]' in a clone)") from None
+    limits = ServeLimits(max_files=args.max_files, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
+    app = create_app(args.checkpoint, head=args.head, device=args.device, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this machine on port %d can upload images and "
+                    "use the model (no authentication, no encryption)", args.host, args.port)
+    print(f"melanoma serve: {args.checkpoint} (head {app.state.service.default_head}) on "
+          f"http://{args.host}:{args.port}/ (Ctrl+C stops it)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrated", action="store_true", help="fold the stored temperature into the graph")
     p.add_argument("--out", type=Path, help="default: the checkpoint's path with .onnx")
     p.set_defaults(func=cmd_export)
+
+    from melanoma.serve.limits import DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+
+    limits = ServeLimits()
+    p = sub.add_parser("serve", parents=[common], help="a local web page and JSON API to try a checkpoint",
+                       description="Serves a page (drop lesion photos, see the decision and the attention "
+                                   "overlay) and POST /api/predict, GET /api/model, GET /healthz. Needs the "
+                                   "serve extra. A research tool, not a diagnosis.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--head", help="default head (default: the checkpoint's active head); the page can switch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--max-files", type=int, default=limits.max_files, help="images per request")
+    p.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body size")
+    p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="pixels per image (decompression bombs)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
