@@ -61,7 +61,8 @@ async function loadModel() {
   $("head").addEventListener("change", describeHead);
   describeHead();
   const mb = (model.limits.max_bytes / 1048576).toFixed(0);
-  $("limits").textContent = `JPEG, PNG, BMP or TIFF · up to ${(model.limits.max_pixels / 1e6).toFixed(0)} megapixels and ${mb} MB per image`;
+  $("limits").textContent = `JPEG, PNG, BMP or TIFF · up to ${(model.limits.max_pixels / 1e6).toFixed(0)} megapixels ` +
+    `and ${mb} MB per image · sent one image per request, so each result appears as soon as it is ready`;
 }
 
 function errorText(body, status) {
@@ -75,11 +76,11 @@ function errorText(body, status) {
 function decisionBlock(result, rec) {
   const block = el("div");
   if (rec.melanoma_probability === undefined || rec.melanoma_probability === null) {
-    block.append(el("div", { class: "prob" }, rec.predicted_class, el("small", {}, " predicted class")));
+    block.append(el("div", { class: "prob" }, rec.predicted_class, el("small", {}, "predicted class")));
     block.append(el("p", { class: "why" }, "This head has no melanoma class: no melanoma decision."));
     return block;
   }
-  block.append(el("div", { class: "prob" }, pct(rec.melanoma_probability), el("small", {}, " melanoma probability (calibrated)")));
+  block.append(el("div", { class: "prob" }, pct(rec.melanoma_probability), el("small", {}, "melanoma probability (calibrated)")));
   const decision = rec.decision || "none";
   const label = { melanoma: "Melanoma", not_melanoma: "Not melanoma", none: "No decision" }[decision] || decision;
   block.append(el("span", { class: `decision ${decision}` }, label));
@@ -124,7 +125,7 @@ async function predictOne(file) {
   photo.src = URL.createObjectURL(file);
   const images = el("div", { class: "images" }, el("figure", {}, photo, el("figcaption", {}, "uploaded image")));
   const numbers = el("div", { class: "numbers" }, el("p", { class: "pending" }, "Predicting…"));
-  const card = el("article", { class: "card" }, el("h2", {}, file.name), el("div", { class: "body" }, images, numbers));
+  const card = el("article", { class: "card" }, el("h2", {}, file.name), el("div", { class: "body" }, numbers, images));
   $("results").prepend(card);
 
   const form = new FormData();
