@@ -169,23 +169,11 @@ def cmd_export(args) -> int:
 # --- serve --------------------------------------------------------------------------------------
 
 def cmd_serve(args) -> int:
-    from melanoma.serve import ServeLimits, create_app
+    from melanoma.serve import ServeLimits, run_server
 
-    try:  # checked before the model loads
-        import fastapi  # noqa: F401
-        import python_multipart  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise RuntimeError(f"`melanoma serve` needs the serve extra ({e.name} is not installed): "
-                           f"pip install 'melanoma[serve]' (or -e '.[serve]' in a clone)") from None
     limits = ServeLimits(max_files=args.max_files, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
-    app = create_app(args.checkpoint, head=args.head, device=args.device, limits=limits)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this machine on port %d can upload images and "
-                    "use the model (no authentication, no encryption)", args.host, args.port)
-    print(f"melanoma serve: {args.checkpoint} (head {app.state.service.default_head}) on "
-          f"http://{args.host}:{args.port}/ (Ctrl+C stops it)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    run_server(args.checkpoint, host=args.host, port=args.port, head=args.head, device=args.device,
+               limits=limits, quiet=args.quiet)
     return EXIT_OK
 
 

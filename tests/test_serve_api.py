@@ -140,6 +140,16 @@ def test_cli_serve_parses_options_and_starts_uvicorn(serve_ckpt, monkeypatch):
     assert service.default_head == "ham10000" and service.limits.max_files == 3
 
 
+def test_cli_serve_warns_when_exposed(serve_ckpt, monkeypatch, caplog):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    assert main(["serve", str(serve_ckpt), "-q"]) == 0
+    assert "no authentication" not in caplog.text
+    assert main(["serve", str(serve_ckpt), "--host", "0.0.0.0", "-q"]) == 0
+    assert "listening on 0.0.0.0" in caplog.text and "no authentication" in caplog.text
+
+
 def test_cli_serve_rejects_a_bad_head(serve_ckpt, capsys):
     assert main(["serve", str(serve_ckpt), "--head", "ph2", "-q"]) == 2
     assert "no head named 'ph2'" in capsys.readouterr().err

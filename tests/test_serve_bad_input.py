@@ -86,11 +86,17 @@ def test_bad_options(client):
     assert_error(client.post("/api/predict", files=[good()], data={"head": "ph2"}), 400, "ph2", "synthetic", "ham10000")
     assert_error(client.post("/api/predict", files=[good()], data={"overlay": "saliency"}), 400, "saliency", "rollout")
     assert_error(client.post("/api/predict", files=[good()], data={"tta": "maybe"}), 400, "tta", "maybe")
+    assert_error(client.post("/api/predict", files=[good()], data={"heads": "synthetic"}), 400, "heads", "unknown")
+    assert_error(client.post("/api/predict", files=[good(), ("other", ("x", b"y"))]), 400, "other", "unknown")
+    assert_error(client.post("/api/predict", data={"file": "a.jpg"}, files=[good()]), 400, "must be a file upload")
 
 
 def test_server_keeps_serving_after_bad_input(client):
     client.post("/api/predict", files=[("file", ("x.jpg", b"junk", "image/jpeg"))])
-    client.post("/api/predict", content=b"not multipart", headers={"content-type": "text/plain"})
+    r = client.post("/api/predict", content=b"not multipart", headers={"content-type": "text/plain"})
+    assert_error(r, 400, "multipart/form-data")
+    r = client.post("/api/predict", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 400 and r.json()["error"]
     assert client.get("/healthz").status_code == 200
     r = client.post("/api/predict", files=[good()])
     assert r.status_code == 200 and r.json()["predictions"][0]["error"] is None

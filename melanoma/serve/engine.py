@@ -150,6 +150,9 @@ class ModelService:
         # every other field passes through as Predictor wrote it, so new columns reach the API
         out.update({k: v for k, v in record.items() if k not in SERVER_ONLY_FIELDS})
         if overlay != NO_OVERLAY:
-            png = next(Path(f) for f in record["attention"].split(";") if f.endswith(f"_{overlay}.png"))
-            out["overlay_png"] = base64.b64encode(png.read_bytes()).decode("ascii")
+            pngs = [Path(f) for f in (record.get("attention") or "").split(";") if f.endswith(f"_{overlay}.png")]
+            if not pngs:
+                raise RuntimeError(f"Predictor wrote no '*_{overlay}.png' for {upload.filename} "
+                                   f"(its 'attention' field: {record.get('attention')!r}); has its file naming changed?")
+            out["overlay_png"] = base64.b64encode(pngs[0].read_bytes()).decode("ascii")
         return out

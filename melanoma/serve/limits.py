@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing the server is a decision (--host 0.0.0.0)
 DEFAULT_PORT = 8000
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
