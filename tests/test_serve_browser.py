@@ -2,6 +2,7 @@
 nothing is downloaded) uploads a lesion photo to a live server on 127.0.0.1 and the melanoma
 probability and the attention overlay appear."""
 
+import base64
 import os
 import shutil
 
@@ -62,5 +63,14 @@ def test_upload_shows_probability_and_overlay(serve_ckpt, browser, tmp_path):
         browser.find_element(By.ID, "files").send_keys(str(junk))
         failed = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card.failed")))
         assert "not a readable image" in failed.text
-        browser.find_element(By.ID, "files").send_keys(str(photo))
+        # drag and drop: the drop zone gets a DataTransfer holding the photo, as from a file manager
+        browser.execute_script(
+            """const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+               const dt = new DataTransfer();
+               dt.items.add(new File([bytes], "dropped.jpg", {type: "image/jpeg"}));
+               document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));""",
+            base64.b64encode(photo.read_bytes()).decode(),
+        )
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.done")) == 2)
+        dropped = [c for c in browser.find_elements(By.CSS_SELECTOR, ".card.done") if "dropped.jpg" in c.text]
+        assert dropped and "melanoma probability" in dropped[0].text
