@@ -49,6 +49,7 @@ def test_truncated_image(client):
     data = lesion_bytes(3)
     r = client.post("/api/predict", files=[("file", ("cut.jpg", data[: len(data) // 2], "image/jpeg"))])
     assert_error(r, 422, "cut.jpg", "truncated")
+    assert "melanoma-serve-" not in r.text  # no server temp paths in errors
 
 
 def test_empty_file(client):

@@ -127,7 +127,9 @@ class ModelService:
             with self._lock:
                 predictor = self._predictor(head, tta)
                 records = predictor.predict_paths(paths, attention_dir=maps_dir, attention_methods=methods)
-            failed = [{"filename": up.filename, "error": r["error"]} for up, r in zip(uploads, records) if r["error"]]
+            # the reason may quote the temp file's path: name the upload instead
+            failed = [{"filename": up.filename, "error": r["error"].replace(str(p), up.filename)}
+                      for up, p, r in zip(uploads, paths, records) if r["error"]]
             if failed:
                 names = ", ".join(f["filename"] for f in failed)
                 raise ServeError(422, f"cannot predict {names}: see the reason per file", failed)
