@@ -1,10 +1,11 @@
-"""`melanoma` command line: predict, evaluate, check-data, export.
+"""`melanoma` command line: predict, evaluate, check-data, export, serve.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
     melanoma evaluate runs/.../best.ckpt [dataset.root=/data/HAM10000]
     melanoma evaluate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --external
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
     melanoma export runs/.../best.ckpt --format onnx
+    melanoma serve runs/.../best.ckpt --port 8000
 
 `evaluate --external` and `check-data` take Hydra-style overrides of the training configs in
 conf/, so a dataset is described exactly as for `python train.py`.
@@ -171,6 +172,17 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
+# --- serve --------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from melanoma.serve import ServeLimits, run_server
+
+    limits = ServeLimits(max_files=args.max_files, max_bytes=args.max_bytes, max_pixels=args.max_pixels)
+    run_server(args.checkpoint, host=args.host, port=args.port, head=args.head, device=args.device,
+               limits=limits, quiet=args.quiet)
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "`melanoma predict` shows them); the sidecar's threshold is mapped onto that scale")
     p.add_argument("--out", type=Path, help="default: the checkpoint's path with .onnx")
     p.set_defaults(func=cmd_export)
+
+    from melanoma.serve.limits import DEFAULT_HOST, DEFAULT_PORT, ServeLimits
+
+    limits = ServeLimits()
+    p = sub.add_parser("serve", parents=[common], help="a local web page and JSON API to try a checkpoint",
+                       description="Serves a page (drop lesion photos, see the decision and the attention "
+                                   "overlay) and POST /api/predict, GET /api/model, GET /healthz. Needs the "
+                                   "serve extra. A research tool, not a diagnosis.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--head", help="default head (default: the checkpoint's active head); the page can switch")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--max-files", type=int, default=limits.max_files, help="images per request")
+    p.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body size")
+    p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="pixels per image (decompression bombs)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
