@@ -97,25 +97,9 @@ def cmd_predict(args) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------------
 
-def _print_metrics(metrics: dict) -> None:
-    from melanoma.evaluation.bootstrap import format_ci
-    from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
-
-    keys = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
-            "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
-            "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
-    intervals = metrics.get("ci95") or {}
-    for k in keys:
-        v = metrics.get(k)
-        if v is None:
-            continue
-        shown = format_ci(v, intervals[k]) if k in intervals else f"{v:.4f}" if isinstance(v, float) else str(v)
-        print(f"  {k:<26} {shown}")
-
-
 def cmd_evaluate(args) -> int:
     from melanoma.evaluation.datasets import external_datamodule, training_datamodule
-    from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external
+    from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external, format_metrics
     from melanoma.models.checkpoint import read_meta
 
     meta = read_meta(args.checkpoint)
@@ -128,7 +112,7 @@ def cmd_evaluate(args) -> int:
                                     progress=not args.quiet)
         mapped = " (labels mapped to melanoma vs rest)" if metrics["labels_mapped_to_melanoma_vs_rest"] else ""
         print(f"external test set {dm.name}, all {metrics['n']} images (head {head}){mapped}:")
-        _print_metrics(metrics)
+        print(format_metrics(metrics))
         print(f"report written to {out}; nothing was fitted and {args.checkpoint} is unchanged")
         return EXIT_OK
     dm = training_datamodule(meta.heads[head].data, head, args.overrides, meta.preprocessing)
@@ -139,7 +123,7 @@ def cmd_evaluate(args) -> int:
         progress=not args.quiet,
     )
     print(f"test split of {dm.name} as trained (head {head}; {metrics['n']} images):")
-    _print_metrics(metrics)
+    print(format_metrics(metrics))
     print(f"report written to {out}; calibration and operating point{' (TTA)' if args.tta else ''} "
           f"stored in {args.checkpoint}")
     return EXIT_OK

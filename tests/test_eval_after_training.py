@@ -24,6 +24,9 @@ def test_training_run_writes_report_and_checkpoint_predicts(tiny_dermmel, tmp_pa
     assert metrics["dataset"] == "dermmel" and metrics["n"] == 16
     for name in ("predictions.csv", "confusion_matrix.png", "roc.png", "reliability.png"):
         assert (report / name).is_file(), name
+    test_loop = json.loads((out / "test" / "metrics.json").read_text())
+    assert set(test_loop) >= {"test/acc", "test/auroc"} and all(k.startswith("test/") for k in test_loop)
+    assert "ci95" in metrics and not set(test_loop) & set(metrics)  # no key means two things
     ckpt = Path(metrics["checkpoint"])
     model, meta = Classifier.from_checkpoint(ckpt)
     cal = meta.heads["dermmel"].calibration

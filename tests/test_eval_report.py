@@ -144,6 +144,6 @@ def test_figures_and_numbers_go_to_wandb(report):
     run = FakeRun()
     paths = {name: report["out"] / f"{name}.png" for name in FIGURES}
     _log_wandb(run, report["metrics"], paths)
-    assert {f"eval/{n}" for n in FIGURES} <= set(run.logged)
-    assert all(isinstance(run.logged[f"eval/{n}"], wandb.Image) for n in FIGURES)
-    assert run.logged["eval/auroc"] == report["metrics"]["auroc"] == run.summary["eval/auroc"]
+    assert {f"report/{n}" for n in FIGURES} <= set(run.logged)
+    assert all(isinstance(run.logged[f"report/{n}"], wandb.Image) for n in FIGURES)
+    assert run.logged["report/auroc"] == report["metrics"]["auroc"] == run.summary["report/auroc"]

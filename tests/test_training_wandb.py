@@ -34,7 +34,7 @@ def test_offline_run_folder_holds_metrics_and_images(tiny_dermmel, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     overrides = [o for o in tiny_overrides(tiny_dermmel, max_epochs=1) if o != "logger=csv"]
-    cfg = compose_cfg([*overrides, "logger=default"], tmp_path / "run")
+    cfg = compose_cfg([*overrides, "logger=default", "evaluate=true"], tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="melanoma"):
         run(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -43,8 +43,10 @@ def test_offline_run_folder_holds_metrics_and_images(tiny_dermmel, tmp_path, mon
     log_files = list(runs[0].glob("run-*.wandb"))
     assert log_files
     blob = log_files[0].read_bytes()
-    for key in (b"val/bal_acc", b"train/loss_step", b"lr/head", b"trainable_params", b"test/auroc"):
+    for key in (b"val/bal_acc", b"train/loss_step", b"lr/head", b"trainable_params", b"test/auroc",
+                b"report/auroc", b"report/auroc_ci95_low"):
         assert key in blob, key
+    # the one test report's figures reach the run
     images = sorted(p.name for p in (runs[0] / "files" / "media" / "images").rglob("*.png"))
     assert any(n.startswith("confusion_matrix") for n in images), images
     assert any(n.startswith("confidence") for n in images), images

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from .metrics import (
     ECE_BINS,
+    outcome_masks,
     binary_auroc,
     binary_average_precision,
     expected_calibration_error,
@@ -58,13 +59,7 @@ def outcome_groups(probs, labels, positive_index: int, threshold: float | None =
     melanoma probability, or at argmax when no threshold is given."""
     probs, labels = np.asarray(probs), np.asarray(labels)
     called = probs[:, positive_index] >= threshold if threshold is not None else probs.argmax(1) == positive_index
-    truth = labels == positive_index
-    return {
-        "TP": np.flatnonzero(called & truth),
-        "TN": np.flatnonzero(~called & ~truth),
-        "FP": np.flatnonzero(called & ~truth),
-        "FN": np.flatnonzero(~called & truth),
-    }
+    return {k: np.flatnonzero(m) for k, m in outcome_masks(called, labels == positive_index).items()}
 
 
 def confidence_figure(probs, labels, positive_index: int, threshold: float | None = None) -> Figure:

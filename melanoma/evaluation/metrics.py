@@ -114,12 +114,30 @@ def binary_average_precision(scores, targets) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def outcome_masks(called, truth) -> dict[str, np.ndarray]:
+    """Melanoma-versus-rest outcomes: boolean masks TP, TN, FP, FN of the cases called melanoma
+    (`called`) against the melanomas (`truth`). The one place outcome groups are defined."""
+    called, truth = np.asarray(called).astype(bool), np.asarray(truth).astype(bool)
+    return {"TP": called & truth, "TN": ~called & ~truth, "FP": called & ~truth, "FN": ~called & truth}
+
+
+def rates(tp, fn, tn, fp) -> tuple[float, float]:
+    """(sensitivity, specificity) from outcome counts; nan where undefined."""
+    return _safe_div(tp, tp + fn), _safe_div(tn, tn + fp)
+
+
+def melanoma_rates(confusion, positive_index: int) -> tuple[float, float]:
+    """(sensitivity, specificity) of melanoma vs rest from a (true, predicted) confusion matrix."""
+    cm = np.asarray(confusion.cpu() if hasattr(confusion, "cpu") else confusion, dtype=np.float64)
+    tp = cm[positive_index, positive_index]
+    fn = cm[positive_index].sum() - tp
+    fp = cm[:, positive_index].sum() - tp
+    return rates(tp, fn, cm.sum() - tp - fn - fp, fp)
+
+
 def sensitivity_specificity(predicted_positive, targets) -> tuple[float, float]:
-    predicted_positive = np.asarray(predicted_positive).astype(bool)
-    targets = np.asarray(targets).astype(bool)
-    sensitivity = _safe_div((predicted_positive & targets).sum(), targets.sum())
-    specificity = _safe_div((~predicted_positive & ~targets).sum(), (~targets).sum())
-    return sensitivity, specificity
+    counts = {k: int(v.sum()) for k, v in outcome_masks(predicted_positive, targets).items()}
+    return rates(counts["TP"], counts["FN"], counts["TN"], counts["FP"])
 
 
 def expected_calibration_error(probs, labels, n_bins: int = ECE_BINS) -> float:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma.evaluation.bootstrap import bootstrap
+from melanoma.evaluation.bootstrap import bootstrap, format_ci
 from melanoma.evaluation.calibration import fit_temperature, nll
 from melanoma.evaluation.figures import report_figures, save_figure
-from melanoma.evaluation.metrics import classification_metrics, expected_calibration_error
+from melanoma.evaluation.metrics import AUROC, AUROC_MACRO, classification_metrics, expected_calibration_error
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.predict import Predictor, decide
 from melanoma.models.checkpoint import Calibration, softmax, update_meta
@@ -34,7 +34,24 @@ from melanoma.conventions import positive_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_checkpoint", "evaluate_external"]
+__all__ = ["evaluate_checkpoint", "evaluate_external", "format_metrics"]
+
+#: what the console shows of a report, in this order (each with its interval where it has one)
+SHOWN = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
+         "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
+         "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
+
+
+def format_metrics(metrics: dict) -> str:
+    """The report's numbers as console lines, `0.912 [0.871, 0.948]` where there is an interval."""
+    intervals = metrics.get("ci95") or {}
+    lines = []
+    for k in SHOWN:
+        v = metrics.get(k)
+        if v is not None:
+            shown = format_ci(v, intervals[k]) if k in intervals else f"{v:.4f}" if isinstance(v, float) else str(v)
+            lines.append(f"  {k:<26} {shown}")
+    return "\n".join(lines)
 
 MAPPED_CLASSES = ["not_melanoma", "melanoma"]
 
@@ -251,8 +268,11 @@ def evaluate_external(
 def _log_wandb(run, report: dict, figure_paths: dict) -> None:
     import wandb
 
-    scalars = {f"eval/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    images = {f"eval/{name}": wandb.Image(str(p)) for name, p in figure_paths.items()}
+    # report/...: the calibrated report; test/... are the Lightning test loop's uncalibrated scalars
+    scalars = {f"report/{k}": v for k, v in report.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars.update({f"report/{k}_ci95_low": lo for k, (lo, _) in (report.get("ci95") or {}).items() if lo is not None})
+    scalars.update({f"report/{k}_ci95_high": hi for k, (_, hi) in (report.get("ci95") or {}).items() if hi is not None})
+    images = {f"report/{name}": wandb.Image(str(p)) for name, p in figure_paths.items()}
     run.log({**scalars, **images})
     for k, v in scalars.items():
         run.summary[k] = v

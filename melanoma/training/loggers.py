@@ -61,11 +61,13 @@ def wandb_mode() -> tuple[str, str]:
     return "online", "credentials found and host reachable"
 
 
-def build_loggers(cfg: DictConfig | Mapping | None) -> list[Logger]:
-    """Instantiate every entry of the ``logger`` group that has a ``_target_``."""
+def build_loggers(cfg: DictConfig | Mapping | None) -> tuple[list[Logger], str | None]:
+    """Instantiate every entry of the ``logger`` group that has a ``_target_``; returns them
+    and the W&B mode chosen (None without a W&B logger)."""
     loggers: list[Logger] = []
+    chosen = None
     if not cfg:
-        return loggers
+        return loggers, chosen
     for name, entry in cfg.items():
         if entry is None or "_target_" not in entry:
             continue
@@ -80,16 +82,16 @@ def build_loggers(cfg: DictConfig | Mapping | None) -> list[Logger]:
                 overrides = {"log_model": False}
             entry = OmegaConf.merge(entry, overrides) if overrides else entry
             logger = hydra.utils.instantiate(entry)
-            logger._melanoma_mode = mode
+            chosen = mode
         else:
             logger = hydra.utils.instantiate(entry)
         loggers.append(logger)
-    return loggers
+    return loggers, chosen
 
 
-def wandb_sync_hint(logger: WandbLogger) -> str | None:
+def wandb_sync_hint(logger: WandbLogger, mode: str | None) -> str | None:
     """'wandb sync <dir>' for an offline run (after its experiment started), else None."""
-    if getattr(logger, "_melanoma_mode", None) != "offline":
+    if mode != "offline":
         return None
     run = logger.experiment
     run_dir = getattr(run, "dir", None)

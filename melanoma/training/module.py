@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
 from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
+from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
 from melanoma.training.metrics import stage_metrics
 
@@ -113,8 +113,6 @@ class LesionClassifier(pl.LightningModule):
         # the mean loss over images: weighted by batch size and synced as sums, so under DDP it
         # equals one process's value (self.log's sync_dist would average the per-rank means)
         self.eval_losses = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
-        self._test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.test_figures: dict = {}
 
     # --- heads and freezing -------------------------------------------------------------------
 
@@ -221,7 +219,7 @@ class LesionClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
-    def _eval_step(self, stage: str, batch) -> torch.Tensor:
+    def _eval_step(self, stage: str, batch) -> None:
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
@@ -229,7 +227,6 @@ class LesionClassifier(pl.LightningModule):
         self.metrics[f"{stage}_metrics"].update(probs, y)
         self.confmats[stage].update(probs, y)
         self.eval_losses[stage].update(loss.detach(), weight=y.numel())
-        return probs
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -238,55 +235,32 @@ class LesionClassifier(pl.LightningModule):
         self._log_metrics("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        probs = self._eval_step("test", batch)
-        self._test_outputs.append((probs.detach().cpu(), batch[1].detach().cpu()))
-
-    def on_test_epoch_start(self) -> None:
-        self._test_outputs = []
+        # scalar metrics only (test/...): the figures, intervals and calibrated numbers are the
+        # report's (melanoma.evaluation.report), written after fit under report/
+        self._eval_step("test", batch)
 
     def on_test_epoch_end(self) -> None:
-        cm = self._log_metrics("test")
-        if self._test_outputs:
-            probs = torch.cat([p for p, _ in self._test_outputs]).to(self.device)
-            labels = torch.cat([y for _, y in self._test_outputs]).to(self.device)
-            if self.trainer.world_size > 1:
-                # evaluation shards are unpadded and may differ in length by one: gather_all_tensors
-                # handles that, Lightning's all_gather needs equal shapes
-                probs, labels = torch.cat(gather_all_tensors(probs)), torch.cat(gather_all_tensors(labels))
-            probs, labels = probs.cpu(), labels.cpu()
-            if self.trainer.is_global_zero and cm is not None:
-                from melanoma.training.figures import test_figures
+        self._log_metrics("test")
 
-                self.test_figures = test_figures(cm.cpu(), probs, labels, self.class_names,
-                                                 self.positive_index)
-        self._test_outputs = []
-
-    def _log_metrics(self, stage: str) -> torch.Tensor | None:
+    def _log_metrics(self, stage: str) -> None:
         collection = self.metrics[f"{stage}_metrics"]
         if not collection[next(iter(collection.keys()))].update_called:
-            return None
+            return
         values = {f"{stage}/{k}": v for k, v in collection.compute().items()}
         collection.reset()
         if stage in self.eval_losses and self.eval_losses[stage].update_called:
             self.log(f"{stage}/loss", self.eval_losses[stage].compute().float(), sync_dist=True,
                      prog_bar=stage == "val")
             self.eval_losses[stage].reset()
-        cm = None
         if stage in self.confmats and self.confmats[stage].update_called:
             cm = self.confmats[stage].compute()
             self.confmats[stage].reset()
             if self.positive_index is not None:
-                pos = self.positive_index
-                tp = cm[pos, pos]
-                fn = cm[pos].sum() - tp
-                fp = cm[:, pos].sum() - tp
-                tn = cm.sum() - tp - fn - fp
-                values[f"{stage}/sensitivity"] = tp / (tp + fn).clamp(min=1)
-                values[f"{stage}/specificity"] = tn / (tn + fp).clamp(min=1)
+                sens, spec = melanoma_rates(cm, self.positive_index)
+                values[f"{stage}/sensitivity"], values[f"{stage}/specificity"] = sens, spec
         # compute() already synced the states across processes, so every rank holds the same
         # values; sync_dist averages equal numbers (a no-op) and keeps Lightning from warning
-        self.log_dict({k: v.float() for k, v in values.items()}, sync_dist=True)
-        return cm
+        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}, sync_dist=True)
 
     # --- optimisation ---------------------------------------------------------------------------
 

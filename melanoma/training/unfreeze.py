@@ -54,6 +54,9 @@ class GradualUnfreezing(Callback):
     Each layer's learning rate is set in the optimizer config (``model.optimizer.group_lr``).
     """
 
+    #: layers without gradients under DDP: train.py builds the strategy with find_unused_parameters
+    freezes_layers = True
+
     def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int = 1,
                  order: Sequence[str] | None = None, stages: Sequence[Sequence[str]] | None = None):
         if start_epoch < 0 or every_n_epochs < 1 or stage_size < 1:

@@ -1,0 +1,39 @@
+"""The run's callbacks: those of the `callbacks` config group, and the split writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.progress import ProgressBar
+from omegaconf import DictConfig
+
+__all__ = ["SaveSplit", "build_callbacks"]
+
+
+class SaveSplit(Callback):
+    """Write the datamodule's split table to <run>/splits.csv once the data is set up."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.datamodule is not None and hasattr(trainer.datamodule, "save_split"):
+            trainer.datamodule.save_split(self.path)
+
+
+def build_callbacks(cfg: DictConfig | None, progress_bar: bool = True) -> list[Callback]:
+    """Every entry of the `callbacks` group (null entries switched off); a progress-bar callback
+    is dropped when the bar is off (Lightning refuses the combination)."""
+    callbacks = []
+    for name, entry in (cfg or {}).items():
+        if entry is None:
+            continue
+        if "_target_" not in entry:
+            raise ValueError(f"callbacks.{name} has no _target_; found keys {list(entry)}")
+        callback = hydra.utils.instantiate(entry)
+        if progress_bar or not isinstance(callback, ProgressBar):
+            callbacks.append(callback)
+    return callbacks
