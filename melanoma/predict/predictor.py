@@ -26,7 +26,7 @@ from melanoma.data.transforms import EvalTransform
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
-from melanoma.models.checkpoint import Calibration, CheckpointMeta, Preprocessing, softmax
+from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
