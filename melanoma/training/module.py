@@ -97,8 +97,8 @@ class LesionClassifier(pl.LightningModule):
         self.preprocessing = preprocessing_from(image_size, mean, std, interpolation)
         self.optimizer_cfg = None if optimizer is None else dict(optimizer)
         self.scheduler_cfg = None if scheduler is None else dict(scheduler)
-        if self.scheduler_cfg is not None:
-            optim.check_scheduler_config(self.scheduler_cfg)  # an old spelling fails now, not after the data
+        # checked in configure_optimizers, not here: load_from_checkpoint of an older checkpoint
+        # (its hparams hold the old spellings) must still work for prediction
         self.loss_cfg = {"label_smoothing": 0.0, "class_weights": False} if loss is None else dict(loss)
         missing = {"label_smoothing", "class_weights"} - set(self.loss_cfg)
         if missing:
@@ -310,6 +310,7 @@ class LesionClassifier(pl.LightningModule):
                 "optimizer= and scheduler= as model.optimizer / model.scheduler of the composed "
                 "config (conf/model/vit.yaml) hold them"
             )
+        optim.check_scheduler_config(self.scheduler_cfg)  # an old spelling: say the new one first
         backbone = self.model.backbone
         optimizer = optim.build_optimizer(optim.optimizer_groups(backbone, self.head, cfg), cfg)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
