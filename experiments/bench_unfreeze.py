@@ -66,8 +66,9 @@ def main() -> None:
     for name, layers in VARIANTS.items():
         module = make_module(args.image_size).to(device).train()
         module.set_trainable_layers(layers)
-        lrs = optim.layer_lrs(module.model.backbone.depth, lr=1e-4)
-        opt = optim.build_optimizer(optim.param_groups(module.model.backbone, module.head, lrs, 0.05), {})
+        lrs = optim.layer_lrs(module.model.backbone.layer_groups(), lr=1e-4)
+        opt = optim.build_optimizer(optim.param_groups(module.model.backbone, module.head, lrs, 0.05),
+                                    {"_target_": "torch.optim.AdamW", "weight_decay": 0.05})
         for _ in range(2):  # warm-up: allocator, AdamW state, kernels
             step_time(module, opt, x, y, args.bf16)
         setups[name] = (module, opt)

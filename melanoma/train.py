@@ -50,13 +50,12 @@ def _run(cfg: DictConfig) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
-    model_cfg = resolved["model"]
-    module = LesionClassifier(
-        backbone=model_cfg["backbone"], dataset_name=dm.name, class_names=list(dm.class_names),
-        head=model_cfg.get("head"), optimizer=model_cfg.get("optimizer"),
-        scheduler=model_cfg.get("scheduler"), loss=model_cfg.get("loss"), image_size=dm.image_size,
-        mean=dm.mean, std=dm.std, interpolation=dm.augment["interpolation"], pretrained=model_cfg.get("pretrained"),
-        init_from=model_cfg.get("init_from"), config=resolved,
+    # model: a partial LesionClassifier (conf/model/vit.yaml); not recursive, so the optimizer and
+    # scheduler stay configs that configure_optimizers builds once the trainer is known
+    make_module = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    module: LesionClassifier = make_module(
+        dataset_name=dm.name, class_names=list(dm.class_names), image_size=dm.image_size,
+        interpolation=dm.augment["interpolation"], config=resolved,
     )
     if cfg.get("ckpt_path"):
         log.info("resuming from %s (pretrained / init_from weights are not reloaded)", cfg.ckpt_path)

@@ -25,7 +25,8 @@ def test_dermmel_reference_recipe():
     assert cfg.callbacks.unfreezing.start_epoch == 5 and cfg.callbacks.unfreezing.every_n_epochs == 1
     assert dict(cfg.model.optimizer.group_lr) == {"head": 1e-4, "norm": 1e-6, "blocks": 1e-5,
                                                  "pos_cls": 1e-7, "patch_embed": 1e-6}
-    assert cfg.model.scheduler.name == "plateau" and cfg.model.scheduler.patience == 3
+    assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.ReduceLROnPlateau"
+    assert cfg.model.scheduler.patience == 3 and cfg.model.scheduler.monitor == "val/loss"
     assert cfg.model.scheduler.factor == 0.1
     assert cfg.dataset.batch_size == 8 and cfg.trainer.max_epochs == 50
     assert cfg.dataset._target_.endswith("DermMelDataModule")
@@ -42,6 +43,8 @@ def test_quickstart_is_from_scratch_on_synthetic_cpu():
     ["trainer.max_epoch=3"],
     ["model=vit_huge"],                   # unknown group option
     ["dataset.image_sise=64"],
+    ["model/scheduler=cosinus"],
+    ["dataset.augment.hflp=0.5"],
 ])
 def test_typos_in_overrides_are_errors(overrides):
     with pytest.raises(ConfigCompositionException):

@@ -5,7 +5,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
+
+from melanoma.config import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 USER_KEYS = {"_target_", "root", "image_size", "batch_size", "num_workers", "label_set", "sampler", "seed"}
@@ -24,9 +26,11 @@ def test_every_dataset_config_is_covered():
 
 
 def compose(name, data_dir, **overrides):
-    cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "dataset": OmegaConf.load(CONF / f"{name}.yaml")})
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, f"dataset.{key}", value)
+    # composed (not loaded): the dataset configs take their augment block from conf/dataset/augment/
+    cfg = compose_config([f"dataset={name}", f"paths.data_dir={data_dir}", "paths.output_dir=unused"])
+    with open_dict(cfg):
+        for key, value in overrides.items():
+            OmegaConf.update(cfg, f"dataset.{key}", value)
     return cfg
 
 

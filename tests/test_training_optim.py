@@ -76,7 +76,9 @@ def test_warmup_cosine_multiplier():
 def test_adamw_leaves_parameters_without_grad_untouched_including_weight_decay():
     vit, head = tiny_vit(1), LinearHead(32, ["a", "melanoma"])
     groups = optim.param_groups(vit, head, optim.layer_lrs(layer_names(1), lr=0.1), weight_decay=0.5)
-    opt = optim.build_optimizer(groups, {"weight_decay": 0.5})
+    opt = optim.build_optimizer(groups, {"_target_": "torch.optim.AdamW", "weight_decay": 0.5, "head_lr": None,
+                                         "layer_decay": None, "group_lr": {}})
+    assert type(opt) is torch.optim.AdamW and opt.defaults["weight_decay"] == 0.5
     before = {n: p.detach().clone() for n, p in vit.named_parameters()}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

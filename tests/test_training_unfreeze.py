@@ -85,7 +85,7 @@ def test_training_run_thaws_one_layer_per_epoch_and_keeps_frozen_weights(tiny_de
     cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=4), "callbacks=unfreezing",
                        "callbacks.unfreezing.start_epoch=1", "model.backbone.kwargs.depth=2",
                        "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
-                       f"+callbacks.rec.out_dir={rec}", "test=false", "model.scheduler.name=none"],
+                       f"+callbacks.rec.out_dir={rec}", "test=false", "model/scheduler=none"],
                       tmp_path / "run")
     run(cfg)
     stages = [json.loads(line) for line in (rec / "stages_rank0.jsonl").read_text().splitlines()]

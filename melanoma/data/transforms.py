@@ -31,7 +31,8 @@ INTERPOLATIONS = {
     "lanczos": cv2.INTER_LANCZOS4,
 }
 
-# Every key the `augment` config may hold, with its default.
+# Every key the `augment` config may hold, with its default: the one home of these values
+# (conf/dataset/augment/default.yaml lists the keys as null, which means "this default").
 DEFAULT_AUGMENT: dict = {
     "scale": (0.35, 1.0),  # RandomResizedCrop area range
     "ratio": (0.75, 4 / 3),  # RandomResizedCrop aspect range
@@ -47,7 +48,8 @@ DEFAULT_AUGMENT: dict = {
 
 
 def resolve_augment(augment: Mapping | None) -> dict:
-    """Defaults overlaid with ``augment``; unknown keys are errors (a typo must not be ignored)."""
+    """Defaults overlaid with ``augment``; a None value (the config's null) keeps the default;
+    unknown keys are errors (a typo must not be ignored). Switch an augmentation off with 0."""
     cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in DEFAULT_AUGMENT.items()}
     for key, value in (augment or {}).items():
         if key not in DEFAULT_AUGMENT:
@@ -61,8 +63,8 @@ def resolve_augment(augment: Mapping | None) -> dict:
                     f"unknown color_jitter option(s) {sorted(unknown)}; expected "
                     f"{sorted(DEFAULT_AUGMENT['color_jitter'])}"
                 )
-            cfg[key].update(value)
-        else:
+            cfg[key].update({k: v for k, v in value.items() if v is not None})
+        elif value is not None:
             cfg[key] = value
     if cfg["interpolation"] not in INTERPOLATIONS:
         raise ValueError(

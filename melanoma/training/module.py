@@ -49,8 +49,13 @@ def _head_spec(kind: str, in_features: int, class_names: Sequence[str], cfg: Map
 class LesionClassifier(pl.LightningModule):
     """Backbone + per-dataset heads; trains and evaluates the head named ``dataset_name``.
 
-    Arguments mirror the ``model`` config group (``conf/model/*.yaml``) plus what the datamodule
-    knows (``dataset_name``, ``class_names``, ``image_size``). ``pretrained`` and ``init_from``
+    Arguments mirror the ``model`` config group (``conf/model/vit.yaml``, whose ``_target_`` is this
+    class, ``_partial_``) plus what the datamodule knows (``dataset_name``, ``class_names``,
+    ``image_size``, ``interpolation``) and the resolved ``config``. ``optimizer`` and ``scheduler``
+    are the ``model.optimizer`` / ``model.scheduler`` configs (``_target_`` + arguments); without
+    them the module predicts and freezes but cannot train. ``loss`` None is the plain cross-entropy;
+    given, its keys are all read (no defaults here that could disagree with the YAML).
+    Backbone kwargs that are None take the preset's value. ``pretrained`` and ``init_from``
     are recorded here but applied by ``load_initial_weights`` (train.py calls it for fresh runs
     only, so resuming or ``load_from_checkpoint`` never re-downloads or re-reads them).
     """
@@ -76,7 +81,8 @@ class LesionClassifier(pl.LightningModule):
         self.save_hyperparameters()
         backbone = dict(backbone)
         self.backbone_name = backbone["name"]
-        self.backbone_kwargs = dict(backbone.get("kwargs") or {})
+        # None: the preset's value (conf/model/vit.yaml leaves the DeiT dims to models/vit.py)
+        self.backbone_kwargs = {k: v for k, v in dict(backbone.get("kwargs") or {}).items() if v is not None}
         vit = build_backbone(self.backbone_name, **self.backbone_kwargs)
         head_cfg = dict(head or {"type": "linear"})
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
@@ -89,9 +95,15 @@ class LesionClassifier(pl.LightningModule):
         self.image_size = int(image_size)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.preprocessing = preprocessing_from(image_size, mean, std, interpolation)
-        self.optimizer_cfg = dict(optimizer or {"lr": 1e-4})
-        self.scheduler_cfg = dict(scheduler or {"name": "none"})
-        self.loss_cfg = dict(loss or {})
+        self.optimizer_cfg = None if optimizer is None else dict(optimizer)
+        self.scheduler_cfg = None if scheduler is None else dict(scheduler)
+        # checked in configure_optimizers, not here: load_from_checkpoint of an older checkpoint
+        # (its hparams hold the old spellings) must still work for prediction
+        self.loss_cfg = {"label_smoothing": 0.0, "class_weights": False} if loss is None else dict(loss)
+        missing = {"label_smoothing", "class_weights"} - set(self.loss_cfg)
+        if missing:
+            raise KeyError(f"model.loss lacks {sorted(missing)} (found {sorted(self.loss_cfg)}); "
+                           f"conf/model/vit.yaml defines them")
         self.class_weight: torch.Tensor | None = None
         self._lr_groups: dict = {}
         # per head: calibration and training data as the checkpoint contract records them
@@ -153,7 +165,7 @@ class LesionClassifier(pl.LightningModule):
     # --- steps ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.loss_cfg.get("class_weights"):
+        if stage == "fit" and self.loss_cfg["class_weights"]:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "class_weights"):
                 raise RuntimeError("model.loss.class_weights=true needs a datamodule with class_weights()")
@@ -163,7 +175,7 @@ class LesionClassifier(pl.LightningModule):
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
         return F.cross_entropy(logits.float(), y, weight=weight,
-                               label_smoothing=float(self.loss_cfg.get("label_smoothing", 0.0)))
+                               label_smoothing=float(self.loss_cfg["label_smoothing"]))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -266,13 +278,15 @@ class LesionClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.optimizer_cfg
+        if cfg is None or self.scheduler_cfg is None:
+            raise ValueError(
+                "LesionClassifier was built without an optimizer or scheduler config; pass "
+                "optimizer= and scheduler= as model.optimizer / model.scheduler of the composed "
+                "config (conf/model/vit.yaml) hold them"
+            )
+        optim.check_scheduler_config(self.scheduler_cfg)  # an old spelling: say the new one first
         backbone = self.model.backbone
-        lrs = optim.layer_lrs(backbone.layer_groups(), float(cfg.get("lr", 1e-4)),
-                              None if cfg.get("head_lr") is None else float(cfg["head_lr"]),
-                              None if cfg.get("layer_decay") is None else float(cfg["layer_decay"]),
-                              cfg.get("group_lr"))
-        groups = optim.param_groups(backbone, self.head, lrs, float(cfg.get("weight_decay", 0.0)))
-        optimizer = optim.build_optimizer(groups, cfg)
+        optimizer = optim.build_optimizer(optim.optimizer_groups(backbone, self.head, cfg), cfg)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         if not math.isfinite(total) or total <= 0:
             total = 1

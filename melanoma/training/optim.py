@@ -1,4 +1,5 @@
-"""AdamW parameter groups (one per layer, split by weight decay) and the LR schedules.
+"""Optimizer parameter groups (one per layer, split by weight decay) and the LR schedules, built
+from the ``model.optimizer`` / ``model.scheduler`` configs (``_target_`` + arguments).
 
 Every backbone parameter belongs to one *layer*, as the backbone itself defines them
 (``VisionTransformer.layer_groups`` / ``layer_of``: ``patch_embed``, ``pos_cls``, ``block0`` ...
@@ -21,9 +22,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "WarmupCosine",
+    "WarmupCosineLR",
     "build_optimizer",
     "build_scheduler",
+    "check_scheduler_config",
     "layer_lrs",
+    "optimizer_groups",
     "param_groups",
 ]
 
@@ -105,12 +109,48 @@ def param_groups(backbone: nn.Module, head: nn.Module, lrs: Mapping[str, float],
     return groups
 
 
+#: keys of ``model.optimizer`` that shape the param groups; every other key (but ``_target_`` and
+#: ``_partial_``) is an argument of the optimizer class
+LAYERWISE_KEYS = ("head_lr", "layer_decay", "group_lr")
+#: keys of ``model.scheduler`` that are Lightning's scheduling settings, not scheduler arguments
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
+#: the run lengths a scheduler may ask for by naming them as ``__init__`` parameters
+RUN_LENGTH_KEYS = ("total_steps", "max_epochs")
+
+
+def _required(cfg: Mapping, key: str, where: str):
+    if key not in cfg:
+        raise KeyError(
+            f"{where}.{key} is missing (found keys {sorted(cfg)}); the model configs define it "
+            f"(conf/model/vit.yaml): compose the config with Hydra or pass the key"
+        )
+    return cfg[key]
+
+
+def optimizer_groups(backbone: nn.Module, head: nn.Module, cfg: Mapping) -> list[dict]:
+    """``param_groups`` with the rates of ``layer_lrs``, both from the ``model.optimizer`` config:
+    lr, weight_decay, head_lr, layer_decay, group_lr are all required (a missing key is an error,
+    never a default here that could disagree with the YAML)."""
+    where = "model.optimizer"
+    head_lr, decay = _required(cfg, "head_lr", where), _required(cfg, "layer_decay", where)
+    lrs = layer_lrs(backbone.layer_groups(), float(_required(cfg, "lr", where)),
+                    None if head_lr is None else float(head_lr), None if decay is None else float(decay),
+                    _required(cfg, "group_lr", where))
+    return param_groups(backbone, head, lrs, float(_required(cfg, "weight_decay", where)))
+
+
 def build_optimizer(groups: list[dict], cfg: Mapping) -> torch.optim.Optimizer:
-    """AdamW over ``groups``. AdamW skips parameters whose grad is None: that is what keeps
-    frozen layers (and their weight decay) untouched while they stay registered."""
-    betas = tuple(cfg.get("betas", (0.9, 0.999)))
-    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=float(cfg.get("eps", 1e-8)),
-                             weight_decay=float(cfg.get("weight_decay", 0.0)))
+    """The ``model.optimizer`` config's class (``_target_``, e.g. torch.optim.AdamW) over
+    ``groups``, with every key but the layer-wise ones as its arguments; each group keeps its own
+    lr and weight decay. AdamW skips parameters whose grad is None: that is what keeps frozen
+    layers (and their weight decay) untouched while they stay registered."""
+    from hydra.utils import get_object
+
+    target = _required(cfg, "_target_", "model.optimizer")
+    if not target:
+        raise ValueError("model.optimizer._target_ is null; expected an optimizer class such as torch.optim.AdamW")
+    args = {k: v for k, v in cfg.items() if k not in LAYERWISE_KEYS and k not in ("_target_", "_partial_")}
+    return get_object(target)(groups, **args)
 
 
 class WarmupCosine:
@@ -131,32 +171,62 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping | None, total_steps: int,
-                    max_epochs: int | None) -> dict | None:
-    """A Lightning ``lr_scheduler`` config dict, or None for a constant rate.
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warmup over ``warmup_epochs`` (fractional allowed), then cosine decay to
+    ``min_lr_ratio`` of each group's rate, stepped once per optimizer step (``interval: step``).
+    Every group follows the same multiplier, frozen ones included, so a layer unfrozen later joins
+    at the rate the schedule has reached. ``total_steps``/``max_epochs`` come from the trainer."""
 
-    cosine: per step, warmup of ``warmup_epochs`` epochs (fractional allowed). plateau:
-    ReduceLROnPlateau on ``monitor`` once per epoch. Every group follows the same multiplier,
-    frozen ones included, so a layer unfrozen later joins at the rate the schedule has reached.
-    """
-    cfg = dict(cfg or {})
-    name = cfg.get("name", "none") or "none"
-    if name == "none":
-        return None
-    if name == "cosine":
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_epochs: float, min_lr_ratio: float,
+                 total_steps: int, max_epochs: int | None):
         epochs = max(int(max_epochs or 1), 1)
-        warmup = int(round(float(cfg.get("warmup_epochs", 0.0)) * total_steps / epochs))
-        fn = WarmupCosine(warmup, total_steps, float(cfg.get("min_lr_ratio", 0.0)))
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
-        return {"scheduler": sched, "interval": "step", "frequency": 1, "name": "lr"}
-    if name == "plateau":
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=cfg.get("mode", "min"), factor=float(cfg.get("factor", 0.1)),
-            patience=int(cfg.get("patience", 3)),
+        warmup = int(round(float(warmup_epochs) * total_steps / epochs))
+        fn = WarmupCosine(warmup, total_steps, float(min_lr_ratio))
+        super().__init__(optimizer, [fn] * len(optimizer.param_groups))
+
+
+def check_scheduler_config(cfg: Mapping) -> None:
+    """Refuse the scheduler spellings that are gone, saying what to write now."""
+    name = cfg.get("name")
+    if name is not None:
+        raise ValueError(
+            f"model.scheduler.name={name} is no longer read: the scheduler is a config group now. "
+            f"Write model/scheduler={name} on the command line (cosine | plateau | none), or "
+            f"`- override /model/scheduler: {name}` in an experiment's defaults list; its settings "
+            f"stay model.scheduler.* (e.g. model.scheduler.patience=5)."
         )
-        return {"scheduler": sched, "interval": "epoch", "frequency": 1,
-                "monitor": cfg.get("monitor", "val/loss"), "strict": True, "name": "lr"}
-    raise ValueError(f"model.scheduler.name must be cosine, plateau or none, got {name!r}")
+    _required(cfg, "_target_", "model.scheduler")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_steps: int,
+                    max_epochs: int | None) -> dict | None:
+    """A Lightning ``lr_scheduler`` config dict from ``model.scheduler``, or None for a constant
+    rate (``_target_: null``). The scheduler class gets every key but Lightning's scheduling keys
+    (interval, frequency, monitor), plus the run lengths (``total_steps``, ``max_epochs``) when its
+    ``__init__`` names them."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    cfg = dict(cfg)
+    check_scheduler_config(cfg)
+    if cfg["_target_"] is None:
+        return None
+    cls = get_object(cfg["_target_"])
+    params = inspect.signature(cls).parameters
+    run_lengths = {"total_steps": int(total_steps), "max_epochs": max_epochs}
+    args = {k: v for k, v in cfg.items()
+            if k not in LIGHTNING_SCHEDULER_KEYS and k not in ("_target_", "_partial_", "name")}
+    args.update({k: v for k, v in run_lengths.items() if k in params})
+    sched = cls(optimizer, **args)
+    out = {"scheduler": sched, "name": "lr"}
+    for key in LIGHTNING_SCHEDULER_KEYS:
+        value = _required(cfg, key, "model.scheduler")
+        if value is not None:
+            out[key] = value
+    if "monitor" in out:
+        out["strict"] = True
+    return out
 
 
 def trainable_parameter_count(params: Iterable[nn.Parameter]) -> int:
