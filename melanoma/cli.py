@@ -91,7 +91,7 @@ def cmd_predict(args) -> int:
         raise FileNotFoundError(f"no image files (jpg/jpeg/png/bmp/tif) found in {[str(p) for p in args.images]}")
     predictor = Predictor(
         args.checkpoint, head=args.head, device=args.device, batch_size=args.batch_size,
-        tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet,
+        tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet, precision=args.precision,
     )
     methods = args.attention_method or ["rollout"]
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
@@ -124,7 +124,7 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, dm, out, calibrate=not args.no_calibration,
         target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=args.head,
-        progress=not args.quiet,
+        progress=not args.quiet, precision=args.precision,
     )
     keys = ["n", "accuracy", "balanced_accuracy", "auroc", "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
@@ -167,6 +167,14 @@ def cmd_export(args) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from melanoma.precision import AUTO, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=AUTO,
+                   help="forward-pass precision; auto: bf16-mixed on bf16 GPUs and AMX/AVX512-BF16 "
+                        "CPUs, 16-mixed on older GPUs, 32-true otherwise (default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melanoma", description="Vision Transformers for melanoma classification.")
     common = argparse.ArgumentParser(add_help=False)
@@ -190,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncalibrated", action="store_true", help="ignore the stored temperature")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="calibrate on val, choose the operating point, report test",
@@ -203,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibration", action="store_true", help="do not fit or store a temperature")
     p.add_argument("--tta", action="store_true")
     p.add_argument("--device", default="cpu")
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")

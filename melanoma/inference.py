@@ -23,6 +23,7 @@ from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
 from melanoma.models.classifier import Classifier
 from melanoma.models.heads import positive_index
+from melanoma.precision import autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Predictor:
 
     calibrated: divide logits by the stored temperature (1.0 when none is stored).
     tta: average logits over the 8 flips/rotations.
+    precision: forward-pass precision (melanoma.precision; "auto" picks it for the device).
     """
 
     def __init__(
@@ -75,10 +77,12 @@ class Predictor:
         tta: bool = False,
         calibrated: bool = True,
         progress: bool = True,
+        precision: str = "auto",
     ):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device.type)
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
         self.checkpoint = Path(checkpoint)
@@ -104,7 +108,8 @@ class Predictor:
 
     # --- tensors ----------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, return_attention: bool = False):
-        return self.model(x, self.head, return_attention=return_attention)
+        with autocast_context(self.precision, self.device):
+            return self.model(x, self.head, return_attention=return_attention)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from melanoma.models.compile import DEFAULT_BACKEND
+from melanoma.precision import AUTO, resolve_precision
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
 from melanoma.training.module import LesionClassifier
 from melanoma.training.unfreeze import GradualUnfreezing
@@ -173,6 +175,20 @@ def _single_console_handler() -> None:
                 top.removeHandler(handler)
 
 
+def _resolve_trainer_precision(cfg: DictConfig) -> None:
+    """Replace trainer.precision=auto (which Lightning does not know) by its value on this machine,
+    in cfg itself: the resolved config stored in checkpoints and logged hyperparameters then says
+    what the run really used."""
+    from omegaconf import open_dict
+
+    requested = cfg.trainer.get("precision", AUTO)
+    value = resolve_precision(requested, str(cfg.trainer.get("accelerator", "auto")))
+    if requested != AUTO:
+        log.info("trainer.precision %s (as configured)", value)
+    with open_dict(cfg):
+        cfg.trainer.precision = value
+
+
 def _run(cfg: DictConfig) -> float | None:
     _single_console_handler()
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -182,6 +198,7 @@ def _run(cfg: DictConfig) -> float | None:
         torch.set_num_threads(int(cfg.num_threads))
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _resolve_trainer_precision(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     mean, std = list(cfg.model.mean), list(cfg.model.std)
@@ -194,6 +211,8 @@ def _run(cfg: DictConfig) -> float | None:
         scheduler=model_cfg.get("scheduler"), loss=model_cfg.get("loss"), image_size=image_size,
         mean=mean, std=std, pretrained=model_cfg.get("pretrained"),
         init_from=model_cfg.get("init_from"), config=resolved,
+        compile=bool(model_cfg.get("compile", False)),
+        compile_backend=model_cfg.get("compile_backend") or DEFAULT_BACKEND,
     )
     if cfg.get("ckpt_path"):
         log.info("resuming from %s (pretrained / init_from weights are not reloaded)", cfg.ckpt_path)

@@ -26,6 +26,7 @@ from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.evaluation.tta import tta_logits
 from melanoma.models.classifier import META_KEY, Classifier
 from melanoma.models.heads import positive_index
+from melanoma.precision import autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,15 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def collect_logits(
     model: Classifier, loader, head: str, device="cpu", tta: bool = False, desc: str = "evaluate",
-    progress: bool = True,
+    progress: bool = True, precision: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, C), labels (N,)) over a loader of (images, labels) batches, in loader order."""
     model.eval()
     logits, labels = [], []
 
     def forward(x):
-        return model(x, head)
+        with autocast_context(precision, device):
+            return model(x, head)
 
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         x = x.to(device)
@@ -51,7 +53,8 @@ def collect_logits(
     return torch.cat(logits).numpy().astype(np.float64), torch.cat(labels).numpy().astype(np.int64)
 
 
-def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, progress: bool,
+                  precision: str = "auto") -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     rows = datamodule.split_table(split)
     if len(rows) == 0:
         raise ValueError(
@@ -66,7 +69,8 @@ def _split_logits(model, datamodule, split: str, head: str, device, tta: bool, p
         shuffle=False,
         num_workers=datamodule.num_workers,
     )
-    logits, labels = collect_logits(model, loader, head, device, tta, desc=f"evaluate {split}", progress=progress)
+    logits, labels = collect_logits(model, loader, head, device, tta, desc=f"evaluate {split}", progress=progress,
+                                    precision=precision)
     if not np.array_equal(labels, rows["label"].to_numpy()):
         raise RuntimeError(f"{split} loader labels do not follow split_table order; cannot write predictions.csv")
     return logits, labels, rows
@@ -133,6 +137,7 @@ def evaluate_checkpoint(
     wandb_run=None,
     head: str | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Fit temperature and operating point on val, store them in the checkpoint, report test.
 
@@ -158,8 +163,10 @@ def evaluate_checkpoint(
     datamodule.prepare_data()
     datamodule.setup("test")
 
-    val_logits, val_labels, _ = _split_logits(model, datamodule, "val", head, device, tta, progress)
-    test_logits, test_labels, test_rows = _split_logits(model, datamodule, "test", head, device, tta, progress)
+    precision = resolve_precision(precision, torch.device(device).type)
+    val_logits, val_labels, _ = _split_logits(model, datamodule, "val", head, device, tta, progress, precision)
+    test_logits, test_labels, test_rows = _split_logits(model, datamodule, "test", head, device, tta, progress,
+                                                        precision)
 
     temperature = fit_temperature(val_logits, val_labels) if calibrate else 1.0
     val_probs = softmax(val_logits, temperature)
