@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from melanoma.models import build_backbone
+from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
 from melanoma.models.classifier import META_KEY, Classifier, checkpoint_meta, state_dict_mismatch
 from melanoma.models.heads import DatasetHeads, build_head, positive_index
 from melanoma.models.vit import IMAGENET_MEAN, IMAGENET_STD
@@ -73,6 +74,8 @@ class LesionClassifier(pl.LightningModule):
         pretrained: str | None = None,
         init_from: str | None = None,
         config: Mapping | None = None,
+        compile: bool = False,
+        compile_backend: str = DEFAULT_BACKEND,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -84,6 +87,9 @@ class LesionClassifier(pl.LightningModule):
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
         heads = DatasetHeads()
         heads.add(dataset_name, build_head(spec))
+        if compile:
+            # in place: state-dict keys stay plain, so checkpoints load with or without compile
+            compile_backbone(vit, backend=compile_backend)
         self.model = Classifier(vit, heads)
         self.active_head = dataset_name
         self.class_names = list(class_names)
