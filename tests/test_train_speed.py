@@ -108,3 +108,31 @@ def _module_kwargs(cfg, class_names):
     return dict(backbone=m["backbone"], dataset_name="dermmel", class_names=class_names,
                 head=m["head"], image_size=32, init_from=m["init_from"], compile=m["compile"],
                 compile_backend=m["compile_backend"])
+
+
+def test_progress_bar_shows_the_loss_without_a_per_step_sync():
+    """prog_bar values are turned into Python numbers after every batch (a host sync); the loss
+    must not be one of them, and the bar must still show it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from melanoma.training.progress import TRAIN_LOSS_STEP, TrainProgressBar
+
+    seen = []
+
+    class Look(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((dict(trainer.progress_bar_metrics), bar.get_metrics(trainer, pl_module)))
+
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    module = LesionClassifier({"name": "vit_tiny", "kwargs": kw}, "dermmel", ["not_melanoma", "melanoma"])
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)), batch_size=4)
+    bar = TrainProgressBar(refresh_rate=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, callbacks=[bar, Look()])
+    trainer.fit(module, data)
+    assert len(seen) == 2
+    for pbar_metrics, shown in seen:
+        assert not any(k.startswith("train/loss") for k in pbar_metrics)
+        assert float(shown[TRAIN_LOSS_STEP]) > 0

@@ -101,6 +101,9 @@ class LesionClassifier(pl.LightningModule):
         self.loss_cfg = dict(loss or {})
         self.class_weight: torch.Tensor | None = None
         self._lr_groups: dict = {}
+        # the NaN/Inf guard's state between training_step and on_before_optimizer_step
+        self._loss_finite: torch.Tensor | None = None
+        self._last_loss: tuple[torch.Tensor, int] | None = None
         # META entries written by evaluation (calibration, operating point); carried through saves
         self.calibration: dict = {}
         self.operating_point: dict = {}
@@ -211,9 +214,38 @@ class LesionClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        finite = bool(torch.isfinite(loss))
-        # every rank must stop together, or the others wait forever in the next all-reduce
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        # Checked in on_before_optimizer_step, together with the gradient norm, in one host sync per
+        # optimizer step (a sync per check stalls the GPU's queue). That is still before the
+        # optimizer step, so a non-finite loss never reaches the weights. Accumulated on the device
+        # over the micro-batches of one optimizer step (accumulate_grad_batches).
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = (loss.detach(), batch_idx)
+        # on_step for the progress bar and logger: Lightning turns prog_bar values into Python
+        # numbers every step (a host sync), so the bar reads the loss at its own refresh instead
+        # (melanoma.training.progress.TrainProgressBar)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, None
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # one fused (foreach) norm over all gradients instead of one kernel per tensor
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        checks = []
+        if loss_finite is not None:
+            # every rank must stop together, or the others wait forever in the next all-reduce:
+            # count the ranks with a bad loss on the device, then read everything in one sync
+            bad = self.trainer.strategy.reduce((~loss_finite).float(), reduce_op="sum")
+            checks.append(bad == 0)
+        # with fp16 loss scaling an overflow is routine: the GradScaler skips that step itself
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if norm is not None and not scaled:
+            checks.append(torch.isfinite(norm))
+        ok = torch.stack([c.to(torch.bool).reshape(()) for c in checks]).tolist() if checks else []
+        if loss_finite is not None and not ok.pop(0):
+            loss, batch_idx = self._last_loss
             raise NonFiniteLossError(
                 f"training loss is not finite ({loss.item()} on this rank) at epoch "
                 f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx}. The run "
@@ -222,25 +254,15 @@ class LesionClassifier(pl.LightningModule):
                 f"(model.optimizer.lr / head_lr), use precision 32-true, set "
                 f"trainer.gradient_clip_val, or check the input images."
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        # with fp16 loss scaling an overflow is routine: the GradScaler skips that step itself
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        if not scaled and not torch.isfinite(norm):
+        if ok and not ok.pop(0):
             # grads are all-reduced by now, so every rank sees the same value and stops together
             raise NonFiniteLossError(
                 f"gradient norm is {norm.item()} at epoch {self.current_epoch}, global step "
                 f"{self.global_step}: the optimizer step was skipped and no checkpoint was written. "
                 f"Lower the learning rate or set trainer.gradient_clip_val."
             )
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_epoch_start(self) -> None:
         self.log("trainable_params", float(self.trainable_parameter_count()), on_step=False, on_epoch=True)
