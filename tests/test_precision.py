@@ -137,3 +137,22 @@ def test_bf16_inference_on_cpu_decides_like_fp32(tmp_path):
     # the CLI passes --precision through
     assert main(["predict", str(ckpt), str(paths[0]), "--precision", "bf16-mixed", "-q",
                  "--out", str(tmp_path / "r.csv")]) == 0
+
+
+def test_evaluation_logits_follow_the_precision():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from melanoma.evaluation.checkpoint_io import build_classifier
+    from melanoma.evaluation.report import collect_logits
+
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny", KW, {"synthetic": CLASSES}).eval()
+    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    fp32, _ = collect_logits(model, loader, "synthetic", precision="32-true", progress=False)
+    bf16, _ = collect_logits(model, loader, "synthetic", precision="bf16-mixed", progress=False)
+    auto, _ = collect_logits(model, loader, "synthetic", precision="auto", progress=False)
+    assert fp32.dtype == bf16.dtype == np.float64
+    assert not np.array_equal(fp32, bf16)
+    np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
+    expected = bf16 if P.resolve_precision("auto", "cpu") == "bf16-mixed" else fp32
+    np.testing.assert_array_equal(auto, expected)

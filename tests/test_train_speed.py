@@ -72,6 +72,29 @@ def test_compile_is_in_place_and_runs_compiled_code():
         compile_backbone(torch.nn.Linear(2, 2))
 
 
+def test_every_block_is_compiled_despite_per_block_drop_path_rates():
+    """Stochastic depth gives each block its own drop_prob, a recompile each: with Dynamo's default
+    limit of 8, blocks 9.. of a deeper ViT would silently run eagerly."""
+    from melanoma.models import build_backbone
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    depth = 12
+    vit = build_backbone("vit_tiny", img_size=16, patch_size=8, embed_dim=16, depth=depth, num_heads=2,
+                         drop_path_rate=0.1)
+    compile_backbone(vit, backend=counting_backend)
+    vit.train()
+    vit.forward_features(torch.randn(2, 3, 16, 16))
+    # one graph per block (each its own drop rate) plus patch_embed and norm; at the default
+    # limit only 8 block graphs would be compiled
+    assert len(graphs) >= depth + 2
+
+
 def test_compiled_and_uncompiled_checkpoints_are_interchangeable(tiny_dermmel, tmp_path):
     torch._dynamo.reset()
     plain = _run(tiny_dermmel, tmp_path / "plain")

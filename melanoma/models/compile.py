@@ -8,14 +8,17 @@ parameters, names and state dict as they were.
 What gets compiled is each transformer block (plus the patch embedding and final norm), not the
 ``VisionTransformer`` object: the training forward runs the blocks one by one (frozen stages under
 no_grad, see LesionClassifier.forward) and ``Classifier`` calls ``forward_features`` /
-``forward_head``, so the backbone's own ``__call__`` is never the entry point. The blocks are
-identical, so Dynamo compiles one and reuses the code for the others (compile time of one block).
+``forward_head``, so the backbone's own ``__call__`` is never the entry point. Blocks that differ
+only in a Python float (stochastic depth grows with depth: each block's ``drop_path.drop_prob``)
+are one recompile each; Dynamo's recompile limit (8) would leave blocks 9.. of a 12-block ViT
+uncompiled, silently, so it is raised to cover every block.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,10 @@ def compile_backbone(backbone: nn.Module, backend=DEFAULT_BACKEND, **options) ->
     if not parts:
         raise ValueError(f"expected a VisionTransformer with blocks, patch_embed and norm; "
                          f"found {type(backbone).__name__} with none of them")
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    # every part may be one recompile of the same Block.forward code (see the module docstring)
+    setattr(config, name, max(getattr(config, name), len(parts) + 8))
     for part in parts:
         part.compile(backend=backend, **options)
     log.info("backbone compiled in place (%d modules, backend %s)", len(parts), backend)
