@@ -284,7 +284,9 @@ class LesionClassifier(pl.LightningModule):
             self.class_weight = self.class_weight.to(self.device)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._lr_groups:
+        # only on the steps the loggers write: one self.log per layer per step was the largest
+        # per-step cost of train.py against a bare loop (experiments/bench_train.py)
+        if self._lr_groups and self._logging_step():
             self.log_dict({k: float(g["lr"]) for k, g in self._lr_groups.items()}, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:
