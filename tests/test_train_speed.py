@@ -159,3 +159,18 @@ def test_progress_bar_shows_the_loss_without_a_per_step_sync():
     for pbar_metrics, shown in seen:
         assert not any(k.startswith("train/loss") for k in pbar_metrics)
         assert float(shown[TRAIN_LOSS_STEP]) > 0
+
+
+def test_step_values_logged_only_when_written_still_reach_every_logged_step(tiny_dermmel, tmp_path):
+    """grad norm and per-layer LR are logged only on the steps the loggers write; the CSV must
+    still hold them on exactly the steps that hold the per-step loss."""
+    import pandas as pd
+
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3, batch_size=4), "trainer.log_every_n_steps=3",
+                       "test=false"], tmp_path / "run")
+    run(cfg)
+    m = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    loss_steps = set(m.loc[m["train/loss_step"].notna(), "step"])
+    assert len(loss_steps) >= 3
+    assert set(m.loc[m["train/grad_norm"].notna(), "step"]) == loss_steps
+    assert set(m.loc[m["lr/head"].notna(), "step"]) == loss_steps
