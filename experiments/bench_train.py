@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the Markdown result here")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.precisions, args.rounds, args.warmup, args.steps = ["vit_tiny"], ["auto"], 2, 1, 4
+        args.models, args.precisions, args.rounds, args.warmup, args.steps = ["vit_tiny"], ["auto"], 2, 1, 3
     logging.basicConfig(level=logging.WARNING)
     load = os.getloadavg()[0]
 
