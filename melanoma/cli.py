@@ -72,7 +72,7 @@ def cmd_predict(args) -> int:
         raise FileNotFoundError(f"no image files (jpg/jpeg/png/bmp/tif) found in {[str(p) for p in args.images]}")
     predictor = Predictor(
         args.checkpoint, head=args.head, device=args.device, batch_size=args.batch_size,
-        tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet,
+        tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet, precision=args.precision,
     )
     methods = args.attention_method or ["rollout"]
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
@@ -109,7 +109,7 @@ def cmd_evaluate(args) -> int:
         dm = external_datamodule(meta, args.overrides)
         out = args.out or stem.with_name(f"{stem.stem}_external_{dm.name}")
         metrics = evaluate_external(args.checkpoint, dm, out, head=head, tta=args.tta, device=args.device,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, precision=args.precision)
         mapped = " (labels mapped to melanoma vs rest)" if metrics["labels_mapped_to_melanoma_vs_rest"] else ""
         print(f"external test set {dm.name}, all {metrics['n']} images (head {head}){mapped}:")
         print(format_metrics(metrics))
@@ -120,7 +120,7 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate_checkpoint(
         args.checkpoint, dm, out, calibrate=not args.no_calibration,
         target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=head,
-        progress=not args.quiet,
+        progress=not args.quiet, precision=args.precision,
     )
     print(f"test split of {dm.name} as trained (head {head}; {metrics['n']} images):")
     print(format_metrics(metrics))
@@ -169,6 +169,14 @@ def cmd_serve(args) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    from melanoma.precision import AUTO, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=AUTO,
+                   help="forward-pass precision; auto: bf16-mixed on bf16 GPUs and AMX/AVX512-BF16 "
+                        "CPUs, 16-mixed on older GPUs, 32-true otherwise (default auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melanoma", description="Vision Transformers for melanoma classification.")
     common = argparse.ArgumentParser(add_help=False)
@@ -194,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale (two-class heads) and decisions stay the calibrated ones")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", parents=[common], help="calibrate on val, choose the operating point, report test",
@@ -218,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="8-view TTA; the calibration fitted with it is stored beside the plain one")
     p.add_argument("--device", default="cpu")
+    _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")

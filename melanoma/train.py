@@ -15,8 +15,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from melanoma.precision import AUTO, resolve_precision
 from melanoma.training.callbacks import SaveSplit, build_callbacks
 from melanoma.training.launch import hydra_ddp_launch, strategy_for
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
@@ -47,6 +48,8 @@ def _run(cfg: DictConfig) -> float | None:
         torch.set_num_threads(int(cfg.num_threads))
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):  # Lightning knows no "auto": the config stored with the run says what ran
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator))
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")

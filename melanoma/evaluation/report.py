@@ -127,6 +127,7 @@ def evaluate_checkpoint(
     wandb_run=None,
     head: str | None = None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Fit calibration and operating point on val, store them in the checkpoint, report test.
 
@@ -138,7 +139,7 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
-                          progress=progress, announce=False)
+                          progress=progress, announce=False, precision=precision)
     meta, head = predictor.meta, predictor.head
     record = meta.heads[head]
     class_names = record.class_names
@@ -216,6 +217,7 @@ def evaluate_external(
     device: str = "cpu",
     wandb_run=None,
     progress: bool = True,
+    precision: str = "auto",
 ) -> dict:
     """Report a dataset the model never trained on: every image of every split is a test image.
 
@@ -226,7 +228,7 @@ def evaluate_external(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
-                          progress=progress)
+                          progress=progress, precision=precision)
     head, class_names = predictor.head, predictor.class_names
     datamodule.prepare_data()
     datamodule.setup("test")

@@ -28,6 +28,7 @@ from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
+from melanoma.precision import autocast_context, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Predictor:
     calibrated: show calibrated probabilities (default). With False the probabilities shown are
     the raw softmax and ``threshold`` is mapped onto that scale where an exact mapping exists
     (two classes); the decision is the same either way.
+    precision: forward-pass precision (melanoma.precision; "auto" picks it for the device).
     """
 
     def __init__(
@@ -88,12 +90,14 @@ class Predictor:
         calibrated: bool = True,
         progress: bool = True,
         announce: bool = True,
+        precision: str = "auto",
     ):
         """announce: warn (log) when the head's calibration does not fit (uncalibrated, or fitted
         without TTA for TTA predictions); evaluation, which is about to fit one, passes False."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device.type)
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
         self.checkpoint = Path(checkpoint)
@@ -142,7 +146,8 @@ class Predictor:
 
     # --- tensors ----------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, return_attention: bool = False):
-        return self.model(x, self.head, return_attention=return_attention)
+        with autocast_context(self.precision, self.device):
+            return self.model(x, self.head, return_attention=return_attention)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

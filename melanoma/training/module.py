@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
 from melanoma.models.classifier import Classifier, state_dict_mismatch
+from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
 from melanoma.models.heads import DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
@@ -76,6 +77,8 @@ class LesionClassifier(pl.LightningModule):
         pretrained: str | None = None,
         init_from: str | None = None,
         config: Mapping | None = None,
+        compile: bool = False,
+        compile_backend: str = DEFAULT_BACKEND,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -88,6 +91,9 @@ class LesionClassifier(pl.LightningModule):
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
         heads = DatasetHeads()
         heads.add(dataset_name, build_head(spec))
+        if compile:
+            # in place: state-dict keys stay plain, so checkpoints load with or without compile
+            compile_backbone(vit, backend=compile_backend)
         self.model = Classifier(vit, heads)
         self.active_head = dataset_name
         self.class_names = list(class_names)
@@ -106,6 +112,9 @@ class LesionClassifier(pl.LightningModule):
                            f"conf/model/vit.yaml defines them")
         self.class_weight: torch.Tensor | None = None
         self._lr_groups: dict = {}
+        # the NaN/Inf guard's state between training_step and on_before_optimizer_step
+        self._loss_finite: torch.Tensor | None = None
+        self._last_loss: tuple[torch.Tensor, int] | None = None
         # per head: calibration and training data as the checkpoint contract records them
         # (evaluation writes calibration into the file; init_from and resume bring records along)
         self.head_records: dict[str, HeadRecord] = {}
@@ -181,9 +190,38 @@ class LesionClassifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        finite = bool(torch.isfinite(loss))
-        # every rank must stop together, or the others wait forever in the next all-reduce
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        # Checked in on_before_optimizer_step, together with the gradient norm, in one host sync per
+        # optimizer step (a sync per check stalls the GPU's queue). That is still before the
+        # optimizer step, so a non-finite loss never reaches the weights. Accumulated on the device
+        # over the micro-batches of one optimizer step (accumulate_grad_batches).
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        self._last_loss = (loss.detach(), batch_idx)
+        # on_step for the progress bar and logger: Lightning turns prog_bar values into Python
+        # numbers every step (a host sync), so the bar reads the loss at its own refresh instead
+        # (melanoma.training.progress.TrainProgressBar)
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
+        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        loss_finite, self._loss_finite = self._loss_finite, None
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # one fused (foreach) norm over all gradients instead of one kernel per tensor
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        checks = []
+        if loss_finite is not None:
+            # every rank must stop together, or the others wait forever in the next all-reduce:
+            # count the ranks with a bad loss on the device, then read everything in one sync
+            bad = self.trainer.strategy.reduce((~loss_finite).float(), reduce_op="sum")
+            checks.append(bad == 0)
+        # with fp16 loss scaling an overflow is routine: the GradScaler skips that step itself
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if norm is not None and not scaled:
+            checks.append(torch.isfinite(norm))
+        ok = torch.stack([c.to(torch.bool).reshape(()) for c in checks]).tolist() if checks else []
+        if loss_finite is not None and not ok.pop(0):
+            loss, batch_idx = self._last_loss
             raise NonFiniteLossError(
                 f"training loss is not finite ({loss.item()} on this rank) at epoch "
                 f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx}. The run "
@@ -192,25 +230,22 @@ class LesionClassifier(pl.LightningModule):
                 f"(model.optimizer.lr / head_lr), use precision 32-true, set "
                 f"trainer.gradient_clip_val, or check the input images."
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
-        return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-        # with fp16 loss scaling an overflow is routine: the GradScaler skips that step itself
-        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        if not scaled and not torch.isfinite(norm):
+        if ok and not ok.pop(0):
             # grads are all-reduced by now, so every rank sees the same value and stops together
             raise NonFiniteLossError(
                 f"gradient norm is {norm.item()} at epoch {self.current_epoch}, global step "
                 f"{self.global_step}: the optimizer step was skipped and no checkpoint was written. "
                 f"Lower the learning rate or set trainer.gradient_clip_val."
             )
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if norm is not None and self._logging_step():
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def _logging_step(self) -> bool:
+        """Whether the loggers write this step's on_step values (every trainer.log_every_n_steps).
+        A step-only value logged on other steps is never written, yet each ``self.log`` costs
+        about a millisecond of Python (Lightning's torchmetrics-based bookkeeping)."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_epoch_start(self) -> None:
         self.log("trainable_params", float(self.trainable_parameter_count()), on_step=False, on_epoch=True)
@@ -225,7 +260,9 @@ class LesionClassifier(pl.LightningModule):
             self.class_weight = self.class_weight.to(self.device)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self._lr_groups:
+        # only on the steps the loggers write: one self.log per layer per step was the largest
+        # per-step cost of train.py against a bare loop (experiments/bench_train.py)
+        if self._lr_groups and self._logging_step():
             self.log_dict({k: float(g["lr"]) for k, g in self._lr_groups.items()}, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self) -> None:

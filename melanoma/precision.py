@@ -1,0 +1,117 @@
+"""Numeric precision: resolving ``precision=auto`` and running a forward pass under it.
+
+One rule for training (``trainer.precision``, resolved by melanoma/train.py before the Trainer is
+built: Lightning does not know "auto") and for inference (``melanoma predict/evaluate
+--precision``):
+
+- bf16-mixed on CUDA GPUs that support bf16, and on CPUs with native bf16 matmuls (flags
+  ``amx_bf16`` or ``avx512_bf16``);
+- 16-mixed on older CUDA GPUs;
+- 32-true otherwise. On a CPU without those flags bf16 is emulated and several times slower
+  than fp32, so auto never picks it there.
+
+Ground level: imports nothing from training, evaluation, inference or the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AUTO", "PRECISIONS", "BF16_CPU_FLAGS", "autocast_context", "choose_precision",
+           "cpu_flags", "resolve_precision"]
+
+AUTO = "auto"
+# the values `--precision` accepts and auto resolves to (Lightning accepts more spellings in
+# trainer.precision; those pass through resolve_precision unchanged)
+PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed")
+# CPU flags of native bf16 matrix support (Intel AMX, AVX512-BF16; AMD Zen 4+ has avx512_bf16)
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(path: str | Path = CPUINFO) -> set[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable,
+    e.g. on macOS or Windows: auto then keeps fp32 on the CPU)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def _cuda_device(accelerator: str) -> bool:
+    """Whether ``accelerator`` (a Lightning accelerator or a torch device string) means CUDA here."""
+    kind = str(accelerator).split(":")[0].lower()
+    if kind in ("gpu", "cuda"):
+        return True
+    if kind == "auto":
+        return torch.cuda.is_available()
+    return False
+
+
+def choose_precision(
+    accelerator: str = "auto",
+    *,
+    flags: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+    cuda_bf16: Callable[[], bool] | None = None,
+) -> tuple[str, str]:
+    """(precision, reason) for ``accelerator`` ("auto", "cpu", "gpu", "cuda", "cuda:1", "mps").
+
+    ``flags``: the CPU flags, or a callable returning them (None: ``cpu_flags()``, /proc/cpuinfo).
+    ``cuda_bf16``: a callable telling whether the GPU supports bf16 (default:
+    ``torch.cuda.is_bf16_supported``). Both are injectable so tests can mock a machine.
+    """
+    if _cuda_device(accelerator):
+        supported = (cuda_bf16 or _cuda_bf16_supported)()
+        if supported:
+            return "bf16-mixed", "CUDA GPU with bf16 support"
+        return "16-mixed", "CUDA GPU without bf16 support"
+    if str(accelerator).split(":")[0].lower() not in ("auto", "cpu"):
+        return "32-true", f"accelerator {accelerator!r}: no mixed-precision rule, full precision"
+    if flags is None:
+        flags = cpu_flags  # looked up at call time, so tests can patch the module attribute
+    found = set(flags() if callable(flags) else flags)
+    native = [f for f in BF16_CPU_FLAGS if f in found]
+    if native:
+        return "bf16-mixed", f"CPU with native bf16 ({', '.join(native)})"
+    return "32-true", f"CPU without {' or '.join(BF16_CPU_FLAGS)} (bf16 would be emulated, slower than fp32)"
+
+
+def _cuda_bf16_supported() -> bool:
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision, accelerator: str = "auto", **machine) -> str:
+    """``precision`` unchanged unless it is "auto"; then the rule above for ``accelerator``.
+    ``machine``: the ``flags`` / ``cuda_bf16`` injections of ``choose_precision``."""
+    if str(precision) != AUTO:
+        return precision
+    value, reason = choose_precision(accelerator, **machine)
+    log.info("precision auto -> %s (%s)", value, reason)
+    return value
+
+
+def autocast_context(precision, device: str | torch.device = "cpu", **machine):
+    """A context manager running a forward pass at ``precision`` on ``device``: autocast to
+    bf16/fp16 for the mixed precisions, nothing for full precision. "auto" is resolved for
+    ``device`` first."""
+    device = torch.device(device)
+    value = str(resolve_precision(precision, device.type, **machine))
+    dtype = {"bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
+             "16-mixed": torch.float16, "16": torch.float16}.get(value)
+    if dtype is None:
+        if value not in ("32-true", "32", "64-true", "64"):
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
