@@ -111,7 +111,7 @@ def test_kfold_pools_out_of_fold_predictions_and_ensembles_the_test_split(tmp_pa
     y = torch.tensor((oof["true_label"] == "melanoma").to_numpy().astype(int))
     p = torch.tensor(oof["melanoma_probability"].to_numpy())
     assert s["oof"]["n"] == len(non_test) == 48
-    assert s["oof"]["auroc"] == pytest.approx(float(tmf.binary_auroc(p, y)), abs=1e-9)
+    assert s["oof"]["auroc"] == pytest.approx(float(tmf.binary_auroc(p, y)), abs=1e-6)  # torchmetrics: float32
     lo, hi = s["oof"]["ci95"]["auroc"]
     assert lo < s["oof"]["auroc"] < hi and s["oof"]["ci95_method"]["grouped"]
     # the 95%-sensitivity threshold is chosen on the pooled predictions themselves
@@ -129,7 +129,7 @@ def test_kfold_pools_out_of_fold_predictions_and_ensembles_the_test_split(tmp_pa
     ye = torch.tensor((ens["true_label"] == "melanoma").to_numpy().astype(int))
     assert s["ensemble_test"]["n"] == 12
     assert s["ensemble_test"]["auroc"] == pytest.approx(
-        float(tmf.binary_auroc(torch.tensor(ens["melanoma_probability"].to_numpy()), ye)), abs=1e-9)
+        float(tmf.binary_auroc(torch.tensor(ens["melanoma_probability"].to_numpy()), ye)), abs=1e-6)
     assert s["ensemble_test"]["threshold"] == pytest.approx(0.3)  # mean of the folds' operating points
     assert "auroc" in s["ensemble_test"]["ci95"]
     assert any(p.suffix == ".png" and p.stat().st_size > 5000 for p in tmp_path.iterdir())
