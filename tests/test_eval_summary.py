@@ -66,9 +66,9 @@ def _write_job(job_dir, overrides, splits, report_metrics, test_metrics, val_row
     (job_dir / "test" / "metrics.json").write_text(json.dumps(test_metrics))
 
 
-def make_kfold(root, k=3, val_of=None, seed=0):
-    """A multirun folder of k fold jobs; val_of(fold, rest_rows) picks a fold's val rows
-    (default: every k-th lesion)."""
+def make_kfold(root, k=3, val_of=None, seed=0, extra=(), first_job=0):
+    """A multirun folder of k fold jobs (numbered from first_job, with the `extra` overrides);
+    val_of(fold, rest_rows) picks a fold's val rows (default: every k-th lesion)."""
     rng = np.random.default_rng(seed)
     table = _dataset()
     rest = table[table["split"] == "rest"]
@@ -78,7 +78,8 @@ def make_kfold(root, k=3, val_of=None, seed=0):
         splits = table.copy()
         splits.loc[splits["split"] == "rest", "split"] = "train"
         splits.loc[splits["path"].isin(val["path"]), "split"] = "val"
-        _write_job(root / str(fold), ["dataset=ham10000", "dataset.num_folds=3", f"dataset.fold={fold}"], splits,
+        _write_job(root / str(first_job + fold), ["dataset=ham10000", *extra, "dataset.num_folds=3",
+                                                  f"dataset.fold={fold}"], splits,
                    {"auroc": 0.7 + 0.05 * fold, "accuracy": 0.6 + 0.1 * fold, "threshold": 0.2 + 0.1 * fold,
                     "ci95": {"auroc": [0.5, 0.9]}},
                    {"test/auroc": 0.65 + 0.1 * fold, "test/loss": 0.5},
@@ -193,3 +194,19 @@ def test_cli_summarize_writes_the_summary_and_prints_the_pooled_auroc(tmp_path, 
     assert str(tmp_path / "out") in shown
     assert main(["summarize", str(tmp_path / "out")]) == EXIT_USAGE  # no jobs there: one clear line
     assert "no multirun jobs" in capsys.readouterr().err
+
+
+def test_a_sweep_of_kfolds_pools_each_setting_apart(tmp_path):
+    make_kfold(tmp_path, extra=["model.optimizer.lr=1e-4"], seed=0)
+    make_kfold(tmp_path, extra=["model.optimizer.lr=3e-4"], seed=1, first_job=3)
+    s = summarize(tmp_path)
+    assert s["kfold"] and s["grouped_by"] == ["model.optimizer.lr"]
+    assert [g["jobs"] for g in s["groups"]] == [["0", "1", "2"], ["3", "4", "5"]]
+    for n, g in enumerate(s["groups"]):
+        oof = pd.read_csv(tmp_path / f"group{n}_{OOF_PREDICTIONS_FILE}")
+        assert sorted(oof["fold_job"].astype(str).unique()) == g["jobs"] and g["oof"]["n"] == len(oof) == 48
+        y = torch.tensor((oof["true_label"] == "melanoma").to_numpy().astype(int))
+        p = torch.tensor(oof["melanoma_probability"].to_numpy())
+        assert g["oof"]["auroc"] == pytest.approx(float(tmf.binary_auroc(p, y)), abs=1e-6)
+        assert (tmp_path / f"group{n}_{ENSEMBLE_PREDICTIONS_FILE}").is_file()
+    assert s["groups"][0]["oof"]["auroc"] != s["groups"][1]["oof"]["auroc"]
