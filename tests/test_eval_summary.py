@@ -96,6 +96,8 @@ def test_kfold_pools_out_of_fold_predictions_and_ensembles_the_test_split(tmp_pa
     assert s["runs"][1]["overrides"]["dataset.fold"] == "1"
     assert s["runs"][1]["metrics"]["report/auroc"] == pytest.approx(0.75)
     assert s["runs"][1]["metrics"]["test/auroc"] == pytest.approx(0.75)
+    assert s["runs"][1]["ci95"] == {"report/auroc": [0.5, 0.9]}
+    assert "0.750 [0.500, 0.900]" in (tmp_path / SUMMARY_MD).read_text()
     # mean and (sample) sd over the jobs
     for key, values in (("report/auroc", [0.7, 0.75, 0.8]), ("test/auroc", [0.65, 0.75, 0.85])):
         assert s["metrics"][key]["mean"] == pytest.approx(np.mean(values))

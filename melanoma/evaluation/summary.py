@@ -9,7 +9,7 @@ Each job folder (``<multirun>/<job number>/``, conf/hydra/default.yaml) holds
 melanoma.evaluation.report). ``summarize`` writes into the multirun folder (or ``out_dir``):
 
 - summary.json: ``runs`` (per job: its overrides and metrics, ``report/<key>`` from the report,
-  ``test/<key>`` from the test loop), ``swept_keys`` (the overrides that differ between jobs),
+  ``test/<key>`` from the test loop, and the report's intervals under ``ci95``), ``swept_keys`` (the overrides that differ between jobs),
   and for one group of jobs ``metrics`` (mean and sample sd over the jobs); several groups (a
   sweep over settings) go under ``groups``, one entry per combination of swept settings.
 - When the jobs of a group differ in ``dataset.fold`` (k-fold): ``oof``, the pooled out-of-fold
@@ -78,6 +78,7 @@ class Job:
     dir: Path
     overrides: dict[str, str]
     metrics: dict[str, float]  # report/<key> and test/<key>
+    intervals: dict[str, list]  # report/<key> -> the report's 95% bootstrap interval
 
     @property
     def report_dir(self) -> Path:
@@ -107,16 +108,18 @@ def load_jobs(multirun_dir: Path) -> list[Job]:
         )
     jobs = []
     for d in dirs:
-        metrics = {}
+        metrics, intervals = {}, {}
         report = d / REPORT_DIR / METRICS_FILE
         if report.is_file():
-            metrics.update(_scalars(json.loads(report.read_text()), "report/"))
+            report = json.loads(report.read_text())
+            metrics.update(_scalars(report, "report/"))
+            intervals = {f"report/{k}": v for k, v in (report.get("ci95") or {}).items()}
         else:
             log.warning("job %s has no %s (run with evaluate=true): its report metrics are missing", d.name, report)
         if (d / TEST_METRICS_FILE).is_file():
             # the test loop's keys already read test/...
             metrics.update(_scalars(json.loads((d / TEST_METRICS_FILE).read_text()), ""))
-        jobs.append(Job(d.name, d, _parse_overrides(d / OVERRIDES_FILE), metrics))
+        jobs.append(Job(d.name, d, _parse_overrides(d / OVERRIDES_FILE), metrics, intervals))
     return jobs
 
 
@@ -341,7 +344,7 @@ def summarize(multirun_dir, out_dir=None, target_sensitivity: float = TARGET_SEN
     summary = {
         "multirun_dir": str(multirun_dir), "n_jobs": len(jobs), "swept_keys": swept, "grouped_by": grouped_by,
         "kfold": any("oof" in g for g in groups),
-        "runs": [{"job": j.name, "overrides": j.overrides, "metrics": j.metrics} for j in jobs],
+        "runs": [{"job": j.name, "overrides": j.overrides, "metrics": j.metrics, "ci95": j.intervals} for j in jobs],
     }
     if len(groups) == 1:
         summary.update({k: v for k, v in groups[0].items() if k not in ("values", "jobs")})
@@ -369,10 +372,6 @@ def _jsonable(d):
     return d
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def _markdown(summary: dict, groups: list[dict]) -> str:
     swept = summary["swept_keys"]
     lines = [f"# Summary of {summary['multirun_dir']}", "",
@@ -380,7 +379,8 @@ def _markdown(summary: dict, groups: list[dict]) -> str:
              f"{', '.join(summary['grouped_by']) or 'nothing (one group)'}.", "", "## Jobs", "",
              "| job | " + " | ".join([*swept, *SHOWN]) + " |", "|---" * (1 + len(swept) + len(SHOWN)) + "|"]
     for r in summary["runs"]:
-        cells = [r["overrides"].get(k, "") for k in swept] + [_fmt(r["metrics"].get(k)) for k in SHOWN]
+        cells = [r["overrides"].get(k, "") for k in swept] + [
+            format_ci(r["metrics"][k], r["ci95"].get(k)) if r["metrics"].get(k) is not None else "n/a" for k in SHOWN]
         lines.append(f"| {r['job']} | " + " | ".join(cells) + " |")
     lines += ["", "## Mean ± sd over jobs (sample sd)", "", "| group | metric | mean ± sd | jobs |", "|---|---|---|---|"]
     for g in groups:
