@@ -198,11 +198,12 @@ def test_cli_summarize_writes_the_summary_and_prints_the_pooled_auroc(tmp_path, 
     assert "no multirun jobs" in capsys.readouterr().err
 
 
-def test_a_sweep_of_kfolds_pools_each_setting_apart(tmp_path):
-    make_kfold(tmp_path, extra=["model.optimizer.lr=1e-4"], seed=0)
-    make_kfold(tmp_path, extra=["model.optimizer.lr=3e-4"], seed=1, first_job=3)
+@pytest.mark.parametrize("key", ["model.optimizer.lr", "seed"])
+def test_a_sweep_of_kfolds_pools_each_setting_apart(tmp_path, key):
+    make_kfold(tmp_path, extra=[f"{key}=1"], seed=0)
+    make_kfold(tmp_path, extra=[f"{key}=3"], seed=1, first_job=3)
     s = summarize(tmp_path)
-    assert s["kfold"] and s["grouped_by"] == ["model.optimizer.lr"]
+    assert s["kfold"] and s["grouped_by"] == [key]
     assert [g["jobs"] for g in s["groups"]] == [["0", "1", "2"], ["3", "4", "5"]]
     for n, g in enumerate(s["groups"]):
         oof = pd.read_csv(tmp_path / f"group{n}_{OOF_PREDICTIONS_FILE}")

@@ -61,6 +61,7 @@ TEST_METRICS_FILE = Path("test") / "metrics.json"
 #: the override that picks the k-fold fold; jobs differing in it are folds of one setting
 FOLD_KEY = "dataset.fold"
 #: swept keys that repeat a setting rather than change it: jobs are grouped by the other swept keys
+#: (when folds are swept, only the fold: each seed's folds are pooled apart)
 REPLICATE_KEYS = (FOLD_KEY, "seed")
 #: the report's metrics compared across jobs in summary.md and the figure (all are in summary.json)
 SHOWN = [f"report/{AUROC}", "report/balanced_accuracy", "report/sensitivity_at_threshold",
@@ -328,7 +329,9 @@ def summarize(multirun_dir, out_dir=None, target_sensitivity: float = TARGET_SEN
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = load_jobs(multirun_dir)
     swept = swept_keys(jobs)
-    grouped_by = [k for k in swept if k not in REPLICATE_KEYS]
+    # folds pool only within one setting: with folds swept, a swept seed is a setting of its own
+    replicates = (FOLD_KEY,) if FOLD_KEY in swept else REPLICATE_KEYS
+    grouped_by = [k for k in swept if k not in replicates]
     by_setting: dict[tuple, list[Job]] = {}
     for j in jobs:
         by_setting.setdefault(tuple(j.overrides.get(k) for k in grouped_by), []).append(j)
