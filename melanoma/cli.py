@@ -1,8 +1,9 @@
-"""`melanoma` command line: predict, evaluate, check-data, export, serve.
+"""`melanoma` command line: predict, evaluate, summarize, check-data, export, serve.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
     melanoma evaluate runs/.../best.ckpt [dataset.root=/data/HAM10000]
     melanoma evaluate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --external
+    melanoma summarize runs/train/multirun/<stamp>        # k-fold or sweep: summary.json/.md
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
     melanoma export runs/.../best.ckpt --format onnx
     melanoma serve runs/.../best.ckpt --port 8000
@@ -129,6 +130,24 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+# --- summarize ----------------------------------------------------------------------------------
+
+def cmd_summarize(args) -> int:
+    from melanoma.evaluation.bootstrap import format_ci
+    from melanoma.evaluation.summary import SUMMARY_JSON, SUMMARY_MD, summarize
+
+    out = args.out or args.run_dir
+    s = summarize(args.run_dir, out, target_sensitivity=args.target_sensitivity)
+    print(f"{s['n_jobs']} jobs; swept: {', '.join(s['swept_keys']) or 'nothing'}")
+    for group in s.get("groups", [s]):
+        for part, name in (("oof", "out-of-fold"), ("ensemble_test", "fold-ensemble test")):
+            if part in group:
+                m = group[part]
+                print(f"{name} auroc {format_ci(m['auroc'], m['ci95'].get('auroc'))} (n {m['n']})")
+    print(f"written to {out}: {SUMMARY_JSON}, {SUMMARY_MD}, tables and figures")
+    return EXIT_OK
+
+
 # --- check-data ---------------------------------------------------------------------------------
 
 def cmd_check_data(args) -> int:
@@ -229,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("summarize", parents=[common], help="sum up a multirun: k-fold out-of-fold and ensemble, or a sweep",
+                       description="Reads every job of a `python train.py -m ...` folder and writes summary.json, "
+                                   "summary.md and figures: per-job metrics and mean +- sd; for k-fold "
+                                   "(dataset.fold swept) the pooled out-of-fold validation predictions and the "
+                                   "fold ensemble on the test split, with 95%% bootstrap intervals.")
+    p.add_argument("run_dir", type=Path, metavar="MULTIRUN_DIR")
+    p.add_argument("--out", type=Path, help="where to write (default: MULTIRUN_DIR)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="the out-of-fold operating point's sensitivity (chosen on the pooled predictions)")
+    p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ph2 dataset.root=PATH")

@@ -9,7 +9,11 @@
 Both predict through ``melanoma.predict.Predictor`` (the same preprocessing, calibration and
 decision rule as `melanoma predict`) and write out_dir/metrics.json, predictions.csv (one row
 per image: path, true label, every class probability, melanoma probability, decision, raw
-logits) and the figures (*.png), logged to a W&B run when one is given.
+logits) and the figures (*.png), logged to a W&B run when one is given. ``evaluate_checkpoint``
+also writes val_predictions.csv: the validation split in the same columns, its probabilities the
+raw softmax (temperature 1, uncalibrated: the calibration is fitted on these very images) and its
+decisions the checkpoint's; under k-fold these are a fold's out-of-fold predictions
+(``melanoma summarize`` pools them).
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from melanoma.conventions import positive_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_checkpoint", "evaluate_external", "format_metrics"]
+__all__ = ["evaluate_checkpoint", "evaluate_external", "format_metrics", "METRICS_FILE", "PREDICTIONS_FILE",
+           "VAL_PREDICTIONS_FILE"]
+
+#: the report's files (beside the figures), named once
+METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE = "metrics.json", "predictions.csv", "val_predictions.csv"
 
 #: what the console shows of a report, in this order (each with its interval where it has one)
 SHOWN = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
@@ -106,8 +114,8 @@ def _report_metrics(probs, labels, pos, threshold, groups) -> dict:
 
 def _write(out_dir: Path, report: dict, table: pd.DataFrame, figures: dict, wandb_run) -> dict:
     report = _jsonable(report)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    table.to_csv(out_dir / "predictions.csv", index=False)
+    (out_dir / METRICS_FILE).write_text(json.dumps(report, indent=2))
+    table.to_csv(out_dir / PREDICTIONS_FILE, index=False)
     paths = {name: save_figure(fig, out_dir / f"{name}.png") for name, fig in figures.items()}
     if wandb_run is not None:
         _log_wandb(wandb_run, report, paths)
@@ -204,7 +212,17 @@ def evaluate_checkpoint(
     table = predictions_table(test_rows, [class_names[i] for i in test_labels], test_logits, class_names, probs,
                               class_names, pos, decisions)
     figures = report_figures(probs, test_labels, class_names, pos, calibration.threshold, uncalibrated_probs=raw_probs)
+    _write_val_predictions(out_dir, val_rows, val_labels, val_logits, val_probs, class_names, pos, calibration.threshold)
     return _write(out_dir, report, table, figures, wandb_run)
+
+
+def _write_val_predictions(out_dir: Path, rows, labels, logits, calibrated_probs, class_names, pos, threshold) -> None:
+    """val_predictions.csv: raw softmax probabilities (uncalibrated: the temperature was fitted on
+    these images, so calibrated ones would flatter), the checkpoint's (calibrated) decisions."""
+    decisions = decide(calibrated_probs[:, pos], threshold) if pos is not None else None
+    table = predictions_table(rows, [class_names[i] for i in labels], logits, class_names, softmax(logits),
+                              class_names, pos, decisions)
+    table.to_csv(out_dir / VAL_PREDICTIONS_FILE, index=False)
 
 
 def evaluate_external(
