@@ -2,6 +2,7 @@
 
 - The positive class is melanoma everywhere: binary label sets, sensitivity, thresholds.
 - ImageNet normalisation, which the DeiT weights were trained with.
+- The files of a training run folder.
 - The resampling filters: dataset configs name OpenCV's (training crops run in OpenCV), while
   evaluation, prediction and ONNX consumers resize with PIL, so that a consumer holding only PIL
   and numpy reproduces the model's input exactly.
@@ -26,6 +27,11 @@ def positive_index(class_names: Sequence[str]) -> int | None:
         if str(name).strip().lower() in MELANOMA_NAMES:
             return i
     return None
+
+#: a training run folder (melanoma/train.py writes it; `melanoma summarize` reads it)
+RUN_SPLITS_FILE = "splits.csv"
+RUN_TEST_METRICS_FILE = "test/metrics.json"  # the Lightning test loop's scalar metrics
+RUN_REPORT_DIR = "report"  # the calibrated test report (melanoma.evaluation.report)
 
 #: PIL resampling filters by the name a checkpoint and an ONNX sidecar record
 PIL_RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")

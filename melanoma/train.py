@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE
 from melanoma.precision import AUTO, resolve_precision
 from melanoma.training.callbacks import SaveSplit, build_callbacks
 from melanoma.training.launch import hydra_ddp_launch, strategy_for
@@ -66,7 +67,7 @@ def _run(cfg: DictConfig) -> float | None:
         module.load_initial_weights()
 
     callbacks = build_callbacks(cfg.get("callbacks"), progress_bar=cfg.trainer.get("enable_progress_bar", True))
-    callbacks.append(SaveSplit(run_dir / "splits.csv"))
+    callbacks.append(SaveSplit(run_dir / RUN_SPLITS_FILE))
     loggers, wandb_mode = build_loggers(cfg.get("logger"))
     freezing = any(getattr(c, "freezes_layers", False) for c in callbacks)
     trainer: pl.Trainer = hydra.utils.instantiate(
@@ -87,11 +88,11 @@ def _run(cfg: DictConfig) -> float | None:
         # weights in memory then
         results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt)
         if trainer.is_global_zero:
-            (run_dir / "test").mkdir(exist_ok=True)
+            (run_dir / RUN_TEST_METRICS_FILE).parent.mkdir(exist_ok=True)
             metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
-            (run_dir / "test" / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            (run_dir / RUN_TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
-        _report(best_ckpt, dm, run_dir / "report", wandb if wandb_mode not in (None, "disabled") else None,
+        _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb if wandb_mode not in (None, "disabled") else None,
                 cfg.get("print_report", False))
 
     if best is not None and best.best_model_score is not None:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from melanoma.conventions import positive_index
+from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE, positive_index
 from melanoma.evaluation.bootstrap import bootstrap, format_ci
 from melanoma.evaluation.figures import save_figure
 from melanoma.evaluation.metrics import AUROC, binary_auroc, classification_metrics, roc_curve
@@ -54,9 +54,7 @@ OOF_ROC_FIGURE, METRIC_DOTS_FIGURE = "oof_roc.png", "metrics_per_job.png"
 
 # what a training run folder holds (written by melanoma/train.py)
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-SPLITS_FILE = "splits.csv"
-REPORT_DIR = "report"
-TEST_METRICS_FILE = Path("test") / "metrics.json"
+SPLITS_FILE, REPORT_DIR, TEST_METRICS_FILE = RUN_SPLITS_FILE, RUN_REPORT_DIR, Path(RUN_TEST_METRICS_FILE)
 
 #: the override that picks the k-fold fold; jobs differing in it are folds of one setting
 FOLD_KEY = "dataset.fold"
