@@ -4,15 +4,15 @@ Hydra overrides, exactly as `python train.py` would describe the dataset."""
 import json
 
 import pytest
-import torch
+
+from helpers import SYNTHETIC, tiny_checkpoint
 
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.data.dermmel import DermMelDataModule
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
+from melanoma.evaluation.checkpoint_io import training_data
 from melanoma.models.checkpoint import read_meta
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,12 @@ def dermmel(tmp_path_factory):
 
 
 def _checkpoint(path, dermmel, with_data=True):
-    torch.manual_seed(0)
     dm = DermMelDataModule(root=dermmel, image_size=32, num_workers=0)
     dm.setup()
     config = {"_target_": "melanoma.data.dermmel.DermMelDataModule", "root": str(dermmel), "num_workers": 0,
               "persistent_workers": False}
-    return save_classifier_checkpoint(
-        path, build_classifier("vit_tiny", KW, {"dermmel": ["not_melanoma", "melanoma"]}), "vit_tiny", KW,
-        image_size=32, data={"dermmel": training_data(dm, config)} if with_data else None,
+    return tiny_checkpoint(
+        path, {"dermmel": SYNTHETIC}, data={"dermmel": training_data(dm, config)} if with_data else None,
     )
 
 

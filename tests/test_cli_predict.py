@@ -8,27 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import HAM
+
 from melanoma.cli import main
 from melanoma.data.synthetic import render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.predict import Predictor
-from melanoma.models.checkpoint import Calibration
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"], "ham10000": HAM})
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    # calibration and operating point as `melanoma evaluate` would have stored them
-    save_classifier_checkpoint(
-        path, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
-        calibration={"synthetic": Calibration(2.0, threshold=0.5, target_sensitivity=0.95)},
-    )
-    return path
+@pytest.fixture()
+def ckpt(two_head_ckpt):
+    """Heads synthetic (calibrated at T=2, threshold 0.5) and ham10000 (no operating point)."""
+    return two_head_ckpt
 
 
 @pytest.fixture()

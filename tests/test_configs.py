@@ -8,8 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from melanoma.train import run
-from training_fixtures import (CONF_DIR, compose_cfg, tiny_dataset_overrides, tiny_dermmel,  # noqa: F401
-                               tiny_model_overrides, tiny_trainer_overrides)
+from helpers import CONF_DIR, compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

@@ -67,8 +67,8 @@ def test_isic_config_chooses_year_and_label_set(tmp_path):
 
 def test_isic_config_trains_a_fast_dev_run(tmp_path):
     """dataset=isic through train.py's run() on a miniature 2019 download."""
-    from isic_fixtures import write_isic2019
-    from training_fixtures import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+    from isic_layouts import write_isic2019
+    from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
     from melanoma.train import run
 

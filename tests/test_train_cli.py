@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from training_fixtures import run_train_py, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import run_train_py, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

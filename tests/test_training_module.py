@@ -11,7 +11,7 @@ from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, 
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier, NonFiniteLossError
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 
 @pytest.fixture(scope="module")

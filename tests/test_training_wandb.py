@@ -6,7 +6,7 @@ import pytest
 
 from melanoma.train import run
 from melanoma.training import loggers
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 
 def test_mode_is_offline_without_credentials(monkeypatch, tmp_path):
