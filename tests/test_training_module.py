@@ -156,7 +156,9 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     weights = tmp_path / "backbone.pth"
     torch.save(source.state_dict(), weights)
     cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), f"model.pretrained={weights}",
-                       "trainer.fast_dev_run=true"], tmp_path / "run")
+                       "trainer.fast_dev_run=true",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}"], tmp_path / "run")
     from omegaconf import OmegaConf
 
     module = LesionClassifier(backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True), dataset_name="dermmel",
@@ -164,7 +166,13 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     module.load_initial_weights()
     for k, v in source.state_dict().items():
         assert torch.equal(module.model.backbone.state_dict()[k], v), k
-    run(cfg)  # the same through the config
+    # the same through the config: the run starts fitting from exactly these weights
+    run(cfg)
+    start = torch.load(tmp_path / "rec" / "params_start_rank0.pt", weights_only=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in start.items() if k.startswith("backbone.")}
+    assert backbone.keys() == source.state_dict().keys()
+    for k, v in source.state_dict().items():
+        assert torch.equal(backbone[k], v), k
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_dermmel, tmp_path):
