@@ -97,3 +97,28 @@ def test_check_data_lists_unreadable_images(dermmel, capsys):
 def test_overrides_must_be_hydra_style(capsys):
     assert main(["check-data", "ham10000"]) == 2
     assert "expected Hydra overrides" in capsys.readouterr().err
+
+
+def test_check_data_with_a_cache_reads_the_originals_and_lists_every_bad_one(tmp_path, capsys):
+    """With dataset.cache_dir set, check-data must decode the downloaded files, not the cache (a
+    cache built before a file was damaged would hide it), and list every bad file instead of
+    stopping at the first one as building the cache would."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    dermmel = write_dermmel_layout(root, {"train": 2, "val": 1, "test": 1}, image_size=32, seed=4, masks=False)
+    dm = DermMelDataModule(root=root, image_size=32, num_workers=0, cache_dir=cache)
+    dm.setup()  # caches all 8 images while they are intact
+    cached = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert len(cached) == 8
+    empty = dermmel / "train_sep" / "Melanoma" / "synth_train_sep_00000.jpeg"
+    truncated = dermmel / "test" / "NotMelanoma" / "synth_test_00000.jpg"
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:200])
+
+    rc = main(["check-data", "dataset=dermmel", f"dataset.root={root}", f"dataset.cache_dir={cache}",
+               "dataset.num_workers=0", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    listed = [line.split(": ", 1)[0] for line in captured.out.splitlines()]
+    assert sorted(listed) == sorted([str(empty), str(truncated)])
+    assert "6 of 8 images readable, 2 unreadable" in captured.err
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == cached  # the cache was not touched
