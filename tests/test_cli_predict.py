@@ -1,6 +1,7 @@
 """`melanoma predict` on files and folders, with a corrupt file among them."""
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -107,3 +108,17 @@ def test_predict_errors_say_what_to_do(ckpt, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
     assert main(["predict", str(ckpt), str(tmp_path / "x.jpg"), "--head", "ph2", "-q"]) == 2
     assert "no head named 'ph2'" in capsys.readouterr().err
+
+
+def test_predict_without_out_writes_the_same_csv_to_stdout(ckpt, folder, tmp_path, capsys):
+    """No --out: stdout is the CSV alone (pipe-able; messages go to stderr), row for row the file
+    --out writes, the unreadable image's row included."""
+    out = tmp_path / "results.csv"
+    assert main(["predict", str(ckpt), str(folder), "--out", str(out), "-q"]) == 1
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(folder), "-q"]) == 1
+    captured = capsys.readouterr()
+    from_stdout = list(csv.DictReader(io.StringIO(captured.out)))
+    from_file = list(csv.DictReader(out.open(newline="")))
+    assert len(from_file) == 5 and from_stdout == from_file
+    assert "4 of 5 images predicted" in captured.err and "4 of 5" not in captured.out
