@@ -151,11 +151,14 @@ def cmd_summarize(args) -> int:
 # --- check-data ---------------------------------------------------------------------------------
 
 def cmd_check_data(args) -> int:
-    from melanoma.data.check import check_dataset
+    from melanoma.data.check import check_images, dataset_image_paths
 
     dm = build_datamodule(args.overrides)
-    bad = check_dataset(dm, progress=not args.quiet)
-    n = len(dm.image_paths())
+    # the paths without dm.setup(): with a cache configured, setup() builds the cache and would
+    # stop at the first unreadable image
+    paths = dataset_image_paths(dm)
+    bad = check_images(paths, progress=not args.quiet)
+    n = len(paths)
     for path, reason in bad:
         print(f"{path}: {reason}")
     print(f"{dm.name}: {n - len(bad)} of {n} images readable"

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import SYNTHETIC, tiny_checkpoint
+
 from melanoma.cli import main
 from melanoma.data.synthetic import SyntheticDataModule, render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.report import evaluate_checkpoint
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.predict import Predictor
@@ -19,10 +20,7 @@ KW = dict(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4)
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cuda") / "m.ckpt"
-    return save_classifier_checkpoint(path, build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"]}),
-                                      "vit_tiny", KW, image_size=64)
+    return tiny_checkpoint(tmp_path_factory.mktemp("cuda") / "m.ckpt", {"synthetic": SYNTHETIC}, kw=KW)
 
 
 def test_cuda_prediction_and_maps_equal_cpu(ckpt, tmp_path):

@@ -4,15 +4,15 @@ Hydra overrides, exactly as `python train.py` would describe the dataset."""
 import json
 
 import pytest
-import torch
+
+from helpers import SYNTHETIC, tiny_checkpoint
 
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.data.dermmel import DermMelDataModule
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
+from melanoma.evaluation.checkpoint_io import training_data
 from melanoma.models.checkpoint import read_meta
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +23,12 @@ def dermmel(tmp_path_factory):
 
 
 def _checkpoint(path, dermmel, with_data=True):
-    torch.manual_seed(0)
     dm = DermMelDataModule(root=dermmel, image_size=32, num_workers=0)
     dm.setup()
     config = {"_target_": "melanoma.data.dermmel.DermMelDataModule", "root": str(dermmel), "num_workers": 0,
               "persistent_workers": False}
-    return save_classifier_checkpoint(
-        path, build_classifier("vit_tiny", KW, {"dermmel": ["not_melanoma", "melanoma"]}), "vit_tiny", KW,
-        image_size=32, data={"dermmel": training_data(dm, config)} if with_data else None,
+    return tiny_checkpoint(
+        path, {"dermmel": SYNTHETIC}, data={"dermmel": training_data(dm, config)} if with_data else None,
     )
 
 
@@ -99,3 +97,28 @@ def test_check_data_lists_unreadable_images(dermmel, capsys):
 def test_overrides_must_be_hydra_style(capsys):
     assert main(["check-data", "ham10000"]) == 2
     assert "expected Hydra overrides" in capsys.readouterr().err
+
+
+def test_check_data_with_a_cache_reads_the_originals_and_lists_every_bad_one(tmp_path, capsys):
+    """With dataset.cache_dir set, check-data must decode the downloaded files, not the cache (a
+    cache built before a file was damaged would hide it), and list every bad file instead of
+    stopping at the first one as building the cache would."""
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    dermmel = write_dermmel_layout(root, {"train": 2, "val": 1, "test": 1}, image_size=32, seed=4, masks=False)
+    dm = DermMelDataModule(root=root, image_size=32, num_workers=0, cache_dir=cache)
+    dm.setup()  # caches all 8 images while they are intact
+    cached = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert len(cached) == 8
+    empty = dermmel / "train_sep" / "Melanoma" / "synth_train_sep_00000.jpeg"
+    truncated = dermmel / "test" / "NotMelanoma" / "synth_test_00000.jpg"
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:200])
+
+    rc = main(["check-data", "dataset=dermmel", f"dataset.root={root}", f"dataset.cache_dir={cache}",
+               "dataset.num_workers=0", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    listed = [line.split(": ", 1)[0] for line in captured.out.splitlines()]
+    assert sorted(listed) == sorted([str(empty), str(truncated)])
+    assert "6 of 8 images readable, 2 unreadable" in captured.err
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == cached  # the cache was not touched

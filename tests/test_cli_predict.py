@@ -1,6 +1,7 @@
 """`melanoma predict` on files and folders, with a corrupt file among them."""
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -8,27 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import HAM
+
 from melanoma.cli import main
 from melanoma.data.synthetic import render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.predict import Predictor
-from melanoma.models.checkpoint import Calibration
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"], "ham10000": HAM})
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    # calibration and operating point as `melanoma evaluate` would have stored them
-    save_classifier_checkpoint(
-        path, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
-        calibration={"synthetic": Calibration(2.0, threshold=0.5, target_sensitivity=0.95)},
-    )
-    return path
+@pytest.fixture()
+def ckpt(two_head_ckpt):
+    """Heads synthetic (calibrated at T=2, threshold 0.5) and ham10000 (no operating point)."""
+    return two_head_ckpt
 
 
 @pytest.fixture()
@@ -118,3 +108,17 @@ def test_predict_errors_say_what_to_do(ckpt, tmp_path, capsys):
     (tmp_path / "x.jpg").write_bytes(b"")
     assert main(["predict", str(ckpt), str(tmp_path / "x.jpg"), "--head", "ph2", "-q"]) == 2
     assert "no head named 'ph2'" in capsys.readouterr().err
+
+
+def test_predict_without_out_writes_the_same_csv_to_stdout(ckpt, folder, tmp_path, capsys):
+    """No --out: stdout is the CSV alone (pipe-able; messages go to stderr), row for row the file
+    --out writes, the unreadable image's row included."""
+    out = tmp_path / "results.csv"
+    assert main(["predict", str(ckpt), str(folder), "--out", str(out), "-q"]) == 1
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), str(folder), "-q"]) == 1
+    captured = capsys.readouterr()
+    from_stdout = list(csv.DictReader(io.StringIO(captured.out)))
+    from_file = list(csv.DictReader(out.open(newline="")))
+    assert len(from_file) == 5 and from_stdout == from_file
+    assert "4 of 5 images predicted" in captured.err and "4 of 5" not in captured.out

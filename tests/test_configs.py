@@ -1,5 +1,6 @@
 """Every config composes; every experiment runs a fast_dev_run on CPU with a tiny model."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -8,14 +9,26 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from melanoma.train import run
-from training_fixtures import (CONF_DIR, compose_cfg, tiny_dataset_overrides, tiny_dermmel,  # noqa: F401
-                               tiny_model_overrides, tiny_trainer_overrides)
+from helpers import CONF_DIR, compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-def test_experiments_are_found():
-    assert {"quickstart", "dermmel_reference"} <= set(EXPERIMENTS)
+def test_every_experiment_the_docs_name_exists_and_each_changes_the_defaults():
+    """`experiment=NAME` in README.md, the configs or experiments/*.py must compose, and an
+    experiment that leaves the default config as it is would be a mistake (a typo'd package
+    line such as a missing `# @package _global_` does exactly that)."""
+    repo = CONF_DIR.parent
+    sources = [repo / "README.md", *sorted(CONF_DIR.rglob("*.yaml")), *sorted((repo / "experiments").glob("*.py"))]
+    named = {m for path in sources for m in re.findall(r"experiment=(\w+)", path.read_text())}
+    assert named, "README.md should show at least one `experiment=NAME` command"
+    assert named <= set(EXPERIMENTS), f"named in the docs but absent from conf/experiment/: {named - set(EXPERIMENTS)}"
+    default = OmegaConf.to_container(compose_cfg([], Path("/tmp/unused")), resolve=False)
+    for name in EXPERIMENTS:
+        cfg = OmegaConf.to_container(compose_cfg([f"experiment={name}"], Path("/tmp/unused")), resolve=False)
+        cfg.pop("experiment", None)
+        assert cfg != {k: v for k, v in default.items() if k != "experiment"}, \
+            f"conf/experiment/{name}.yaml changes nothing: does it start with `# @package _global_`?"
 
 
 def test_dermmel_reference_recipe():

@@ -19,10 +19,36 @@ EXPECTED = {
     "ph2": ("PH2DataModule", ["common_nevus", "atypical_nevus", "melanoma"], "ph2"),
     "isic": ("ISICDataModule", ["not_melanoma", "melanoma"], "isic"),
 }
+# parametrised over the files, so a new dataset config is tested (and fails until EXPECTED has it)
+DATASET_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
 
 
-def test_every_dataset_config_is_covered():
-    assert {p.stem for p in CONF.glob("*.yaml")} == set(EXPECTED)
+def expected(name: str) -> tuple:
+    if name not in EXPECTED:
+        raise AssertionError(f"conf/dataset/{name}.yaml has no entry in EXPECTED: add its DataModule class, "
+                             "class names and head name there")
+    return EXPECTED[name]
+
+
+def test_every_datamodule_has_a_dataset_config():
+    """A DataModule that no conf/dataset/*.yaml targets cannot be chosen with `dataset=...`."""
+    import importlib
+    import pkgutil
+
+    import melanoma.data
+    from melanoma.data.base import LesionDataModule
+
+    for module in pkgutil.iter_modules(melanoma.data.__path__):
+        importlib.import_module(f"melanoma.data.{module.name}")
+    classes, todo = set(), [LesionDataModule]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("melanoma.data."):
+                classes.add(f"{sub.__module__}.{sub.__name__}")
+            todo.append(sub)
+    targets = {OmegaConf.load(p)._target_ for p in CONF.glob("*.yaml")}
+    assert classes, "found no LesionDataModule subclasses in melanoma.data"
+    assert classes <= targets, f"DataModules without a conf/dataset/*.yaml: {sorted(classes - targets)}"
 
 
 def compose(name, data_dir, **overrides):
@@ -34,12 +60,12 @@ def compose(name, data_dir, **overrides):
     return cfg
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", DATASET_CONFIGS)
 def test_config_instantiates_its_datamodule(name, tmp_path):
     cfg = compose(name, tmp_path)
     assert USER_KEYS <= set(cfg.dataset.keys())
     dm = instantiate(cfg.dataset, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
-    cls, classes, head = EXPECTED[name]
+    cls, classes, head = expected(name)
     assert type(dm).__name__ == cls and dm.class_names == classes and dm.name == head
     assert dm.root == tmp_path / Path(cfg.dataset.root).relative_to(tmp_path)
     assert dm.mean == (0.5, 0.5, 0.5) and dm.std == (0.25, 0.25, 0.25)
@@ -71,8 +97,8 @@ def test_isic_config_chooses_year_and_label_set(tmp_path):
 
 def test_isic_config_trains_a_fast_dev_run(tmp_path):
     """dataset=isic through train.py's run() on a miniature 2019 download."""
-    from isic_fixtures import write_isic2019
-    from training_fixtures import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+    from isic_layouts import write_isic2019
+    from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
     from melanoma.train import run
 

@@ -3,7 +3,6 @@ import pandas as pd
 import pytest
 import torch
 
-from data_fixtures import DERMMEL_COUNTS, dermmel_root, ham_root  # noqa: F401  (fixtures)
 from melanoma.data.dermmel import DermMelDataModule
 
 

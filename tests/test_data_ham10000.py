@@ -2,9 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_fixtures import HAM_LESIONS, ham_root  # noqa: F401  (fixture)
+from layouts import HAM_LESIONS, write_ham10000_layout
 from melanoma.data.ham10000 import DX, HAM10000DataModule
-from melanoma.data.synthetic import write_ham10000_layout
 
 
 def _splits_are_lesion_disjoint(table):

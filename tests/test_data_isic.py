@@ -6,11 +6,9 @@ import shutil
 import pandas as pd
 import pytest
 
-from isic_fixtures import (ISIC2016, ISIC2017, ISIC2017_EXTRA, ISIC2018_COLUMNS, ISIC2019_EXTRA,  # noqa: F401
-                           ISIC2020_DUPLICATES, isic2016_root, isic2017_root, isic2018_root, isic2018_training,
-                           isic2019_root, isic2019_training, isic2020_root, isic2020_training, write_isic2016,
-                           write_isic2019, write_isic2020)
-from data_fixtures import ham_root  # noqa: F401  (fixture)
+from isic_layouts import (ISIC2016, ISIC2017_EXTRA, ISIC2018_COLUMNS, ISIC2019_EXTRA, ISIC2020_DUPLICATES,
+                          isic2018_training, isic2019_training, isic2020_training, write_isic2016, write_isic2019,
+                          write_isic2020)
 from melanoma.conventions import BINARY_CLASSES
 from melanoma.data.ham10000 import DX, HAM10000DataModule
 from melanoma.data.isic import CLASSES_2017, CLASSES_2019, ISICDataModule

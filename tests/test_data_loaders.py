@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from data_fixtures import dermmel_root  # noqa: F401  (fixture)
 from melanoma.data.base import LesionImageDataset
 from melanoma.data.cache import cache_path
 from melanoma.data.dermmel import DermMelDataModule

@@ -1,6 +1,5 @@
 import pytest
 
-from data_fixtures import ph2_flat_root, ph2_official_root  # noqa: F401  (fixtures)
 from melanoma.data.ph2 import PH2DataModule, parse_ph2_table
 
 

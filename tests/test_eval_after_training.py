@@ -11,7 +11,7 @@ import torch
 from melanoma.cli import main
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401 (fixture)
+from helpers import compose_cfg, tiny_overrides
 
 
 @pytest.mark.slow

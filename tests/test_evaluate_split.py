@@ -9,11 +9,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from data_fixtures import ham_root, ph2_flat_root  # noqa: F401  (fixtures)
 from melanoma.cli import main
 from melanoma.models.checkpoint import read_meta
 from melanoma.train import run
-from training_fixtures import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 FIXTURE = "tests/fixtures/legacy_v1.ckpt"
 

@@ -8,24 +8,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from helpers import PH2, SYNTHETIC, tiny_checkpoint
+
 from melanoma.cli import main
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.models.checkpoint import Calibration
 from melanoma.models.classifier import Classifier
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"], "ph2": ["common_nevus", "atypical_nevus", "melanoma"]})
-    path = tmp_path_factory.mktemp("export") / "tiny.ckpt"
-    save_classifier_checkpoint(
-        path, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
-        calibration={"ph2": Calibration(1.7, threshold=0.3, target_sensitivity=0.95)},
-    )
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("export") / "tiny.ckpt", {"synthetic": SYNTHETIC, "ph2": PH2},
+                           active_head="synthetic",
+                           calibration={"ph2": Calibration(1.7, threshold=0.3, target_sensitivity=0.95)})
 
 
 @pytest.mark.parametrize("calibrated", [False, True])

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+from helpers import PH2, SYNTHETIC, tiny_checkpoint
 
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.predict import Predictor
 from melanoma.models.checkpoint import Calibration, update_meta
 
-KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 README = Path(__file__).resolve().parents[1] / "README.md"
 T = 3.0
 
@@ -28,12 +27,8 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("decision")
     data = write_dermmel_layout(tmp / "data", {"train": 2, "val": 2, "test": 10}, image_size=48, seed=4)
     images = sorted(str(p) for p in data.rglob("*.jp*g"))
-    torch.manual_seed(1)
-    model = build_classifier("vit_tiny", KW, {"synthetic": ["not_melanoma", "melanoma"],
-                                              "ph2": ["common_nevus", "atypical_nevus", "melanoma"]})
-    ckpt = tmp / "t3.ckpt"
-    save_classifier_checkpoint(ckpt, model, "vit_tiny", KW, image_size=32, active_head="synthetic",
-                               calibration={h: Calibration(T) for h in ("synthetic", "ph2")})
+    ckpt = tiny_checkpoint(tmp / "t3.ckpt", {"synthetic": SYNTHETIC, "ph2": PH2}, seed=1, active_head="synthetic",
+                           calibration={h: Calibration(T) for h in ("synthetic", "ph2")})
     # thresholds at the median calibrated melanoma probability: decisions fall on both sides
     thresholds = {}
     for head in ("synthetic", "ph2"):

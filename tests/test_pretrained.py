@@ -178,20 +178,25 @@ def test_missing_file_and_unknown_names(tmp_path):
 # --- the hub path (timm names), in a clean process with its own HF cache -------------------------
 
 HUB_SCRIPT = textwrap.dedent("""
-    import json, sys, time
-    import timm, torch  # imported up front: the timer below is for the hub lookup, not imports
+    import json
+    import timm
     from melanoma.models.pretrained import PretrainedWeightsError, load_pretrained
     from melanoma.models.vit import vit_tiny, vit_small
+    # count the models timm builds: an offline miss must be refused before timm builds one
+    built, create_model = [], timm.create_model
+    def counting_create_model(name, *args, **kwargs):
+        built.append(name)
+        return create_model(name, *args, **kwargs)
+    timm.create_model = counting_create_model
     out = {}
-    model = vit_small()
-    start = time.perf_counter()
     try:
-        load_pretrained(model, "deit_small_patch16_224")
+        load_pretrained(vit_small(), "deit_small_patch16_224")
         out["error"] = None
     except PretrainedWeightsError as e:
         out["error"] = str(e)
-    out["seconds"] = time.perf_counter() - start
+    out["built_for_small"] = list(built)
     model = load_pretrained(vit_tiny(), "deit_tiny_patch16_224")
+    out["built_for_tiny"] = built[len(out["built_for_small"]):]
     out["tiny_digest"] = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
     print(json.dumps(out))
 """)
@@ -217,7 +222,8 @@ def test_hub_name_offline_fails_fast_and_reads_the_hub_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    assert out["seconds"] < 10
+    # refused before timm built (and tried to download into) a model; the cached one is built
+    assert out["built_for_small"] == [] and out["built_for_tiny"] == ["deit_tiny_patch16_224"]
     assert "'deit_small_patch16_224'" in out["error"] and "HF_HUB_OFFLINE=1" in out["error"]
     assert "pass the local file instead: load_pretrained(model, 'path/to/weights.pth')" in out["error"]
     assert "dl.fbaipublicfiles.com/deit/deit_small_patch16_224" in out["error"]

@@ -17,14 +17,14 @@ from melanoma.predict import Predictor  # noqa: E402
 from melanoma.serve import create_app  # noqa: E402
 from melanoma.serve.engine import SERVER_ONLY_FIELDS  # noqa: E402
 from melanoma.serve.limits import ServeLimits  # noqa: E402
-from serve_fixtures import HAM, SYNTHETIC, lesion_bytes, serve_ckpt  # noqa: F401,E402  (fixture)
+from helpers import HAM, SYNTHETIC, lesion_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def client(serve_ckpt):
-    with TestClient(create_app(serve_ckpt)) as c:
+def client(two_head_ckpt):
+    with TestClient(create_app(two_head_ckpt)) as c:
         yield c
 
 
@@ -43,10 +43,10 @@ def test_healthz_and_model_description(client):
     assert model["overlay_methods"] == ["rollout", "grad_rollout", "last_layer", "heads", "none"]
 
 
-def test_predict_passes_the_predictor_records_through(client, serve_ckpt, tmp_path):
+def test_predict_passes_the_predictor_records_through(client, two_head_ckpt, tmp_path):
     data = lesion_bytes(1)
     (tmp_path / "x.jpg").write_bytes(data)
-    expected = Predictor(serve_ckpt, progress=False).predict_paths([tmp_path / "x.jpg"])[0]
+    expected = Predictor(two_head_ckpt, progress=False).predict_paths([tmp_path / "x.jpg"])[0]
     r = client.post("/api/predict", files=[("file", ("lesion one.jpg", data, "image/jpeg"))], data={"overlay": "none"})
     assert r.status_code == 200, r.text
     body = r.json()
@@ -66,7 +66,7 @@ def test_predict_passes_the_predictor_records_through(client, serve_ckpt, tmp_pa
     assert rec["decision"] == ("melanoma" if rec["melanoma_probability"] >= 0.5 else "not_melanoma")
 
 
-def test_predict_several_files_other_head_tta_and_overlay(client, serve_ckpt, tmp_path):
+def test_predict_several_files_other_head_tta_and_overlay(client, two_head_ckpt, tmp_path):
     files = [("file", (f"img{i}.png", lesion_bytes(i, "PNG"), "image/png")) for i in range(3)]
     r = client.post("/api/predict", files=files, data={"head": "ham10000", "tta": "true", "overlay": "grad_rollout"})
     assert r.status_code == 200, r.text
@@ -75,7 +75,7 @@ def test_predict_several_files_other_head_tta_and_overlay(client, serve_ckpt, tm
     assert body["target_sensitivity"] is None and body["overlay"] == "grad_rollout"
     assert [p["filename"] for p in body["predictions"]] == ["img0.png", "img1.png", "img2.png"]
     (tmp_path / "a.png").write_bytes(files[0][1][1])
-    expected = Predictor(serve_ckpt, head="ham10000", tta=True, progress=False).predict_paths([tmp_path / "a.png"])[0]
+    expected = Predictor(two_head_ckpt, head="ham10000", tta=True, progress=False).predict_paths([tmp_path / "a.png"])[0]
     first = body["predictions"][0]
     assert first["prob_mel"] == pytest.approx(expected["prob_mel"], abs=1e-6)
     for rec in body["predictions"]:
@@ -92,8 +92,8 @@ def test_every_overlay_method_returns_a_picture(client, overlay):
     assert Image.open(io.BytesIO(base64.b64decode(r.json()["predictions"][0]["overlay_png"]))).width >= 224
 
 
-def test_one_predictor_per_head_and_tta_created_lazily(serve_ckpt):
-    app = create_app(serve_ckpt)
+def test_one_predictor_per_head_and_tta_created_lazily(two_head_ckpt):
+    app = create_app(two_head_ckpt)
     service = app.state.service
     with TestClient(app) as c:
         assert set(service.predictors) == {("synthetic", False)}  # the default, built at start
@@ -130,31 +130,31 @@ def test_static_files_are_package_data():
         assert needed in test_extra, needed
 
 
-def test_cli_serve_parses_options_and_starts_uvicorn(serve_ckpt, monkeypatch):
-    args = build_parser().parse_args(["serve", str(serve_ckpt)])
+def test_cli_serve_parses_options_and_starts_uvicorn(two_head_ckpt, monkeypatch):
+    args = build_parser().parse_args(["serve", str(two_head_ckpt)])
     assert (args.host, args.port, args.device, args.head) == ("127.0.0.1", 8000, "cpu", None)
     started = {}
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(app=app, **kw))
-    rc = main(["serve", str(serve_ckpt), "--port", "8123", "--head", "ham10000", "--max-files", "3", "-q"])
+    rc = main(["serve", str(two_head_ckpt), "--port", "8123", "--head", "ham10000", "--max-files", "3", "-q"])
     assert rc == 0 and started["host"] == "127.0.0.1" and started["port"] == 8123
     service = started["app"].state.service
     assert service.default_head == "ham10000" and service.limits.max_files == 3
 
 
-def test_cli_serve_warns_when_exposed(serve_ckpt, monkeypatch, caplog):
+def test_cli_serve_warns_when_exposed(two_head_ckpt, monkeypatch, caplog):
     import uvicorn
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
-    assert main(["serve", str(serve_ckpt), "-q"]) == 0
+    assert main(["serve", str(two_head_ckpt), "-q"]) == 0
     assert "no authentication" not in caplog.text
-    assert main(["serve", str(serve_ckpt), "--host", "0.0.0.0", "-q"]) == 0
+    assert main(["serve", str(two_head_ckpt), "--host", "0.0.0.0", "-q"]) == 0
     assert "listening on 0.0.0.0" in caplog.text and "no authentication" in caplog.text
 
 
-def test_cli_serve_rejects_a_bad_head(serve_ckpt, capsys):
-    assert main(["serve", str(serve_ckpt), "--head", "ph2", "-q"]) == 2
+def test_cli_serve_rejects_a_bad_head(two_head_ckpt, capsys):
+    assert main(["serve", str(two_head_ckpt), "--head", "ph2", "-q"]) == 2
     assert "no head named 'ph2'" in capsys.readouterr().err
 
 

@@ -10,13 +10,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from melanoma.serve import create_app  # noqa: E402
 from melanoma.serve.limits import ServeLimits  # noqa: E402
-from serve_fixtures import lesion_bytes, serve_ckpt  # noqa: F401,E402  (fixture)
+from helpers import lesion_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client(serve_ckpt):
+def client(two_head_ckpt):
     limits = ServeLimits(max_files=3, max_bytes=200_000, max_pixels=100_000)
-    with TestClient(create_app(serve_ckpt, limits=limits)) as c:
+    with TestClient(create_app(two_head_ckpt, limits=limits)) as c:
         yield c
 
 
@@ -61,8 +61,8 @@ def test_too_many_pixels(client):
     assert_error(r, 413, "big.png", "160000", "100000", "--max-pixels")
 
 
-def test_decompression_bomb_with_default_limits(serve_ckpt):
-    with TestClient(create_app(serve_ckpt)) as c:
+def test_decompression_bomb_with_default_limits(two_head_ckpt):
+    with TestClient(create_app(two_head_ckpt)) as c:
         side = int((ServeLimits().max_pixels * 1.2) ** 0.5)
         r = c.post("/api/predict", files=[("file", ("bomb.png", png_of_size(side, side), "image/png"))])
     assert_error(r, 413, "bomb.png", "pixels")

@@ -19,7 +19,7 @@ from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from melanoma.serve import create_app  # noqa: E402
-from serve_fixtures import LiveServer, lesion_bytes, serve_ckpt  # noqa: F401,E402  (fixture)
+from helpers import LiveServer, lesion_bytes  # noqa: E402
 
 CHROMEDRIVER = shutil.which("chromedriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -40,12 +40,12 @@ def browser():
     driver.quit()
 
 
-def test_upload_shows_probability_and_overlay(serve_ckpt, browser, tmp_path):
+def test_upload_shows_probability_and_overlay(two_head_ckpt, browser, tmp_path):
     photo = tmp_path / "lesion.jpg"
     photo.write_bytes(lesion_bytes(5, size=96))
     junk = tmp_path / "notes.png"
     junk.write_bytes(b"not an image at all")
-    with LiveServer(create_app(serve_ckpt)) as server:
+    with LiveServer(create_app(two_head_ckpt)) as server:
         browser.get(server.url + "/")
         wait = WebDriverWait(browser, 60)
         assert "not a diagnosis" in browser.find_element(By.ID, "research-note").text.lower()

@@ -10,14 +10,14 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed: pip ins
 httpx = pytest.importorskip("httpx", reason="httpx is part of the test extra")
 
 from melanoma.serve import create_app  # noqa: E402
-from serve_fixtures import LiveServer, lesion_bytes, serve_ckpt  # noqa: F401,E402  (fixture)
+from helpers import LiveServer, lesion_bytes  # noqa: E402
 
 CLIENTS, REQUESTS = 8, 10
 IMAGES = [lesion_bytes(seed, melanoma=bool(seed % 2)) for seed in range(4)]
 
 
-def test_eight_clients_ten_requests_each(serve_ckpt):
-    with LiveServer(create_app(serve_ckpt)) as server:
+def test_eight_clients_ten_requests_each(two_head_ckpt):
+    with LiveServer(create_app(two_head_ckpt)) as server:
         with httpx.Client(base_url=server.url, timeout=60) as c:
             reference = []
             for data in IMAGES:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from training_fixtures import run_train_py, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import run_train_py, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,27 @@ def test_multirun_of_two_ddp_jobs_each_own_folder_identical_params_after_unfreez
         # the layer thawed after DDP wrapped the model did train (so it was all-reduced)
         assert not torch.equal(p0["backbone.norm.weight"], start["backbone.norm.weight"])
         assert torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
+
+
+def test_single_ddp_run_relaunches_into_one_run_folder_with_identical_params(tiny_dermmel, tmp_path):
+    """A plain run (not -m) with trainer.devices=2: Lightning relaunches train.py for rank 1, which
+    must write into rank 0's run folder, not a new timestamped one; both ranks end equal. The run
+    folder comes from the default hydra.run.dir (runs/<task>/<time>), as a user would get it."""
+    run_train_py([*tiny_overrides(tiny_dermmel, max_epochs=1, batch_size=4), "trainer.devices=2", "test=false",
+                  "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                  "+callbacks.rec.out_dir=${paths.output_dir}/rec"], cwd=tmp_path, timeout=300)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    run_dirs = [p for p in (tmp_path / "runs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+    rec = run_dir / "rec"
+    p0, p1 = torch.load(rec / "params_rank0.pt", weights_only=True), torch.load(rec / "params_rank1.pt", weights_only=True)
+    start = torch.load(rec / "params_start_rank0.pt", weights_only=True)
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
+    assert not torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
 
 
 def test_kill9_mid_epoch_then_resume_reaches_same_step_and_stage(tiny_dermmel, tmp_path):

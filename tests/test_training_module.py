@@ -11,7 +11,7 @@ from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, 
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier, NonFiniteLossError
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,9 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     weights = tmp_path / "backbone.pth"
     torch.save(source.state_dict(), weights)
     cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), f"model.pretrained={weights}",
-                       "trainer.fast_dev_run=true"], tmp_path / "run")
+                       "trainer.fast_dev_run=true",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}"], tmp_path / "run")
     from omegaconf import OmegaConf
 
     module = LesionClassifier(backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True), dataset_name="dermmel",
@@ -166,7 +168,13 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     module.load_initial_weights()
     for k, v in source.state_dict().items():
         assert torch.equal(module.model.backbone.state_dict()[k], v), k
-    run(cfg)  # the same through the config
+    # the same through the config: the run starts fitting from exactly these weights
+    run(cfg)
+    start = torch.load(tmp_path / "rec" / "params_start_rank0.pt", weights_only=True)
+    backbone = {k.removeprefix("backbone."): v for k, v in start.items() if k.startswith("backbone.")}
+    assert backbone.keys() == source.state_dict().keys()
+    for k, v in source.state_dict().items():
+        assert torch.equal(backbone[k], v), k
 
 
 def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_dermmel, tmp_path):
@@ -180,3 +188,48 @@ def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_dermmel, tmp_p
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_class_weights_true_weights_the_loss_by_inverse_train_frequency(tmp_path):
+    """model.loss.class_weights=true: weights N / (C * n_c) of the train split (12 images, 9 not
+    melanoma and 3 melanoma -> 12/18 and 12/6), and the training loss is that weighted
+    cross-entropy (not the plain one) of the batch the model saw."""
+    import lightning.pytorch as L
+    import torch.nn.functional as F
+    from omegaconf import OmegaConf
+
+    from melanoma.data.dermmel import DermMelDataModule
+    from melanoma.data.synthetic import write_dermmel_layout
+
+    root = tmp_path / "data"
+    write_dermmel_layout(root, {"train": {"Melanoma": 3, "NotMelanoma": 9}, "val": 1, "test": 1}, image_size=32,
+                         seed=6, masks=False)
+    cfg = compose_cfg([*tiny_overrides(root, max_epochs=1, batch_size=12), "model.loss.class_weights=true"],
+                      tmp_path / "run")
+    dm = DermMelDataModule(root=root, image_size=32, batch_size=12, num_workers=0)
+    module = LesionClassifier(backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True), dataset_name=dm.name,
+                              class_names=dm.class_names, loss=OmegaConf.to_container(cfg.model.loss, resolve=True))
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x, y = batch
+            with torch.no_grad():
+                seen["logits"], seen["y"] = pl_module(x).float(), y
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["loss"] = float(outputs["loss"])
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Probe()])
+    trainer.fit(module, dm)
+
+    assert dm.class_names == ["not_melanoma", "melanoma"]
+    assert module.class_weight.tolist() == pytest.approx([12 / (2 * 9), 12 / (2 * 3)])
+    logits, y = seen["logits"], seen["y"]
+    assert sorted(y.tolist()) == [0] * 9 + [1] * 3  # the whole train split in one batch
+    smoothing = float(cfg.model.loss.label_smoothing)  # the config's, whatever it is
+    weighted = F.cross_entropy(logits, y, weight=torch.tensor([12 / 18, 12 / 6]), label_smoothing=smoothing)
+    plain = F.cross_entropy(logits, y, label_smoothing=smoothing)
+    assert seen["loss"] == pytest.approx(float(weighted), rel=1e-5)
+    assert abs(float(weighted) - float(plain)) > 1e-3  # the two differ, so the check can tell them apart

@@ -8,7 +8,7 @@ import torch
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier
 from melanoma.training.unfreeze import GradualUnfreezing, default_unfreeze_order
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 BACKBONE = {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32,
                                            "depth": 3, "num_heads": 2}}

@@ -1,12 +1,13 @@
 """W&B: offline without credentials/network, metrics and test figures in the offline run folder."""
 
 import logging
+import socket
 
 import pytest
 
 from melanoma.train import run
 from melanoma.training import loggers
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 
 def test_mode_is_offline_without_credentials(monkeypatch, tmp_path):
@@ -18,15 +19,49 @@ def test_mode_is_offline_without_credentials(monkeypatch, tmp_path):
     assert mode == "offline" and "credentials" in why
 
 
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def test_mode_is_offline_when_host_unreachable(monkeypatch):
+    """A real connection attempt: with credentials and WANDB_BASE_URL on the loopback, where no
+    HTTPS server listens, the check is refused at once and the run goes offline."""
+    if _port_open("127.0.0.1", 443):
+        pytest.skip("something listens on 127.0.0.1:443 on this machine")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    # a reserved TEST-NET address: nothing answers, the check gives up within its timeout
-    monkeypatch.setenv("WANDB_BASE_URL", "https://192.0.2.1")
-    monkeypatch.setattr(loggers, "_reachable", lambda host, timeout=2.0: False)
-    assert loggers.wandb_mode()[0] == "offline"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://127.0.0.1")
+    assert loggers.wandb_mode() == ("offline", "127.0.0.1 is not reachable")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert loggers.wandb_mode()[0] == "disabled"
+
+
+def test_mode_is_online_when_the_configured_host_answers(monkeypatch):
+    """The reachability check dials the host of WANDB_BASE_URL on 443 with a short timeout;
+    when it connects (a fake socket here: no network in tests) the run is online."""
+    dialled = []
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def create_connection(address, timeout=None):
+        dialled.append((address, timeout))
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert loggers.wandb_mode()[0] == "online"
+    assert len(dialled) == 1 and dialled[0][0] == ("wandb.example.org", 443) and 0 < dialled[0][1] <= 2
 
 
 @pytest.mark.slow

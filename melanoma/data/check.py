@@ -27,11 +27,16 @@ def check_images(paths: Iterable[str | os.PathLike], progress: bool = True) -> l
     return bad
 
 
-def check_dataset(datamodule, progress: bool = True) -> list[tuple[str, str]]:
-    """check_images over every image of a LesionDataModule (all splits)."""
+def dataset_image_paths(datamodule) -> list[str]:
+    """Every image path of a LesionDataModule (all splits), without building its cache."""
     if datamodule.table is None and datamodule.cache_dir is None:
         datamodule.setup()
     # With a cache, setup() would build it first and stop at the first unreadable image instead
     # of listing them all: read only the dataset's table then.
     table = datamodule.table if datamodule.table is not None else datamodule._make_table()
-    return check_images(table["path"].tolist(), progress=progress)
+    return table["path"].tolist()
+
+
+def check_dataset(datamodule, progress: bool = True) -> list[tuple[str, str]]:
+    """check_images over every image of a LesionDataModule (all splits)."""
+    return check_images(dataset_image_paths(datamodule), progress=progress)

@@ -1,30 +1,37 @@
-"""Shared helpers for the training tests: a miniature DermMel, shrunk configs, train.py runs."""
+"""Plain helpers shared by the tests (imported normally; the fixtures live in conftest.py):
+shrunk configs, train.py runs, tiny checkpoints, lesion upload bytes, a live server."""
 
 from __future__ import annotations
 
+import io
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-import pytest
+import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from PIL import Image
 
-from melanoma.data.synthetic import write_dermmel_layout
+from melanoma.data.synthetic import render_lesion
+from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
 
-# 8 images per class per split, 32 px: 16 train images -> 2 steps of 8 per epoch
+# tiny_dermmel (conftest.py): 8 images per class per split, 32 px: 16 train images -> 2 steps of 8 per epoch
 TINY_COUNTS = {"train": 8, "val": 8, "test": 8}
 
-
-@pytest.fixture(scope="session")
-def tiny_dermmel(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_dermmel")
-    write_dermmel_layout(root, TINY_COUNTS, image_size=32, seed=5)
-    return root
+# the backbone of every hand-made test checkpoint, and its usual heads
+KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+HAM = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+SYNTHETIC = ["not_melanoma", "melanoma"]
+PH2 = ["common_nevus", "atypical_nevus", "melanoma"]
 
 
 def tiny_model_overrides() -> list[str]:
@@ -94,3 +101,53 @@ def set_key(cfg: DictConfig, dotted: str, value) -> None:
         for p in parents:
             node = node[p]
         node[last] = value
+
+
+def tiny_checkpoint(path: Path, heads: dict[str, list[str]], seed: int = 0, kw: dict | None = None,
+                    image_size: int | None = None, **save_kwargs) -> Path:
+    """An untrained vit_tiny classifier with ``heads`` (initialised from ``seed``) saved through
+    the checkpoint contract; ``save_kwargs`` go to save_classifier_checkpoint (active_head,
+    calibration, data, ...)."""
+    kw = dict(KW if kw is None else kw)
+    torch.manual_seed(seed)
+    model = build_classifier("vit_tiny", kw, heads)
+    return save_classifier_checkpoint(path, model, "vit_tiny", kw,
+                                      image_size=kw["img_size"] if image_size is None else image_size, **save_kwargs)
+
+
+def lesion_bytes(seed: int = 0, fmt: str = "JPEG", size: int = 48, melanoma: bool = True) -> bytes:
+    image = Image.fromarray(render_lesion(np.random.default_rng(seed), melanoma, size)[0])
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn on 127.0.0.1 in a daemon thread; stops when the context exits."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

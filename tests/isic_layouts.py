@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 SIZE = (32, 24)
@@ -172,31 +171,3 @@ def write_isic2020(root: Path, layout: str = "official") -> Path:
         _images(root / "train", train.image_name)
         train.to_csv(root / "train.csv", index=False)
     return root
-
-
-@pytest.fixture(scope="session")
-def isic2016_root(tmp_path_factory):
-    """Nested one level below the root the user gives."""
-    root = tmp_path_factory.mktemp("isic2016")
-    write_isic2016(root / "ISIC2016")
-    return root
-
-
-@pytest.fixture(scope="session")
-def isic2017_root(tmp_path_factory):
-    return write_isic2017(tmp_path_factory.mktemp("isic2017"))
-
-
-@pytest.fixture(scope="session")
-def isic2018_root(tmp_path_factory):
-    return write_isic2018(tmp_path_factory.mktemp("isic2018"))
-
-
-@pytest.fixture(scope="session")
-def isic2019_root(tmp_path_factory):
-    return write_isic2019(tmp_path_factory.mktemp("isic2019"))
-
-
-@pytest.fixture(scope="session")
-def isic2020_root(tmp_path_factory):
-    return write_isic2020(tmp_path_factory.mktemp("isic2020"))
