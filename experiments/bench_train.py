@@ -33,6 +33,7 @@ import logging
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,10 +44,13 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from melanoma.data.synthetic import DX, write_ham10000_layout
+from melanoma.data.ham10000 import DX
 from melanoma.precision import autocast_context, resolve_precision
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the HAM10000 layout writer of the tests
+from layouts import write_ham10000_layout  # noqa: E402
 
 log = logging.getLogger("bench_train")
 CONF = Path(__file__).resolve().parents[1] / "conf"

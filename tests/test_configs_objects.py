@@ -13,7 +13,7 @@ from melanoma.data.transforms import DEFAULT_AUGMENT, resolve_augment
 from melanoma.models.vit import PRESETS
 from melanoma.training import optim
 from melanoma.training.module import LesionClassifier
-from training_fixtures import CONF_DIR, compose_cfg
+from helpers import CONF_DIR, compose_cfg
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("vit_*.yaml"))
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))

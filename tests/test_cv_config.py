@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from training_fixtures import CONF_DIR
+from helpers import CONF_DIR
 
 
 def _jobs(command_line: list[str]):

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torchmetrics.functional.classification as tmf
 
-from data_fixtures import ham_root  # noqa: F401
-from training_fixtures import run_train_py, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+from helpers import run_train_py, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 from melanoma.cli import EXIT_OK, main
 from melanoma.evaluation.report import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE

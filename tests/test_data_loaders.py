@@ -11,7 +11,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from melanoma.data.base import LesionImageDataset
 from melanoma.data.cache import cache_path
 from melanoma.data.dermmel import DermMelDataModule
 from melanoma.data.samplers import BalancedDistributedSampler
@@ -67,7 +66,6 @@ def test_datamodule_balanced_sampler_balances_batches(dermmel_root):
     dm.setup()
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, BalancedDistributedSampler) and len(loader.sampler) == 16
-    labels = np.array(dm.split_table("train").label)[list(loader.sampler)]
     # 10 vs 6 in the split; many epochs of balanced draws come out even
     counts = []
     for epoch in range(50):

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.data.transforms import eval_transform, resolve_augment, train_transform

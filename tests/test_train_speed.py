@@ -14,7 +14,7 @@ from melanoma.models.classifier import Classifier
 from melanoma.models.compile import compile_backbone, is_compiled
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier
-from training_fixtures import compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import compose_cfg, tiny_overrides
 
 COMPILE = ["model.compile=true", "model.compile_backend=aot_eager"]
 
