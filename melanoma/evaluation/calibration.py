@@ -1,6 +1,20 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T > 0 that divides the logits, fitted by
-minimising the negative log-likelihood on the validation split. It changes confidence, never
-the argmax, so accuracy and AUROC are untouched while the probabilities become honest."""
+"""Calibration maps fitted on held-out data: ``softmax(logits / T + bias)``.
+
+- temperature scaling (Guo et al. 2017): one scalar T > 0, fitted by minimising the negative
+  log-likelihood on the validation split. It changes confidence, never the argmax.
+- prior correction + temperature: a class-weighted loss (or a class-balanced sampler) trains the
+  model towards ``p(y|x) * w_y * q_y / pi_y`` (w: loss weights, q: how often the sampler draws
+  class y, pi: the true training prior), i.e. it adds ``log(w_y q_y / pi_y)`` to every logit. No
+  temperature can undo an additive class offset, so the known offset is subtracted first and a
+  temperature fitted on top (the offset costs no parameter: it comes from the checkpoint).
+- temperature + bias (vector scaling with one shared scale): T and a free per-class bias, for
+  shifts nobody recorded (another site's prior, a colour cast).
+
+``fit_calibration`` fits every candidate that applies and keeps the one with the lowest AIC on
+validation (2 N NLL + 2 k, k = fitted parameters): a free bias must lower the summed NLL by more
+than one nat per extra parameter to be chosen, so a tiny validation set, where a bias would
+chase noise, keeps plain temperature scaling unless the shift is real.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from melanoma.models.checkpoint import TEMPERATURE_BOUNDS
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from melanoma.models.checkpoint import (METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE,
+                                        METHOD_TEMPERATURE_BIAS, TEMPERATURE_BOUNDS, Calibration)
 from melanoma.models.checkpoint import softmax as _softmax
 
 log = logging.getLogger(__name__)
@@ -67,3 +85,104 @@ def fit_temperature(logits, labels, max_iter: int = 200, bounds: tuple[float, fl
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return _softmax(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def nll_of(logits, labels, temperature: float = 1.0, bias: Sequence[float] = ()) -> float:
+    """NLL of softmax(logits / T + bias)."""
+    return float(-np.mean(np.log(np.clip(Calibration(temperature, tuple(bias)).probabilities(logits)[
+        np.arange(len(labels)), np.asarray(labels)], 1e-300, None))))
+
+
+def prior_offsets(prior: Sequence[float] | None, class_weights: Sequence[float] | None = None,
+                  sampler: str = "random") -> np.ndarray | None:
+    """Per-class offsets log(w_y q_y / pi_y) that training with loss weights w and sampler
+    draws q added to the logits (q = pi for the random sampler, uniform for the balanced one);
+    None when training did not reweight the classes (or the prior was not recorded)."""
+    if prior is None:
+        return None
+    pi = np.asarray(prior, dtype=np.float64)
+    if pi.ndim != 1 or (pi <= 0).any():
+        return None  # a class absent from train: no finite correction exists
+    pi = pi / pi.sum()
+    offsets = np.zeros_like(pi)
+    if class_weights is not None:
+        w = np.asarray(class_weights, dtype=np.float64)
+        if w.shape != pi.shape or (w <= 0).any():
+            return None
+        offsets += np.log(w)
+    if sampler == "balanced":
+        offsets += np.log(1.0 / pi.size) - np.log(pi)
+    if np.allclose(offsets, offsets.mean()):
+        return None  # a constant offset changes nothing
+    return offsets - offsets.mean()
+
+
+def fit_temperature_and_bias(logits, labels, max_iter: int = 200) -> tuple[float, tuple[float, ...]]:
+    """T and a per-class bias (mean zero: softmax ignores a common shift) minimising the NLL
+    of softmax(logits / T + bias); T kept within TEMPERATURE_BOUNDS."""
+    logits, labels = _tensors(logits, labels)
+    c = logits.shape[1]
+    log_t = torch.tensor(np.log(fit_temperature(logits.numpy(), labels.numpy())), dtype=torch.float64,
+                         requires_grad=True)
+    free = torch.zeros(c - 1, dtype=torch.float64, requires_grad=True)  # bias[0] fixed: identifiable
+    optimizer = torch.optim.LBFGS([log_t, free], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        bias = torch.cat([torch.zeros(1, dtype=torch.float64), free])
+        loss = F.cross_entropy(logits / log_t.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    lo, hi = TEMPERATURE_BOUNDS
+    temperature = float(np.clip(float(log_t.detach().exp()), lo, hi))
+    bias = np.r_[0.0, free.detach().numpy()]
+    if not np.all(np.isfinite(bias)) or not np.isfinite(temperature):
+        log.warning("temperature + bias fit diverged; using temperature alone")
+        return float(fit_temperature(logits.numpy(), labels.numpy())), ()
+    return temperature, tuple((bias - bias.mean()).tolist())
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """The chosen map and every candidate's validation NLL, parameters and AIC."""
+
+    method: str
+    temperature: float
+    bias: tuple[float, ...]
+    candidates: dict = field(default_factory=dict)  # method -> {"nll", "parameters", "aic", "temperature", "bias"}
+
+
+def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None = None) -> CalibrationChoice:
+    """Fit the candidate maps on (validation) logits and keep the lowest AIC (see the module
+    docstring for why AIC). offsets: the training reweighting's logit offsets (`prior_offsets`);
+    the prior-correction candidate is fitted only when they are given. methods: restrict the
+    candidates (e.g. to temperature only)."""
+    logits_np = np.asarray(logits, dtype=np.float64)
+    labels_np = np.asarray(labels)
+    _tensors(logits_np, labels_np)  # validates shapes
+    n = labels_np.size
+    fits: dict[str, tuple[float, tuple[float, ...], int]] = {}
+    fits[METHOD_TEMPERATURE] = (fit_temperature(logits_np, labels_np), (), 1)
+    if offsets is not None:
+        offsets = np.asarray(offsets, dtype=np.float64)
+        t = fit_temperature(logits_np - offsets, labels_np)
+        # (z - o) / T = z / T - o / T: the correction becomes a bias on the calibrated scale
+        fits[METHOD_PRIOR_TEMPERATURE] = (t, tuple((-offsets / t).tolist()), 1)
+    fits[METHOD_TEMPERATURE_BIAS] = (*fit_temperature_and_bias(logits_np, labels_np), logits_np.shape[1])
+    if methods is not None:
+        fits = {m: f for m, f in fits.items() if m in methods}
+        if not fits:
+            raise ValueError(f"none of the calibration methods {list(methods)} applies; candidates were "
+                             f"{[METHOD_TEMPERATURE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE_BIAS]}")
+    candidates = {}
+    for method, (t, bias, k) in fits.items():
+        value = nll_of(logits_np, labels_np, t, bias)
+        candidates[method] = {"nll": value, "parameters": k, "aic": 2 * n * value + 2 * k,
+                              "temperature": t, "bias": list(bias)}
+    best = min(candidates, key=lambda m: candidates[m]["aic"])  # ties: the first, i.e. the simplest
+    log.info("calibration candidates (validation NLL / AIC): %s; chose %s",
+             ", ".join(f"{m} {c['nll']:.4f} / {c['aic']:.1f}" for m, c in candidates.items()), best)
+    t, bias, _ = fits[best]
+    return CalibrationChoice(best, t, bias, candidates)
