@@ -103,8 +103,9 @@ def _print_metrics(metrics: dict) -> None:
 
     keys = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
             "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
-            "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
-    intervals = metrics.get("ci95") or {}
+            "temperature", "calibration", "ece_before_calibration", "ece_after_calibration", "ece",
+            "ece_melanoma_before_calibration", "ece_melanoma_after_calibration", "ece_melanoma"]
+    intervals = {**(metrics.get("ci95") or {}), **(metrics.get("ci95_calibration") or {})}
     for k in keys:
         v = metrics.get(k)
         if v is None:

@@ -88,7 +88,7 @@ def test_class_weighted_model_calibrates_like_an_unweighted_one_only_with_the_pr
     # undoing the recorded prior shift then a temperature does
     assert ece["weighted", "method"] in (METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE_BIAS)
     assert abs(ece["weighted", "chosen"] - ece["plain", "temperature"]) < 0.02
-    # the unweighted model needs no bias: plain temperature scaling is kept (AIC guard)
+    # the unweighted model needs no bias: plain temperature scaling is kept (the out-of-fold guard)
     assert ece["plain", "method"] == METHOD_TEMPERATURE
 
 

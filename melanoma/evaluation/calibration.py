@@ -10,10 +10,14 @@
 - temperature + bias (vector scaling with one shared scale): T and a free per-class bias, for
   shifts nobody recorded (another site's prior, a colour cast).
 
-``fit_calibration`` fits every candidate that applies and keeps the one with the lowest AIC on
-validation (2 N NLL + 2 k, k = fitted parameters): a free bias must lower the summed NLL by more
-than one nat per extra parameter to be chosen, so a tiny validation set, where a bias would
-chase noise, keeps plain temperature scaling unless the shift is real.
+``fit_calibration`` fits every candidate that applies and keeps the simplest one unless a more
+flexible one predicts held-out labels better: each candidate is fitted on one half of the
+validation set and scored (NLL) on the other, both ways round (2-fold, stratified, fixed seed),
+and a candidate with more fitted parameters must lower the summed out-of-fold NLL by more than
+one nat per extra parameter (the AIC's price) to be chosen. A free bias on a tiny or nearly
+uninformative validation set chases noise (measured: on HAM10000 after one epoch it lowered the
+in-sample NLL and doubled the test ECE); out-of-fold scoring sees that, in-sample AIC alone did
+not. The chosen map is then refitted on the whole validation set.
 """
 
 from __future__ import annotations
@@ -151,38 +155,68 @@ class CalibrationChoice:
     method: str
     temperature: float
     bias: tuple[float, ...]
-    candidates: dict = field(default_factory=dict)  # method -> {"nll", "parameters", "aic", "temperature", "bias"}
+    #: method -> {"nll" (in-sample), "out_of_fold_nll_sum", "parameters", "score", "temperature", "bias"}
+    candidates: dict = field(default_factory=dict)
 
 
-def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None = None) -> CalibrationChoice:
-    """Fit the candidate maps on (validation) logits and keep the lowest AIC (see the module
-    docstring for why AIC). offsets: the training reweighting's logit offsets (`prior_offsets`);
-    the prior-correction candidate is fitted only when they are given. methods: restrict the
-    candidates (e.g. to temperature only)."""
+def _fit_candidates(logits: np.ndarray, labels: np.ndarray, offsets) -> dict[str, tuple[float, tuple[float, ...], int]]:
+    """method -> (temperature, bias, fitted parameters)."""
+    fits = {METHOD_TEMPERATURE: (fit_temperature(logits, labels), (), 1)}
+    if offsets is not None:
+        t = fit_temperature(logits - offsets, labels)
+        # (z - o) / T = z / T - o / T: the correction becomes a bias on the calibrated scale
+        fits[METHOD_PRIOR_TEMPERATURE] = (t, tuple((-offsets / t).tolist()), 1)
+    fits[METHOD_TEMPERATURE_BIAS] = (*fit_temperature_and_bias(logits, labels), logits.shape[1])
+    return fits
+
+
+def _halves(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A stratified random 0/1 fold per row."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(labels.size, dtype=int)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx[1::2]] = 1
+    return fold
+
+
+def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None = None,
+                    seed: int = 0) -> CalibrationChoice:
+    """Fit the candidate maps on (validation) logits and choose one by 2-fold out-of-fold NLL
+    with a one-nat-per-parameter margin (see the module docstring for why). offsets: the
+    training reweighting's logit offsets (`prior_offsets`); the prior-correction candidate is
+    fitted only when they are given. methods: restrict the candidates (e.g. temperature only)."""
     logits_np = np.asarray(logits, dtype=np.float64)
     labels_np = np.asarray(labels)
     _tensors(logits_np, labels_np)  # validates shapes
-    n = labels_np.size
-    fits: dict[str, tuple[float, tuple[float, ...], int]] = {}
-    fits[METHOD_TEMPERATURE] = (fit_temperature(logits_np, labels_np), (), 1)
-    if offsets is not None:
-        offsets = np.asarray(offsets, dtype=np.float64)
-        t = fit_temperature(logits_np - offsets, labels_np)
-        # (z - o) / T = z / T - o / T: the correction becomes a bias on the calibrated scale
-        fits[METHOD_PRIOR_TEMPERATURE] = (t, tuple((-offsets / t).tolist()), 1)
-    fits[METHOD_TEMPERATURE_BIAS] = (*fit_temperature_and_bias(logits_np, labels_np), logits_np.shape[1])
+    offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
+    fits = _fit_candidates(logits_np, labels_np, offsets)
     if methods is not None:
         fits = {m: f for m, f in fits.items() if m in methods}
         if not fits:
             raise ValueError(f"none of the calibration methods {list(methods)} applies; candidates were "
                              f"{[METHOD_TEMPERATURE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE_BIAS]}")
+    out_of_fold = {m: 0.0 for m in fits}
+    fold = _halves(labels_np, seed)
+    cross_validated = min(np.bincount(fold, minlength=2)) >= 2
+    if cross_validated:
+        for k in (0, 1):
+            train, held = fold != k, fold == k
+            for m, (t, bias, _) in _fit_candidates(logits_np[train], labels_np[train], offsets).items():
+                if m in out_of_fold:
+                    out_of_fold[m] += nll_of(logits_np[held], labels_np[held], t, bias) * held.sum()
     candidates = {}
     for method, (t, bias, k) in fits.items():
-        value = nll_of(logits_np, labels_np, t, bias)
-        candidates[method] = {"nll": value, "parameters": k, "aic": 2 * n * value + 2 * k,
+        candidates[method] = {"nll": nll_of(logits_np, labels_np, t, bias), "parameters": k,
+                              "out_of_fold_nll_sum": out_of_fold[method] if cross_validated else None,
                               "temperature": t, "bias": list(bias)}
-    best = min(candidates, key=lambda m: candidates[m]["aic"])  # ties: the first, i.e. the simplest
-    log.info("calibration candidates (validation NLL / AIC): %s; chose %s",
-             ", ".join(f"{m} {c['nll']:.4f} / {c['aic']:.1f}" for m, c in candidates.items()), best)
+    # penalised out-of-fold NLL (in-sample NLL when val is too small to split); ties: the simpler
+    score = {m: (c["out_of_fold_nll_sum"] if cross_validated else c["nll"] * labels_np.size) + c["parameters"]
+             for m, c in candidates.items()}
+    best = min(candidates, key=lambda m: (score[m], candidates[m]["parameters"]))
+    for m in candidates:
+        candidates[m]["score"] = score[m]
+    log.info("calibration candidates (validation NLL / penalised out-of-fold NLL): %s; chose %s",
+             ", ".join(f"{m} {c['nll']:.4f} / {c['score']:.1f}" for m, c in candidates.items()), best)
     t, bias, _ = fits[best]
     return CalibrationChoice(best, t, bias, candidates)

@@ -140,13 +140,15 @@ def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> tuple[np.ndarray,
 
 def reliability_figure(probs_by_name: dict[str, np.ndarray], labels, n_bins: int = ECE_BINS) -> Figure:
     """Accuracy against confidence, one panel per set of probabilities (e.g. before and after
-    temperature scaling); the ECE is in each title."""
+    calibration); the image count above each bar, the ECE in each title."""
     fig = Figure(figsize=(4.2 * len(probs_by_name), 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(probs_by_name)))
     for ax, (name, probs) in zip(axes, probs_by_name.items()):
         centres, acc, count = reliability_bins(probs, labels, n_bins)
         filled = count > 0
         ax.bar(centres[filled], acc[filled], width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+        for x, a, n in zip(centres[filled], acc[filled], count[filled]):  # how much evidence each bar has
+            ax.text(x, min(a, 0.9) + 0.02, str(int(n)), ha="center", va="bottom", fontsize=6, rotation=90)
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
