@@ -159,6 +159,27 @@ def reliability_figure(probs_by_name: dict[str, np.ndarray], labels, n_bins: int
     return fig
 
 
+def operating_points_figure(points: dict[str, dict]) -> Figure:
+    """One panel per operating point (name -> {"threshold", "sensitivity", "specificity",
+    "ci95": {"sensitivity": [lo, hi], "specificity": [lo, hi]}}), side by side on one scale:
+    sensitivity and specificity bars with their 95% intervals."""
+    fig = Figure(figsize=(3.6 * len(points), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(points), sharey=True))
+    for ax, (name, pt) in zip(axes, points.items()):
+        values = [pt["sensitivity"], pt["specificity"]]
+        cis = [pt["ci95"]["sensitivity"], pt["ci95"]["specificity"]]
+        err = np.array([[v - lo for v, (lo, _) in zip(values, cis)], [hi - v for v, (_, hi) in zip(values, cis)]])
+        ax.bar([0, 1], values, yerr=np.nan_to_num(np.clip(err, 0, None)), capsize=6,
+               color=["tab:red", "tab:blue"], alpha=0.75)
+        for x, v in zip([0, 1], values):
+            ax.text(x, min(v, 0.93) + 0.03, f"{v:.2f}", ha="center", fontsize=9)
+        ax.set_xticks([0, 1], ["sensitivity", "specificity"])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{name}\nthreshold {pt['threshold']:.3g}", fontsize=9)
+    axes[0].set_ylabel("on the test part (95% bootstrap CI)")
+    return fig
+
+
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
