@@ -36,8 +36,7 @@ from melanoma.evaluation.bootstrap import bootstrap, format_ci
 from melanoma.evaluation.calibration import fit_calibration, prior_offsets
 from melanoma.evaluation.checkpoint_io import build_classifier
 from melanoma.evaluation.metrics import ECE_MELANOMA, classification_metrics
-from melanoma.models.checkpoint import (METHOD_NONE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE,
-                                        METHOD_TEMPERATURE_BIAS, Calibration)
+from melanoma.models.checkpoint import METHOD_NONE, Calibration
 
 import hydra
 

@@ -13,7 +13,7 @@ from melanoma.data.dermmel import DermMelDataModule
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.evaluation.calibration import prior_offsets
 from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
-from melanoma.models.checkpoint import METHOD_PRIOR_TEMPERATURE, Calibration, read_meta
+from melanoma.models.checkpoint import METHOD_PRIOR_TEMPERATURE, read_meta
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 PRIOR, WEIGHTS = (0.9, 0.1), (1 / 1.8, 1 / 0.2)  # the DataModule's N / (C n_c) for a 1:9 prior

@@ -5,7 +5,6 @@ input checkpoint is left byte-identical and the new one names its sample."""
 import csv
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
