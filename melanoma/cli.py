@@ -80,6 +80,10 @@ def cmd_predict(args) -> int:
     header = {
         "checkpoint": str(args.checkpoint), "head": predictor.head, "class_names": predictor.class_names,
         "calibrated": predictor.calibrated, "temperature": predictor.temperature, "threshold": predictor.threshold,
+        # the whole map softmax(logits / T + bias) and where it was fitted (a site recalibration names its sample)
+        "calibration": None if predictor.calibration is None else {
+            "method": predictor.calibration.method, "bias": list(predictor.calibration.bias),
+            "fitted_on": predictor.calibration.fitted_on},
         "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta,
     }
     _write_records(records, args.out, header)

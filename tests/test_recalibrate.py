@@ -115,6 +115,9 @@ def test_recalibration_restores_the_target_sensitivity_and_leaves_the_input_alon
         assert main(["predict", str(out), *images, "--out", str(csv_out), "-q", *flags]) == 0
         decisions[tuple(flags)] = {r["path"]: r["decision"] for r in csv.DictReader(csv_out.open())}
     assert decisions[()] == decisions[("--uncalibrated",)]
+    js = site["tmp"] / "pred.json"
+    assert main(["predict", str(out), *images[:2], "--out", str(js), "-q"]) == 0
+    assert json.loads(js.read_text())["calibration"]["fitted_on"]["fingerprint"] == report["sample"]["fingerprint"]
     ext = site["tmp"] / "ext"
     assert main(["evaluate", str(out), "dataset=dermmel", f"dataset.root={site['site']}", "dataset.num_workers=0",
                  "--external", "--out", str(ext), "-q"]) == 0
