@@ -1,9 +1,10 @@
-"""`melanoma` command line: predict, evaluate, summarize, check-data, export, serve.
+"""`melanoma` command line: predict, evaluate, recalibrate, summarize, check-data, export, serve.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
     melanoma evaluate runs/.../best.ckpt [dataset.root=/data/HAM10000]
     melanoma evaluate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --external
     melanoma summarize runs/train/multirun/<stamp>        # k-fold or sweep: summary.json/.md
+    melanoma recalibrate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --fraction 0.5 --out ph2.ckpt
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
     melanoma export runs/.../best.ckpt --format onnx
     melanoma serve runs/.../best.ckpt --port 8000
@@ -80,6 +81,10 @@ def cmd_predict(args) -> int:
     header = {
         "checkpoint": str(args.checkpoint), "head": predictor.head, "class_names": predictor.class_names,
         "calibrated": predictor.calibrated, "temperature": predictor.temperature, "threshold": predictor.threshold,
+        # the whole map softmax(logits / T + bias) and where it was fitted (a site recalibration names its sample)
+        "calibration": None if predictor.calibration is None else {
+            "method": predictor.calibration.method, "bias": list(predictor.calibration.bias),
+            "fitted_on": predictor.calibration.fitted_on},
         "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta,
     }
     _write_records(records, args.out, header)
@@ -145,6 +150,36 @@ def cmd_summarize(args) -> int:
                 m = group[part]
                 print(f"{name} auroc {format_ci(m['auroc'], m['ci95'].get('auroc'))} (n {m['n']})")
     print(f"written to {out}: {SUMMARY_JSON}, {SUMMARY_MD}, tables and figures")
+    return EXIT_OK
+
+
+# --- recalibrate --------------------------------------------------------------------------------
+
+def cmd_recalibrate(args) -> int:
+    from melanoma.evaluation.bootstrap import format_ci
+    from melanoma.evaluation.datasets import external_datamodule
+    from melanoma.evaluation.recalibrate import recalibrate_checkpoint
+    from melanoma.models.checkpoint import read_meta
+
+    meta = read_meta(args.checkpoint)
+    head = meta.choose_head(args.head)
+    dm = external_datamodule(meta, args.overrides)
+    report_dir = args.report or args.out.with_name(f"{args.out.stem}_recalibration_{dm.name}")
+    r = recalibrate_checkpoint(args.checkpoint, dm, args.out, report_dir, fraction=args.fraction, seed=args.seed,
+                               target_sensitivity=args.target_sensitivity, head=head, device=args.device,
+                               progress=not args.quiet)
+    s = r["sample"]
+    print(f"{dm.name}: calibration ({r['calibration']}) and operating point fitted on a sample of {s['n']} images "
+          f"({s['melanomas']} melanomas); reported on the other {r['test_part']['n']} "
+          f"({r['test_part']['melanomas']} melanomas), target sensitivity {r['target_sensitivity']}:")
+    for name, pt in r["operating_points"].items():
+        print(f"  {name:<46} threshold {pt['threshold']:.4f}  sensitivity "
+              f"{format_ci(pt['sensitivity'], pt['ci95']['sensitivity'])}  specificity "
+              f"{format_ci(pt['specificity'], pt['ci95']['specificity'])}")
+    ci = r["ci95_calibration"]
+    for key in ("ece_melanoma_before_calibration", "ece_melanoma_after_calibration"):
+        print(f"  {key:<46} {format_ci(r[key], ci[key])}")
+    print(f"new checkpoint {args.out}; report in {report_dir}; {args.checkpoint} is unchanged")
     return EXIT_OK
 
 
@@ -262,6 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95,
                    help="the out-of-fold operating point's sensitivity (chosen on the pooled predictions)")
     p.set_defaults(func=cmd_summarize)
+    p = sub.add_parser("recalibrate", parents=[common], help="refit calibration and threshold on a new site's sample",
+                       description="For a dataset the model never trained on (a new site): draws a stratified "
+                                   "sample (whole lesions/patients where the dataset has groups), fits the "
+                                   "calibration map and the operating point at the target sensitivity on it, "
+                                   "writes them into a copy of the checkpoint (--out; the input is not "
+                                   "changed) and reports the other images: the original, the recalibrated "
+                                   "and an oracle (optimistic) operating point, with 95%% bootstrap intervals.")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("overrides", nargs="*", help="dataset=NAME dataset.root=PATH (Hydra overrides, as for training)")
+    p.add_argument("--out", type=Path, required=True, help="the recalibrated checkpoint to write")
+    p.add_argument("--fraction", type=float, default=0.2, help="share of the site's images used to recalibrate")
+    p.add_argument("--seed", type=int, default=0, help="which sample is drawn")
+    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--head", help="default: the checkpoint's active head")
+    p.add_argument("--report", type=Path, help="report folder (default: beside --out)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ph2 dataset.root=PATH")

@@ -119,3 +119,40 @@ def _json(ckpt, setup, tmp_path, head) -> str:
     out = tmp_path / f"{head}.json"
     assert main(["predict", str(ckpt), *setup["images"][:3], "--head", head, "--out", str(out), "-q"]) == 0
     return out.read_text()
+
+
+@pytest.fixture(scope="module")
+def setup_bias(setup, tmp_path_factory):
+    """The same model with a calibration that has a class bias (temperature+bias, as site
+    recalibration or a class-weighted model's calibration stores it)."""
+    tmp = tmp_path_factory.mktemp("decision_bias")
+    ckpt = Path(shutil.copy(setup["ckpt"], tmp / "bias.ckpt"))
+    bias = {"synthetic": (0.6, -0.6), "ph2": (0.3, -0.5, 0.2)}
+    thresholds = {}
+    for head in ("synthetic", "ph2"):
+        cal = Calibration(T, bias=bias[head], method="temperature+bias")
+        p = Predictor(ckpt, head=head, progress=False, announce=False)
+        p_mel = cal.probabilities(p.logits_of_paths(setup["images"]))[:, p.positive_index]
+        thresholds[head] = float(np.median(p_mel))
+    update_meta(ckpt, lambda m: [m.set_calibration(h, Calibration(T, bias=bias[h], method="temperature+bias",
+                                                                  threshold=thresholds[h], target_sensitivity=0.95))
+                                 for h in ("synthetic", "ph2")])
+    return {**setup, "tmp": tmp, "ckpt": ckpt}
+
+
+@pytest.mark.parametrize("head", ["synthetic", "ph2"])
+def test_a_calibration_with_a_bias_decides_alike_everywhere(setup_bias, setup, head, monkeypatch):
+    calibrated = _predict(setup_bias, "--head", head)
+    raw = _predict(setup_bias, "--head", head, "--uncalibrated")
+    decisions = {p: r["decision"] for p, r in calibrated.items()}
+    assert set(decisions.values()) == {"melanoma", "not_melanoma"}
+    assert {p: r["decision"] for p, r in raw.items()} == decisions
+    assert _evaluate_external(setup_bias, head) == decisions
+    assert _onnx_decisions(setup_bias, head, monkeypatch) == decisions
+    # the bias really moves the probabilities: not those of temperature alone
+    plain = _predict(setup, "--head", head)
+    some = next(iter(calibrated))
+    assert float(calibrated[some]["melanoma_probability"]) != pytest.approx(float(plain[some]["melanoma_probability"]))
+    if head == "synthetic":  # the raw-scale threshold accounts for the bias
+        thr = float(raw[some]["threshold"])
+        assert all((float(r["melanoma_probability"]) >= thr) == (r["decision"] == "melanoma") for r in raw.values())

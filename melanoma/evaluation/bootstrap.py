@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from melanoma.evaluation.metrics import _as_arrays
+from melanoma.evaluation.metrics import ECE_BINS, ECE_MELANOMA, _as_arrays, _ece_bins
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +60,24 @@ def _ranking_metrics(scores: np.ndarray, targets: np.ndarray, weights: np.ndarra
     return auroc, ap
 
 
+def _weighted_ece(confidence: np.ndarray, outcome: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ECE of `confidence` against 0/1 `outcome` per row of `weights` (R, N): the bins of
+    metrics.expected_calibration_error, the gap summed within each bin then weighted."""
+    bins = _ece_bins(confidence, ECE_BINS)
+    onehot = np.zeros((confidence.size, ECE_BINS + 1))
+    onehot[np.arange(confidence.size), bins] = outcome - confidence
+    return _ratio(np.abs(weights @ onehot).sum(1), weights.sum(1))
+
+
 def resample_metrics(probs, labels, positive_index: int | None, threshold: float | None = None,
                      *, weights) -> dict[str, np.ndarray]:
     """The report metrics of each resample given as row counts `weights` (R, N): a dict of
     metric key -> (R,) values, NaN where a metric is undefined in that resample. The keys and
     their meaning are those of metrics.classification_metrics (accuracy, balanced_accuracy;
     with a positive class auroc, average_precision, sensitivity_argmax, specificity_argmax;
-    with a threshold sensitivity_at_threshold, specificity_at_threshold); nll, ece and n are
-    not resampled."""
+    with a threshold sensitivity_at_threshold, specificity_at_threshold; ece, and with a positive
+    class ece_melanoma); nll and n are not resampled. ECE is biased upwards on small samples
+    (empty and thin bins), so its interval need not contain the point estimate."""
     probs, labels = _as_arrays(probs, labels)
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     if weights.shape[1] != labels.size:
@@ -83,12 +93,14 @@ def resample_metrics(probs, labels, positive_index: int | None, threshold: float
         # mean recall over the classes drawn in this resample, as balanced_accuracy does over
         # the classes present in its labels
         "balanced_accuracy": _ratio(np.where(present, per_class_recall, 0).sum(1), present.sum(1)),
+        "ece": _weighted_ece(probs.max(1), correct, weights),
     }
     if positive_index is None:
         return out
     is_mel = labels == positive_index
     p_mel = probs[:, positive_index]
     out["auroc"], out["average_precision"] = _ranking_metrics(p_mel, is_mel, weights)
+    out[ECE_MELANOMA] = _weighted_ece(p_mel, is_mel.astype(np.float64), weights)
     n_mel, n_other = weights @ is_mel, weights @ ~is_mel
 
     def sens_spec(called: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

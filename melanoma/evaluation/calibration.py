@@ -1,6 +1,24 @@
-"""Temperature scaling (Guo et al. 2017): one scalar T > 0 that divides the logits, fitted by
-minimising the negative log-likelihood on the validation split. It changes confidence, never
-the argmax, so accuracy and AUROC are untouched while the probabilities become honest."""
+"""Calibration maps fitted on held-out data: ``softmax(logits / T + bias)``.
+
+- temperature scaling (Guo et al. 2017): one scalar T > 0, fitted by minimising the negative
+  log-likelihood on the validation split. It changes confidence, never the argmax.
+- prior correction + temperature: a class-weighted loss (or a class-balanced sampler) trains the
+  model towards ``p(y|x) * w_y * q_y / pi_y`` (w: loss weights, q: how often the sampler draws
+  class y, pi: the true training prior), i.e. it adds ``log(w_y q_y / pi_y)`` to every logit. No
+  temperature can undo an additive class offset, so the known offset is subtracted first and a
+  temperature fitted on top (the offset costs no parameter: it comes from the checkpoint).
+- temperature + bias (vector scaling with one shared scale): T and a free per-class bias, for
+  shifts nobody recorded (another site's prior, a colour cast).
+
+``fit_calibration`` fits every candidate that applies and keeps the simplest one unless a more
+flexible one predicts held-out labels better: each candidate is fitted on one half of the
+validation set and scored (NLL) on the other, both ways round (2-fold, stratified, fixed seed),
+and a candidate with more fitted parameters must lower the summed out-of-fold NLL by more than
+one nat per extra parameter (the AIC's price) to be chosen. A free bias on a tiny or nearly
+uninformative validation set chases noise (measured: on HAM10000 after one epoch it lowered the
+in-sample NLL and doubled the test ECE); out-of-fold scoring sees that, in-sample AIC alone did
+not. The chosen map is then refitted on the whole validation set.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from melanoma.models.checkpoint import TEMPERATURE_BOUNDS
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from melanoma.models.checkpoint import (METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE,
+                                        METHOD_TEMPERATURE_BIAS, TEMPERATURE_BOUNDS, Calibration)
 from melanoma.models.checkpoint import softmax as _softmax
 
 log = logging.getLogger(__name__)
@@ -67,3 +89,134 @@ def fit_temperature(logits, labels, max_iter: int = 200, bounds: tuple[float, fl
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return _softmax(np.asarray(logits, dtype=np.float64) / temperature)
+
+
+def nll_of(logits, labels, temperature: float = 1.0, bias: Sequence[float] = ()) -> float:
+    """NLL of softmax(logits / T + bias)."""
+    return float(-np.mean(np.log(np.clip(Calibration(temperature, tuple(bias)).probabilities(logits)[
+        np.arange(len(labels)), np.asarray(labels)], 1e-300, None))))
+
+
+def prior_offsets(prior: Sequence[float] | None, class_weights: Sequence[float] | None = None,
+                  sampler: str = "random") -> np.ndarray | None:
+    """Per-class offsets log(w_y q_y / pi_y) that training with loss weights w and sampler
+    draws q added to the logits (q = pi for the random sampler, uniform for the balanced one);
+    None when training did not reweight the classes (or the prior was not recorded)."""
+    if prior is None:
+        return None
+    pi = np.asarray(prior, dtype=np.float64)
+    if pi.ndim != 1 or (pi <= 0).any():
+        return None  # a class absent from train: no finite correction exists
+    pi = pi / pi.sum()
+    offsets = np.zeros_like(pi)
+    if class_weights is not None:
+        w = np.asarray(class_weights, dtype=np.float64)
+        if w.shape != pi.shape or (w <= 0).any():
+            return None
+        offsets += np.log(w)
+    if sampler == "balanced":
+        offsets += np.log(1.0 / pi.size) - np.log(pi)
+    if np.allclose(offsets, offsets.mean()):
+        return None  # a constant offset changes nothing
+    return offsets - offsets.mean()
+
+
+def fit_temperature_and_bias(logits, labels, max_iter: int = 200) -> tuple[float, tuple[float, ...]]:
+    """T and a per-class bias (mean zero: softmax ignores a common shift) minimising the NLL
+    of softmax(logits / T + bias); T kept within TEMPERATURE_BOUNDS."""
+    logits, labels = _tensors(logits, labels)
+    c = logits.shape[1]
+    log_t = torch.tensor(np.log(fit_temperature(logits.numpy(), labels.numpy())), dtype=torch.float64,
+                         requires_grad=True)
+    free = torch.zeros(c - 1, dtype=torch.float64, requires_grad=True)  # bias[0] fixed: identifiable
+    optimizer = torch.optim.LBFGS([log_t, free], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        bias = torch.cat([torch.zeros(1, dtype=torch.float64), free])
+        loss = F.cross_entropy(logits / log_t.exp() + bias, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    lo, hi = TEMPERATURE_BOUNDS
+    temperature = float(np.clip(float(log_t.detach().exp()), lo, hi))
+    bias = np.r_[0.0, free.detach().numpy()]
+    if not np.all(np.isfinite(bias)) or not np.isfinite(temperature):
+        log.warning("temperature + bias fit diverged; using temperature alone")
+        return float(fit_temperature(logits.numpy(), labels.numpy())), ()
+    return temperature, tuple((bias - bias.mean()).tolist())
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """The chosen map and every candidate's validation NLL, parameters and AIC."""
+
+    method: str
+    temperature: float
+    bias: tuple[float, ...]
+    #: method -> {"nll" (in-sample), "out_of_fold_nll_sum", "parameters", "score", "temperature", "bias"}
+    candidates: dict = field(default_factory=dict)
+
+
+def _fit_candidates(logits: np.ndarray, labels: np.ndarray, offsets) -> dict[str, tuple[float, tuple[float, ...], int]]:
+    """method -> (temperature, bias, fitted parameters)."""
+    fits = {METHOD_TEMPERATURE: (fit_temperature(logits, labels), (), 1)}
+    if offsets is not None:
+        t = fit_temperature(logits - offsets, labels)
+        # (z - o) / T = z / T - o / T: the correction becomes a bias on the calibrated scale
+        fits[METHOD_PRIOR_TEMPERATURE] = (t, tuple((-offsets / t).tolist()), 1)
+    fits[METHOD_TEMPERATURE_BIAS] = (*fit_temperature_and_bias(logits, labels), logits.shape[1])
+    return fits
+
+
+def _halves(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A stratified random 0/1 fold per row."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(labels.size, dtype=int)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx[1::2]] = 1
+    return fold
+
+
+def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None = None,
+                    seed: int = 0) -> CalibrationChoice:
+    """Fit the candidate maps on (validation) logits and choose one by 2-fold out-of-fold NLL
+    with a one-nat-per-parameter margin (see the module docstring for why). offsets: the
+    training reweighting's logit offsets (`prior_offsets`); the prior-correction candidate is
+    fitted only when they are given. methods: restrict the candidates (e.g. temperature only)."""
+    logits_np = np.asarray(logits, dtype=np.float64)
+    labels_np = np.asarray(labels)
+    _tensors(logits_np, labels_np)  # validates shapes
+    offsets = None if offsets is None else np.asarray(offsets, dtype=np.float64)
+    fits = _fit_candidates(logits_np, labels_np, offsets)
+    if methods is not None:
+        fits = {m: f for m, f in fits.items() if m in methods}
+        if not fits:
+            raise ValueError(f"none of the calibration methods {list(methods)} applies; candidates were "
+                             f"{[METHOD_TEMPERATURE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE_BIAS]}")
+    out_of_fold = {m: 0.0 for m in fits}
+    fold = _halves(labels_np, seed)
+    cross_validated = min(np.bincount(fold, minlength=2)) >= 2
+    if cross_validated:
+        for k in (0, 1):
+            train, held = fold != k, fold == k
+            for m, (t, bias, _) in _fit_candidates(logits_np[train], labels_np[train], offsets).items():
+                if m in out_of_fold:
+                    out_of_fold[m] += nll_of(logits_np[held], labels_np[held], t, bias) * held.sum()
+    candidates = {}
+    for method, (t, bias, k) in fits.items():
+        candidates[method] = {"nll": nll_of(logits_np, labels_np, t, bias), "parameters": k,
+                              "out_of_fold_nll_sum": out_of_fold[method] if cross_validated else None,
+                              "temperature": t, "bias": list(bias)}
+    # penalised out-of-fold NLL (in-sample NLL when val is too small to split); ties: the simpler
+    score = {m: (c["out_of_fold_nll_sum"] if cross_validated else c["nll"] * labels_np.size) + c["parameters"]
+             for m, c in candidates.items()}
+    best = min(candidates, key=lambda m: (score[m], candidates[m]["parameters"]))
+    for m in candidates:
+        candidates[m]["score"] = score[m]
+    log.info("calibration candidates (validation NLL / penalised out-of-fold NLL): %s; chose %s",
+             ", ".join(f"{m} {c['nll']:.4f} / {c['score']:.1f}" for m, c in candidates.items()), best)
+    t, bias, _ = fits[best]
+    return CalibrationChoice(best, t, bias, candidates)

@@ -135,13 +135,15 @@ def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> tuple[np.ndarray,
 
 def reliability_figure(probs_by_name: dict[str, np.ndarray], labels, n_bins: int = ECE_BINS) -> Figure:
     """Accuracy against confidence, one panel per set of probabilities (e.g. before and after
-    temperature scaling); the ECE is in each title."""
+    calibration); the image count above each bar, the ECE in each title."""
     fig = Figure(figsize=(4.2 * len(probs_by_name), 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(probs_by_name)))
     for ax, (name, probs) in zip(axes, probs_by_name.items()):
         centres, acc, count = reliability_bins(probs, labels, n_bins)
         filled = count > 0
         ax.bar(centres[filled], acc[filled], width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+        for x, a, n in zip(centres[filled], acc[filled], count[filled]):  # how much evidence each bar has
+            ax.text(x, min(a, 0.9) + 0.02, str(int(n)), ha="center", va="bottom", fontsize=6, rotation=90)
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -149,6 +151,27 @@ def reliability_figure(probs_by_name: dict[str, np.ndarray], labels, n_bins: int
         ax.set_ylabel("accuracy")
         ax.set_title(f"{name}: ECE {expected_calibration_error(probs, labels, n_bins):.3f}")
         ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def operating_points_figure(points: dict[str, dict]) -> Figure:
+    """One panel per operating point (name -> {"threshold", "sensitivity", "specificity",
+    "ci95": {"sensitivity": [lo, hi], "specificity": [lo, hi]}}), side by side on one scale:
+    sensitivity and specificity bars with their 95% intervals."""
+    fig = Figure(figsize=(3.6 * len(points), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(points), sharey=True))
+    for ax, (name, pt) in zip(axes, points.items()):
+        values = [pt["sensitivity"], pt["specificity"]]
+        cis = [pt["ci95"]["sensitivity"], pt["ci95"]["specificity"]]
+        err = np.array([[v - lo for v, (lo, _) in zip(values, cis)], [hi - v for v, (_, hi) in zip(values, cis)]])
+        ax.bar([0, 1], values, yerr=np.nan_to_num(np.clip(err, 0, None)), capsize=6,
+               color=["tab:red", "tab:blue"], alpha=0.75)
+        for x, v in zip([0, 1], values):
+            ax.text(x, min(v, 0.93) + 0.03, f"{v:.2f}", ha="center", fontsize=9)
+        ax.set_xticks([0, 1], ["sensitivity", "specificity"])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{name}\nthreshold {pt['threshold']:.3g}", fontsize=9)
+    axes[0].set_ylabel("on the test part (95% bootstrap CI)")
     return fig
 
 

@@ -19,6 +19,10 @@ ECE_BINS = 15
 #: metric keys, defined once: melanoma-vs-rest AUROC and macro one-vs-rest AUROC
 AUROC = "auroc"
 AUROC_MACRO = "auroc_macro"
+#: calibration error of the melanoma probability itself (binned p_melanoma against melanoma
+#: frequency). Top-label ECE ("ece") is blind to a shift of the class balance in a two-class
+#: task: overconfident melanoma calls and underconfident benign calls cancel inside a bin.
+ECE_MELANOMA = "ece_melanoma"
 
 
 def _as_arrays(probs, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +161,23 @@ def expected_calibration_error(probs, labels, n_bins: int = ECE_BINS) -> float:
     return float(np.sum(gap * count[filled]) / labels.size)
 
 
+def _ece_bins(values, n_bins: int) -> np.ndarray:
+    """Equal-width bins [k/n, (k+1)/n); a value of exactly 1.0 gets bin n of its own."""
+    return np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1), values, side="right") - 1
+
+
+def melanoma_calibration_error(p_melanoma, is_melanoma, n_bins: int = ECE_BINS) -> float:
+    """Mean |melanoma frequency - mean p_melanoma| over equal-width bins of p_melanoma,
+    weighted by bin size (the ECE of the melanoma class)."""
+    p = np.asarray(p_melanoma, dtype=np.float64)
+    y = np.asarray(is_melanoma).astype(np.float64)
+    if p.size == 0:
+        return float("nan")
+    bins = _ece_bins(p, n_bins)
+    gap = np.bincount(bins, weights=y - p, minlength=n_bins + 1)
+    return float(np.abs(gap).sum() / p.size)
+
+
 def negative_log_likelihood(probs, labels) -> float:
     probs, labels = _as_arrays(probs, labels)
     picked = np.clip(probs[np.arange(labels.size), labels], 1e-12, 1.0)
@@ -186,6 +207,7 @@ def classification_metrics(
     is_mel = labels == positive_index
     p_mel = probs[:, positive_index]
     out[AUROC] = binary_auroc(p_mel, is_mel)
+    out[ECE_MELANOMA] = melanoma_calibration_error(p_mel, is_mel)
     out["average_precision"] = binary_average_precision(p_mel, is_mel)
     sens, spec = sensitivity_specificity(probs.argmax(1) == positive_index, is_mel)
     out["sensitivity_argmax"], out["specificity_argmax"] = sens, spec

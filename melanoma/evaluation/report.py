@@ -28,12 +28,13 @@ import numpy as np
 import pandas as pd
 
 from melanoma.evaluation.bootstrap import bootstrap, format_ci
-from melanoma.evaluation.calibration import fit_temperature, nll
+from melanoma.evaluation.calibration import fit_calibration, nll_of, prior_offsets
 from melanoma.evaluation.figures import report_figures, save_figure
-from melanoma.evaluation.metrics import AUROC, AUROC_MACRO, classification_metrics, expected_calibration_error
+from melanoma.evaluation.metrics import (AUROC, AUROC_MACRO, ECE_MELANOMA, classification_metrics,
+                                         expected_calibration_error, melanoma_calibration_error)
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.predict import Predictor, decide
-from melanoma.models.checkpoint import Calibration, softmax, update_meta
+from melanoma.models.checkpoint import METHOD_NONE, Calibration, TrainingData, softmax, update_meta
 from melanoma.conventions import positive_index
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,13 @@ METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE = "metrics.json", "predicti
 #: what the console shows of a report, in this order (each with its interval where it has one)
 SHOWN = ["n", "accuracy", "balanced_accuracy", AUROC, AUROC_MACRO, "average_precision", "sensitivity_argmax",
          "specificity_argmax", "threshold", "sensitivity_at_threshold", "specificity_at_threshold",
-         "temperature", "ece_before_calibration", "ece_after_calibration", "ece"]
+         "temperature", "calibration", "ece_before_calibration", "ece_after_calibration", "ece",
+         "ece_melanoma_before_calibration", "ece_melanoma_after_calibration", "ece_melanoma"]
 
 
 def format_metrics(metrics: dict) -> str:
     """The report's numbers as console lines, `0.912 [0.871, 0.948]` where there is an interval."""
-    intervals = metrics.get("ci95") or {}
+    intervals = {**(metrics.get("ci95") or {}), **(metrics.get("ci95_calibration") or {})}
     lines = []
     for k in SHOWN:
         v = metrics.get(k)
@@ -110,6 +112,40 @@ def _report_metrics(probs, labels, pos, threshold, groups) -> dict:
     result = bootstrap(probs, labels, pos, threshold, groups=groups)
     metrics["ci95"], metrics["ci95_method"] = result.intervals, result.summary()
     return metrics
+
+
+def fit_val_calibration(logits, labels, data: TrainingData | None, calibrate: bool, tta: bool,
+                        fitted_on: dict) -> tuple[Calibration, dict]:
+    """The calibration map fitted on held-out logits (threshold not yet set) and every
+    candidate's fit; with the training reweighting recorded in `data`, the prior-correction
+    candidate takes part (melanoma.evaluation.calibration.fit_calibration chooses)."""
+    if not calibrate:
+        return Calibration(method=METHOD_NONE, tta=bool(tta), fitted_on=fitted_on), {}
+    offsets = None
+    if data is not None and data.reweighted:
+        offsets = prior_offsets(data.prior, data.class_weights, data.sampler)
+        if offsets is None:
+            log.warning("training reweighted the classes (class weights %s, sampler %s) but the checkpoint "
+                        "records no usable train prior; the recorded shift cannot be undone, a fitted bias "
+                        "may still correct it", data.class_weights, data.sampler)
+    choice = fit_calibration(logits, labels, offsets=offsets)
+    calibration = Calibration(temperature=choice.temperature, bias=choice.bias, method=choice.method, tta=bool(tta),
+                              fitted_on=fitted_on)
+    return calibration, choice.candidates
+
+
+def calibration_comparison(raw_probs, probs, labels, pos, groups) -> dict:
+    """ECE (top label, and of the melanoma probability) before and after calibration, each
+    with its bootstrap interval (the same resampling as the other metrics)."""
+    out, ci = {}, {}
+    for when, p in (("before", raw_probs), ("after", probs)):
+        intervals = bootstrap(p, labels, pos, groups=groups).intervals
+        out[f"ece_{when}_calibration"] = expected_calibration_error(p, labels)
+        ci[f"ece_{when}_calibration"] = intervals["ece"]
+        if pos is not None:
+            out[f"{ECE_MELANOMA}_{when}_calibration"] = melanoma_calibration_error(p[:, pos], labels == pos)
+            ci[f"{ECE_MELANOMA}_{when}_calibration"] = intervals[ECE_MELANOMA]
+    return {**out, "ci95_calibration": ci}
 
 
 def _write(out_dir: Path, report: dict, table: pd.DataFrame, figures: dict, wandb_run) -> dict:
@@ -171,11 +207,8 @@ def evaluate_checkpoint(
     val_logits, test_logits = (_logits(predictor, r, datamodule, s) for s, r in (("val", val_rows), ("test", test_rows)))
     val_labels, test_labels = val_rows["label"].to_numpy(), test_rows["label"].to_numpy()
 
-    calibration = Calibration(
-        temperature=fit_temperature(val_logits, val_labels) if calibrate else 1.0,
-        method="temperature" if calibrate else "none", tta=bool(tta),
-        fitted_on={"dataset": datamodule.name, "split": "val", "fingerprint": fingerprint},
-    )
+    calibration, candidates = fit_val_calibration(val_logits, val_labels, record.data, calibrate, tta,
+                                                  {"dataset": datamodule.name, "split": "val", "fingerprint": fingerprint})
     val_probs = calibration.probabilities(val_logits)
     op = None
     if pos is not None:
@@ -188,22 +221,26 @@ def evaluate_checkpoint(
     probs = calibration.probabilities(test_logits)
     raw_probs = softmax(test_logits)
     decisions = decide(probs[:, pos], calibration.threshold) if pos is not None else None
-    metrics = _report_metrics(probs, test_labels, pos, calibration.threshold, test_rows["group"].to_numpy())
-    metrics["ece_after_calibration"] = metrics.pop("ece")  # computed on the calibrated probabilities
+    groups = test_rows["group"].to_numpy()
+    metrics = _report_metrics(probs, test_labels, pos, calibration.threshold, groups)
+    for key in ("ece", ECE_MELANOMA):  # reported below as *_after_calibration, beside *_before_
+        metrics.pop(key, None)
+        metrics["ci95"].pop(key, None)
+    metrics.update(calibration_comparison(raw_probs, probs, test_labels, pos, groups))
     metrics.update({
-        "ece_before_calibration": expected_calibration_error(raw_probs, test_labels),
-        "nll_before_calibration": nll(test_logits, test_labels),
-        "nll_after_calibration": nll(test_logits, test_labels, calibration.temperature),
+        "nll_before_calibration": nll_of(test_logits, test_labels),
+        "nll_after_calibration": nll_of(test_logits, test_labels, calibration.temperature, calibration.bias),
     })
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "test", "external": False,
         "class_names": class_names, "positive_class": class_names[pos] if pos is not None else None,
-        "tta": bool(tta), "temperature": calibration.temperature, "calibration": calibration.method,
+        "tta": bool(tta), "temperature": calibration.temperature, "bias": list(calibration.bias),
+        "calibration": calibration.method, "calibration_candidates": candidates,
         "target_sensitivity": calibration.target_sensitivity, **metrics,
         "val": {
             "n": int(val_labels.size),
-            "nll_before_calibration": nll(val_logits, val_labels),
-            "nll_after_calibration": nll(val_logits, val_labels, calibration.temperature),
+            "nll_before_calibration": nll_of(val_logits, val_labels),
+            "nll_after_calibration": nll_of(val_logits, val_labels, calibration.temperature, calibration.bias),
             "ece_before_calibration": expected_calibration_error(softmax(val_logits), val_labels),
             "ece_after_calibration": expected_calibration_error(val_probs, val_labels),
             **({"sensitivity_at_threshold": op["sensitivity"], "specificity_at_threshold": op["specificity"]} if op else {}),

@@ -41,7 +41,8 @@ from melanoma.conventions import positive_index
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
+    "CALIBRATION_METHODS", "METHOD_NONE", "METHOD_PRIOR_TEMPERATURE", "METHOD_TEMPERATURE",
+    "METHOD_TEMPERATURE_BIAS", "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
     "CheckpointMeta", "HeadRecord", "Preprocessing", "TrainingData", "load_checkpoint", "read_meta",
     "save_checkpoint", "update_meta",
 ]
@@ -51,6 +52,12 @@ META_VERSION = 2
 STATE_PREFIX = "model."
 #: a fitted temperature is kept inside these bounds (an uninformative model drives it to ~1e5)
 TEMPERATURE_BOUNDS = (0.05, 20.0)
+#: Calibration.method values: how a calibration map was fitted (melanoma.evaluation.calibration)
+METHOD_NONE = "none"  # stored with T = 1 on purpose
+METHOD_TEMPERATURE = "temperature"  # softmax(z / T)
+METHOD_PRIOR_TEMPERATURE = "prior+temperature"  # the training reweighting's known offset undone, then T
+METHOD_TEMPERATURE_BIAS = "temperature+bias"  # T and a fitted per-class bias
+CALIBRATION_METHODS = (METHOD_NONE, METHOD_TEMPERATURE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE_BIAS)
 
 
 class CheckpointError(RuntimeError):
@@ -86,8 +93,9 @@ class Calibration:
 
     Probabilities are ``softmax(logits / temperature + bias)`` (bias: per-class offsets, empty
     for plain temperature scaling); the melanoma decision is ``p_melanoma >= threshold``.
-    ``method`` is "temperature" when fitted, "none" when stored with T = 1 on purpose.
-    ``fitted_on`` names the data it was fitted on (dataset, split, split fingerprint).
+    ``method`` is one of CALIBRATION_METHODS (how T and bias were fitted).
+    ``fitted_on`` names the data it was fitted on (dataset, split, split fingerprint; for a site
+    recalibration the site's dataset and root and the fingerprint of the sample).
     """
 
     temperature: float = 1.0
@@ -141,14 +149,31 @@ class TrainingData:
     split_settings: dict  # every setting that determines the split (seed, fractions, folds, ...)
     fingerprint: str | None  # hash of (file name, label, split) over all images
     counts: dict = field(default_factory=dict)  # images per split
+    #: class frequencies of the train split (sums to 1); None in checkpoints written before it
+    prior: tuple[float, ...] | None = None
+    #: the cross-entropy's class weights when model.loss.class_weights was on, else None
+    class_weights: tuple[float, ...] | None = None
+    #: the training sampler ("random" | "balanced"); with the two above, the logit offset the
+    #: training reweighting added (melanoma.evaluation.calibration.prior_offsets)
+    sampler: str = "random"
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainingData:
+        def floats(v):
+            return None if v is None else tuple(float(x) for x in v)
+
         return cls(
             dataset=str(d["dataset"]), config=dict(d.get("config") or {}), label_set=str(d.get("label_set")),
             class_names=tuple(d.get("class_names") or ()), split_settings=dict(d.get("split_settings") or {}),
             fingerprint=d.get("fingerprint"), counts=dict(d.get("counts") or {}),
+            prior=floats(d.get("prior")), class_weights=floats(d.get("class_weights")),
+            sampler=str(d.get("sampler") or "random"),
         )
+
+    @property
+    def reweighted(self) -> bool:
+        """Whether training shifted the class balance (weighted loss or balanced sampler)."""
+        return self.class_weights is not None or self.sampler == "balanced"
 
 
 @dataclass
@@ -234,7 +259,9 @@ class CheckpointMeta:
                     "calibration": cal(rec.calibration),
                     "calibration_tta": cal(rec.calibration_tta),
                     "data": None if rec.data is None else dataclasses.asdict(rec.data) | {
-                        "class_names": list(rec.data.class_names)},
+                        "class_names": list(rec.data.class_names),
+                        "prior": None if rec.data.prior is None else list(rec.data.prior),
+                        "class_weights": None if rec.data.class_weights is None else list(rec.data.class_weights)},
                     "uncalibrated_reason": rec.uncalibrated_reason,
                 }
                 for name, rec in self.heads.items()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -387,7 +388,17 @@ class LesionClassifier(pl.LightningModule):
             rec = self.head_records.get(self.active_head)
             return None if rec is None else rec.data
         config = (self.hparams.get("config") or {}).get("dataset") or {}
-        return TrainingData.from_dict({**dm.split_description(), "config": dict(config)})
+        return TrainingData.from_dict({**dm.split_description(), "config": dict(config),
+                                       **self._training_balance(dm)})
+
+    def _training_balance(self, dm) -> dict:
+        """The train split's class prior and how training reweighted it (loss weights, sampler):
+        evaluation undoes that shift when it calibrates (melanoma.evaluation.calibration)."""
+        labels = dm.split_table("train")["label"].to_numpy()
+        counts = np.bincount(labels, minlength=len(dm.class_names)).astype(np.float64)
+        return {"prior": (counts / max(counts.sum(), 1.0)).tolist(),
+                "class_weights": None if self.class_weight is None else self.class_weight.tolist(),
+                "sampler": getattr(dm, "sampler", "random")}
 
     def meta(self) -> CheckpointMeta:
         """The checkpoint contract's metadata of the model being trained."""
