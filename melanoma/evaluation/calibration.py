@@ -23,6 +23,7 @@ not. The chosen map is then refitted on the whole validation set.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -140,7 +141,23 @@ def fit_temperature_and_bias(logits, labels, max_iter: int = 200) -> tuple[float
 
     optimizer.step(closure)
     lo, hi = TEMPERATURE_BOUNDS
-    temperature = float(np.clip(float(log_t.detach().exp()), lo, hi))
+    fitted = float(log_t.detach().exp())
+    temperature = float(np.clip(fitted, lo, hi))
+    if temperature != fitted and np.isfinite(fitted):
+        # the bias fitted beside an out-of-bounds temperature is not the best at the bound: refit it
+        with torch.no_grad():
+            log_t.fill_(math.log(temperature))
+        log_t.requires_grad_(False)
+        refit = torch.optim.LBFGS([free], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def bias_closure():
+            refit.zero_grad()
+            bias = torch.cat([torch.zeros(1, dtype=torch.float64), free])
+            loss = F.cross_entropy(logits / temperature + bias, labels)
+            loss.backward()
+            return loss
+
+        refit.step(bias_closure)
     bias = np.r_[0.0, free.detach().numpy()]
     if not np.all(np.isfinite(bias)) or not np.isfinite(temperature):
         log.warning("temperature + bias fit diverged; using temperature alone")
@@ -150,7 +167,8 @@ def fit_temperature_and_bias(logits, labels, max_iter: int = 200) -> tuple[float
 
 @dataclass(frozen=True)
 class CalibrationChoice:
-    """The chosen map and every candidate's validation NLL, parameters and AIC."""
+    """The chosen map and every candidate's out-of-fold validation NLL, parameter count and
+penalised score (NLL + 1 nat per extra parameter)."""
 
     method: str
     temperature: float

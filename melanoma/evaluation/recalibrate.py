@@ -14,8 +14,9 @@ operating points side by side:
 - oracle: a threshold chosen on the test part itself - optimistic by construction, the bound the
   recalibration is measured against, never a number to quote.
 
-The new checkpoint is a byte copy of the input with only the head's calibration record
-replaced; the input file is never written.
+The new checkpoint is a copy of the input (re-saved, weights and Lightning entries unchanged) in
+which the head's calibration record is replaced and its TTA record cleared (it was fitted at the
+home site); the input file is never written.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from melanoma.conventions import positive_index
 from melanoma.evaluation.bootstrap import bootstrap
 from melanoma.evaluation.figures import operating_points_figure, reliability_figure
 from melanoma.evaluation.metrics import binary_auroc, sensitivity_specificity
@@ -121,15 +123,16 @@ def recalibrate_checkpoint(
     if head_pos is None:
         raise ValueError(f"head {head!r} (classes {class_names}) has no melanoma class: there is no "
                          f"melanoma operating point to recalibrate")
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+        datamodule.prepare_data()
+        datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
     data_labels = rows["label"].to_numpy()
     if data_names == class_names:
         labels = data_labels
-    elif len(class_names) == 2 and "melanoma" in data_names:
+    elif len(class_names) == 2 and positive_index(data_names) is not None:
         # melanoma vs rest on a two-class head: every site label maps onto one of its classes
-        labels = np.where(data_labels == data_names.index("melanoma"), head_pos, 1 - head_pos)
+        labels = np.where(data_labels == positive_index(data_names), head_pos, 1 - head_pos)
     else:
         raise ValueError(
             f"cannot recalibrate head {head!r} (classes {class_names}) on {datamodule.name} (classes "

@@ -35,7 +35,7 @@ from melanoma.evaluation.metrics import (AUROC, AUROC_MACRO, ECE_MELANOMA, class
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.predict import Predictor, decide
 from melanoma.models.checkpoint import METHOD_NONE, Calibration, TrainingData, softmax, update_meta
-from melanoma.conventions import positive_index
+from melanoma.conventions import BINARY_CLASSES, positive_index
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def format_metrics(metrics: dict) -> str:
             lines.append(f"  {k:<26} {shown}")
     return "\n".join(lines)
 
-MAPPED_CLASSES = ["not_melanoma", "melanoma"]
+MAPPED_CLASSES = BINARY_CLASSES
 
 
 def _logits(predictor: Predictor, rows: pd.DataFrame, datamodule, split: str) -> np.ndarray:
@@ -192,8 +192,9 @@ def evaluate_checkpoint(
             f"head {head!r} predicts {class_names} but the datamodule's label set gives "
             f"{list(datamodule.class_names)}; use the label_set the model was trained with"
         )
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+        datamodule.prepare_data()
+        datamodule.setup("test")
     fingerprint = datamodule.split_fingerprint()
     if record.data is not None and record.data.fingerprint and record.data.fingerprint != fingerprint:
         from melanoma.evaluation.datasets import SplitMismatchError
@@ -249,17 +250,17 @@ def evaluate_checkpoint(
     table = predictions_table(test_rows, [class_names[i] for i in test_labels], test_logits, class_names, probs,
                               class_names, pos, decisions)
     figures = report_figures(probs, test_labels, class_names, pos, calibration.threshold, uncalibrated_probs=raw_probs)
-    _write_val_predictions(out_dir, val_rows, val_labels, val_logits, val_probs, class_names, pos, calibration.threshold)
+    _write_val_predictions(out_dir, val_rows, val_labels, val_logits, class_names, pos)
     return _write(out_dir, report, table, figures, wandb_run)
 
 
-def _write_val_predictions(out_dir: Path, rows, labels, logits, calibrated_probs, class_names, pos, threshold) -> None:
-    """val_predictions.csv: raw softmax probabilities (uncalibrated: the temperature was fitted on
-    these images, so calibrated ones would flatter), the checkpoint's (calibrated) decisions."""
-    decisions = decide(calibrated_probs[:, pos], threshold) if pos is not None else None
+def _write_val_predictions(out_dir: Path, rows, labels, logits, class_names, pos) -> None:
+    """val_predictions.csv: raw softmax probabilities (uncalibrated: the calibration was fitted on
+    these images, so calibrated ones would flatter) and no decision column (a decision is made on
+    calibrated probabilities, which a row showing raw ones would seem to contradict)."""
     table = predictions_table(rows, [class_names[i] for i in labels], logits, class_names, softmax(logits),
-                              class_names, pos, decisions)
-    table.to_csv(out_dir / VAL_PREDICTIONS_FILE, index=False)
+                              class_names, pos, None)
+    table.drop(columns=["decision"], errors="ignore").to_csv(out_dir / VAL_PREDICTIONS_FILE, index=False)
 
 
 def evaluate_external(
@@ -285,8 +286,9 @@ def evaluate_external(
     predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
                           progress=progress, precision=precision)
     head, class_names = predictor.head, predictor.class_names
-    datamodule.prepare_data()
-    datamodule.setup("test")
+    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+        datamodule.prepare_data()
+        datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
     data_names = list(datamodule.class_names)
     logits = _logits(predictor, rows, datamodule, "all")
@@ -314,7 +316,8 @@ def evaluate_external(
         "class_names": names, "head_class_names": class_names, "dataset_class_names": data_names,
         "labels_mapped_to_melanoma_vs_rest": mapped, "positive_class": names[pos] if pos is not None else None,
         "tta": bool(tta), "calibrated": predictor.calibrated,
-        "temperature": None if cal is None else cal.temperature,
+        "temperature": None if cal is None else cal.temperature, "bias": None if cal is None else list(cal.bias),
+        "calibration": None if cal is None else cal.method,
         "target_sensitivity": None if cal is None else cal.target_sensitivity, **metrics,
     }
     table = predictions_table(rows, true_names, logits, class_names, probs, names, pos, decisions)

@@ -54,7 +54,6 @@ OOF_ROC_FIGURE, METRIC_DOTS_FIGURE = "oof_roc.png", "metrics_per_job.png"
 
 # what a training run folder holds (written by melanoma/train.py)
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-SPLITS_FILE, REPORT_DIR, TEST_METRICS_FILE = RUN_SPLITS_FILE, RUN_REPORT_DIR, Path(RUN_TEST_METRICS_FILE)
 
 #: the override that picks the k-fold fold; jobs differing in it are folds of one setting
 FOLD_KEY = "dataset.fold"
@@ -81,7 +80,7 @@ class Job:
 
     @property
     def report_dir(self) -> Path:
-        return self.dir / REPORT_DIR
+        return self.dir / RUN_REPORT_DIR
 
 
 def _parse_overrides(path: Path) -> dict[str, str]:
@@ -108,16 +107,16 @@ def load_jobs(multirun_dir: Path) -> list[Job]:
     jobs = []
     for d in dirs:
         metrics, intervals = {}, {}
-        report = d / REPORT_DIR / METRICS_FILE
+        report = d / RUN_REPORT_DIR / METRICS_FILE
         if report.is_file():
             report = json.loads(report.read_text())
             metrics.update(_scalars(report, "report/"))
             intervals = {f"report/{k}": v for k, v in (report.get("ci95") or {}).items()}
         else:
             log.warning("job %s has no %s (run with evaluate=true): its report metrics are missing", d.name, report)
-        if (d / TEST_METRICS_FILE).is_file():
+        if (d / RUN_TEST_METRICS_FILE).is_file():
             # the test loop's keys already read test/...
-            metrics.update(_scalars(json.loads((d / TEST_METRICS_FILE).read_text()), ""))
+            metrics.update(_scalars(json.loads((d / RUN_TEST_METRICS_FILE).read_text()), ""))
         jobs.append(Job(d.name, d, _parse_overrides(d / OVERRIDES_FILE), metrics, intervals))
     return jobs
 
@@ -153,7 +152,7 @@ def _read_report_csv(job: Job, name: str) -> pd.DataFrame:
 
 
 def _splits(job: Job) -> pd.DataFrame:
-    path = job.dir / SPLITS_FILE
+    path = job.dir / RUN_SPLITS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"job {job.name}: {path} is missing; every training run writes it")
     return pd.read_csv(path)

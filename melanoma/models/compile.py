@@ -41,8 +41,9 @@ def compile_backbone(backbone: nn.Module, backend=DEFAULT_BACKEND, **options) ->
                          f"found {type(backbone).__name__} with none of them")
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    # every part may be one recompile of the same Block.forward code (see the module docstring)
-    setattr(config, name, max(getattr(config, name), len(parts) + 8))
+    # every part may be one recompile of the same Block.forward code (see the module docstring),
+    # and each again under no_grad (frozen stages) and in eval mode: three variants per part
+    setattr(config, name, max(getattr(config, name), 3 * len(parts) + 8))
     for part in parts:
         part.compile(backend=backend, **options)
     log.info("backbone compiled in place (%d modules, backend %s)", len(parts), backend)
