@@ -151,3 +151,12 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+def module_from_cfg(cfg, dataset_name: str, class_names, image_size: int = 32, **overrides):
+    """The LightningModule exactly as train.py builds it from a composed config (the partial
+    conf/model node), for tests that drive a Trainer themselves."""
+    import hydra
+
+    make = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    return make(dataset_name=dataset_name, class_names=list(class_names), image_size=image_size, **overrides)

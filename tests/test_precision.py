@@ -113,11 +113,12 @@ def test_bf16_inference_on_cpu_decides_like_fp32(tmp_path):
     from melanoma.cli import main
     from melanoma.data.synthetic import render_lesion
     from melanoma.evaluation.checkpoint_io import save_classifier_checkpoint
-    from melanoma.inference import Predictor
+    from melanoma.models.checkpoint import Calibration
+    from melanoma.predict import Predictor
 
     model = _trained_tiny_classifier()
     ckpt = save_classifier_checkpoint(tmp_path / "m.ckpt", model, "vit_tiny", KW, image_size=32,
-                                      operating_point={"synthetic": {"threshold": 0.5, "target_sensitivity": 0.95}})
+                                      calibration={"synthetic": Calibration(threshold=0.5, target_sensitivity=0.95)})
     rng = np.random.default_rng(1)
     paths = []
     for i in range(100):
@@ -139,19 +140,26 @@ def test_bf16_inference_on_cpu_decides_like_fp32(tmp_path):
                  "--out", str(tmp_path / "r.csv")]) == 0
 
 
-def test_evaluation_logits_follow_the_precision():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from melanoma.evaluation.checkpoint_io import build_classifier
-    from melanoma.evaluation.report import collect_logits
+def test_evaluation_logits_follow_the_precision(tmp_path):
+    """evaluate predicts through Predictor.logits_of_paths: its logits follow --precision."""
+    from melanoma.data.synthetic import render_lesion
+    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.predict import Predictor
 
     torch.manual_seed(0)
-    model = build_classifier("vit_tiny", KW, {"synthetic": CLASSES}).eval()
-    loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    fp32, _ = collect_logits(model, loader, "synthetic", precision="32-true", progress=False)
-    bf16, _ = collect_logits(model, loader, "synthetic", precision="bf16-mixed", progress=False)
-    auto, _ = collect_logits(model, loader, "synthetic", precision="auto", progress=False)
-    assert fp32.dtype == bf16.dtype == np.float64
+    ckpt = save_classifier_checkpoint(tmp_path / "m.ckpt", build_classifier("vit_tiny", KW, {"synthetic": CLASSES}),
+                                      "vit_tiny", KW, image_size=32)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(render_lesion(rng, bool(i % 2), 32)[0]).save(paths[-1])
+
+    def logits(precision):
+        return Predictor(ckpt, progress=False, announce=False, precision=precision).logits_of_paths(paths)
+
+    fp32, bf16, auto = logits("32-true"), logits("bf16-mixed"), logits("auto")
+    assert fp32.dtype == bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)
     np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
     expected = bf16 if P.resolve_precision("auto", "cpu") == "bf16-mixed" else fp32

@@ -7,6 +7,7 @@ without spending a minute of C++ compilation per test on a 2-core machine."""
 import logging
 
 import pytest
+from pathlib import Path
 import torch
 
 from melanoma import precision as P
@@ -14,7 +15,7 @@ from melanoma.models.classifier import Classifier
 from melanoma.models.compile import compile_backbone, is_compiled
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier
-from helpers import compose_cfg, tiny_overrides
+from helpers import compose_cfg, module_from_cfg, tiny_overrides
 
 COMPILE = ["model.compile=true", "model.compile_backend=aot_eager"]
 
@@ -118,19 +119,10 @@ def test_compiled_and_uncompiled_checkpoints_are_interchangeable(tiny_dermmel, t
     # init_from a compiled run into a compiled one starts from its weights
     cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), *COMPILE, f"model.init_from={compiled}"],
                       tmp_path / "init")
-    module = LesionClassifier(**_module_kwargs(cfg, b["melanoma"]["heads"]["dermmel"]["class_names"]))
+    module = module_from_cfg(cfg, "dermmel", b["melanoma"]["heads"]["dermmel"]["spec"]["class_names"])
     module.load_initial_weights()
     for k, v in module.model.state_dict().items():
         torch.testing.assert_close(v, b["state_dict"]["model." + k])
-
-
-def _module_kwargs(cfg, class_names):
-    from omegaconf import OmegaConf
-
-    m = OmegaConf.to_container(cfg.model, resolve=True)
-    return dict(backbone=m["backbone"], dataset_name="dermmel", class_names=class_names,
-                head=m["head"], image_size=32, init_from=m["init_from"], compile=m["compile"],
-                compile_backend=m["compile_backend"])
 
 
 def test_progress_bar_shows_the_loss_without_a_per_step_sync():
@@ -148,8 +140,8 @@ def test_progress_bar_shows_the_loss_without_a_per_step_sync():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((dict(trainer.progress_bar_metrics), bar.get_metrics(trainer, pl_module)))
 
-    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    module = LesionClassifier({"name": "vit_tiny", "kwargs": kw}, "dermmel", ["not_melanoma", "melanoma"])
+    cfg = compose_cfg(tiny_overrides(Path("unused")), Path("unused_run"))
+    module = module_from_cfg(cfg, "dermmel", ["not_melanoma", "melanoma"])
     data = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1] * 4)), batch_size=4)
     bar = TrainProgressBar(refresh_rate=1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,

@@ -11,7 +11,7 @@ from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, 
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier, NonFiniteLossError
-from helpers import compose_cfg, tiny_overrides
+from helpers import compose_cfg, module_from_cfg, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,6 @@ def test_class_weights_true_weights_the_loss_by_inverse_train_frequency(tmp_path
     cross-entropy (not the plain one) of the batch the model saw."""
     import lightning.pytorch as L
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
     from melanoma.data.dermmel import DermMelDataModule
     from melanoma.data.synthetic import write_dermmel_layout
@@ -207,8 +206,7 @@ def test_class_weights_true_weights_the_loss_by_inverse_train_frequency(tmp_path
     cfg = compose_cfg([*tiny_overrides(root, max_epochs=1, batch_size=12), "model.loss.class_weights=true"],
                       tmp_path / "run")
     dm = DermMelDataModule(root=root, image_size=32, batch_size=12, num_workers=0)
-    module = LesionClassifier(backbone=OmegaConf.to_container(cfg.model.backbone, resolve=True), dataset_name=dm.name,
-                              class_names=dm.class_names, loss=OmegaConf.to_container(cfg.model.loss, resolve=True))
+    module = module_from_cfg(cfg, dm.name, dm.class_names)
     seen = {}
 
     class Probe(L.Callback):
