@@ -62,3 +62,82 @@ def test_mixup_off_by_default_and_odd_batches_fall_back_to_hard_labels(monkeypat
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 1])
     loss = module.training_step((x, y), 0)
     torch.testing.assert_close(loss, F.cross_entropy(module(x).float(), y))
+
+
+# --- recipes as configs -----------------------------------------------------------------------
+
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+TINY = ["model=vit_tiny", "model.backbone.kwargs.embed_dim=32", "model.backbone.kwargs.depth=2",
+        "model.backbone.kwargs.num_heads=2", "model.backbone.kwargs.patch_size=8", "dataset.image_size=32"]
+LAYERS = ["patch_embed", "pos_cls", "block0", "block1", "norm"]
+
+
+def build(overrides):
+    from hydra.utils import instantiate
+
+    from melanoma.training.callbacks import build_callbacks
+
+    cfg = compose_cfg([*TINY, *overrides], Path("/tmp/unused"))
+    module = instantiate(cfg.model, _recursive_=False, _convert_="all")(
+        dataset_name="dermmel", class_names=CLASSES, image_size=32, interpolation="bicubic")
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    lrs = {g["layer"]: g.get("initial_lr", g["lr"]) for g in opt.param_groups}  # before warmup
+    callbacks = {type(c).__name__: c for c in build_callbacks(cfg.callbacks, progress_bar=False)}
+    return cfg, module, lrs, callbacks
+
+
+def test_the_five_recipes_exist():
+    assert set(RECIPES) == {"linear_probe", "full_finetune", "gradual", "llrd", "lp_ft"}
+
+
+def test_linear_probe_trains_the_head_only():
+    _, _, _, cbs = build(["recipe=linear_probe"])
+    unfreezing = cbs["GradualUnfreezing"]
+    assert unfreezing.resolve_stages(LAYERS) == []
+    assert all(unfreezing.trainable_layers(e, LAYERS) == {"head"} for e in range(30))
+
+
+def test_full_finetune_trains_every_layer_at_one_rate():
+    cfg, _, lrs, cbs = build(["recipe=full_finetune"])
+    assert "GradualUnfreezing" not in cbs
+    assert {lrs[layer] for layer in LAYERS} == {cfg.model.optimizer.lr}
+    assert lrs["head"] == cfg.model.optimizer.head_lr
+
+
+def test_gradual_thaws_one_layer_per_epoch_under_the_plateau_that_keeps_ratios():
+    from melanoma.training.optim import LayerwisePlateauLR
+
+    cfg, module, _, cbs = build(["recipe=gradual"])
+    assert cbs["GradualUnfreezing"].trainable_layers(5, LAYERS) == {"head", "norm"}
+    assert cbs["GradualUnfreezing"].warmup_steps == 50
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert isinstance(sched, LayerwisePlateauLR) and sched.hold_while_frozen
+
+
+def test_llrd_rates_decay_geometrically_from_the_top():
+    _, _, lrs, cbs = build(["recipe=llrd"])
+    assert "GradualUnfreezing" not in cbs
+    d = 0.65
+    assert lrs == pytest.approx({"head": 2e-4, "norm": 2e-4, "block1": 2e-4 * d, "block0": 2e-4 * d**2,
+                                 "pos_cls": 2e-4 * d**3, "patch_embed": 2e-4 * d**3})
+
+
+def test_lp_ft_probes_then_thaws_everything_at_once_with_llrd():
+    _, _, lrs, cbs = build(["recipe=lp_ft", "callbacks.unfreezing.start_epoch=3"])
+    unfreezing = cbs["GradualUnfreezing"]
+    assert unfreezing.trainable_layers(2, LAYERS) == {"head"}
+    assert unfreezing.trainable_layers(3, LAYERS) == {"head", *LAYERS}
+    assert lrs["block0"] / lrs["block1"] == pytest.approx(0.65) and lrs["head"] == 1e-3
+
+
+@pytest.mark.parametrize("recipe", ["linear_probe", "full_finetune", "gradual", "llrd", "lp_ft"])
+def test_every_recipe_combines_with_ema_mixup_and_drop_path(recipe):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    _, module, _, cbs = build([f"recipe={recipe}", "ema=on", "model.mixup.mixup_alpha=0.8",
+                               "model.mixup.cutmix_alpha=1.0", "model.backbone.kwargs.drop_path_rate=0.2"])
+    assert isinstance(cbs["EMAWeightAveraging"], EMAWeightAveraging)
+    assert module.mixup is not None and module.mixup.mixup_alpha == 0.8 and module.mixup.cutmix_alpha == 1.0
+    rates = [b.drop_path.drop_prob for b in module.model.backbone.blocks if hasattr(b.drop_path, "drop_prob")]
+    assert rates and max(rates) == pytest.approx(0.2)

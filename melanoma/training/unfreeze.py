@@ -50,7 +50,8 @@ class GradualUnfreezing(Callback):
     Args:
         start_epoch: epochs with only the head trainable (0: the first stage thaws at once).
         every_n_epochs: epochs between two stages.
-        stage_size: layers per stage when the stages come from ``order``.
+        stage_size: layers per stage when the stages come from ``order``; None: every layer of
+            ``order`` in one stage (LP-FT: probe the head, then train everything).
         order: layer names in the order they thaw (default ``default_unfreeze_order``); layers
             left out never thaw. Names: norm, block0..block{depth-1}, pos_cls, patch_embed.
         stages: explicit stages (a list of lists of layer names); overrides order/stage_size.
@@ -69,10 +70,10 @@ class GradualUnfreezing(Callback):
     #: layers without gradients under DDP: train.py builds the strategy with find_unused_parameters
     freezes_layers = True
 
-    def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int = 1,
+    def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int | None = 1,
                  order: Sequence[str] | None = None, stages: Sequence[Sequence[str]] | None = None,
                  warmup_steps: int = 0):
-        if start_epoch < 0 or every_n_epochs < 1 or stage_size < 1 or warmup_steps < 0:
+        if start_epoch < 0 or every_n_epochs < 1 or (stage_size is not None and stage_size < 1) or warmup_steps < 0:
             raise ValueError(
                 f"GradualUnfreezing needs start_epoch >= 0, every_n_epochs >= 1, stage_size >= 1 and "
                 f"warmup_steps >= 0; got start_epoch={start_epoch}, every_n_epochs={every_n_epochs}, "
@@ -81,7 +82,7 @@ class GradualUnfreezing(Callback):
         self.warmup_steps = int(warmup_steps)
         self.start_epoch = int(start_epoch)
         self.every_n_epochs = int(every_n_epochs)
-        self.stage_size = int(stage_size)
+        self.stage_size = None if stage_size is None else int(stage_size)
         self.order = list(order) if order is not None else None
         self.stages = [list(s) for s in stages] if stages is not None else None
         self.current_stage: int | None = None
@@ -96,7 +97,8 @@ class GradualUnfreezing(Callback):
             stages = self.stages
         else:
             order = self.order if self.order is not None else default_unfreeze_order(layer_groups)
-            stages = [order[i:i + self.stage_size] for i in range(0, len(order), self.stage_size)]
+            size = self.stage_size or max(len(order), 1)
+            stages = [order[i:i + size] for i in range(0, len(order), size)]
         flat = [layer for stage in stages for layer in stage]
         unknown = [layer for layer in flat if layer not in valid]
         if unknown:
