@@ -133,11 +133,100 @@ def test_lp_ft_probes_then_thaws_everything_at_once_with_llrd():
 
 @pytest.mark.parametrize("recipe", ["linear_probe", "full_finetune", "gradual", "llrd", "lp_ft"])
 def test_every_recipe_combines_with_ema_mixup_and_drop_path(recipe):
-    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from melanoma.training.ema import EMAWeights
 
     _, module, _, cbs = build([f"recipe={recipe}", "ema=on", "model.mixup.mixup_alpha=0.8",
                                "model.mixup.cutmix_alpha=1.0", "model.backbone.kwargs.drop_path_rate=0.2"])
-    assert isinstance(cbs["EMAWeightAveraging"], EMAWeightAveraging)
+    assert isinstance(cbs["EMAWeights"], EMAWeights)
     assert module.mixup is not None and module.mixup.mixup_alpha == 0.8 and module.mixup.cutmix_alpha == 1.0
     rates = [b.drop_path.drop_prob for b in module.model.backbone.blocks if hasattr(b.drop_path, "drop_prob")]
     assert rates and max(rates) == pytest.approx(0.2)
+
+
+# --- EMA of the weights -----------------------------------------------------------------------
+
+HEAD_W = "model.heads.dermmel.fc.weight"
+
+
+class EmaSpy(Callback):
+    """Listed after the EMA callback: sees the weights after each optimizer step, the weights that
+    are validated, and what a resumed run starts from."""
+
+    seen: dict = {}
+
+    def __init__(self):
+        EmaSpy.seen = {"steps": [], "validated": [], "start": None, "tested": None}
+
+    def on_train_start(self, trainer, pl_module):
+        ema = next(c for c in trainer.callbacks if type(c).__name__ == "EMAWeights")
+        EmaSpy.seen["start"] = (pl_module.state_dict()[HEAD_W].clone(),
+                                ema._average_model.module.state_dict()[HEAD_W].clone(),
+                                int(ema._average_model.n_averaged))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        EmaSpy.seen["steps"].append(pl_module.state_dict()[HEAD_W].clone())
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        EmaSpy.seen["validated"].append(pl_module.state_dict()[HEAD_W].clone())
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        EmaSpy.seen["tested"] = pl_module.state_dict()[HEAD_W].clone()
+
+
+def hand_ema(weights, decay):
+    ema = weights[0].clone()  # the first update copies
+    for w in weights[1:]:
+        ema = decay * ema + (1 - decay) * w
+    return ema
+
+
+def ema_run(root, out, max_epochs, ckpt_path=None):
+    cfg = compose_cfg([*tiny_overrides(root, max_epochs=max_epochs), "ema=on", "callbacks.ema.decay=0.5",
+                       "+callbacks.spy._target_=test_training_recipes.EmaSpy", "model/scheduler=none",
+                       "model.optimizer.head_lr=0.05",
+                       *([f"ckpt_path={ckpt_path}"] if ckpt_path else [])], out)
+    run(cfg)
+    return EmaSpy.seen
+
+
+def test_ema_weights_are_validated_checkpointed_predicted_with_and_resumed(tiny_dermmel, tmp_path):
+    seen = ema_run(tiny_dermmel, tmp_path / "run", max_epochs=2)
+    steps = seen["steps"]
+    assert len(steps) == 4 and not torch.equal(steps[0], steps[-1])
+    # each validation epoch (after steps 2 and 4) ran on the EMA, not on the raw weights
+    assert len(seen["validated"]) == 2
+    torch.testing.assert_close(seen["validated"][0], hand_ema(steps[:2], 0.5))
+    torch.testing.assert_close(seen["validated"][1], hand_ema(steps, 0.5))
+    assert not torch.allclose(seen["validated"][1], steps[-1])
+    # the checkpoint's state_dict (what the checkpoint contract reads) holds the EMA
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    torch.testing.assert_close(ckpt["state_dict"][HEAD_W], hand_ema(steps, 0.5))
+    torch.testing.assert_close(ckpt["current_model_state"][HEAD_W], steps[-1])
+    # the test after fit ran on the best checkpoint's EMA, not on its raw weights
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    torch.testing.assert_close(seen["tested"], best["state_dict"][HEAD_W])
+    assert not torch.allclose(seen["tested"], best["current_model_state"][HEAD_W])
+    model, _ = Classifier.from_checkpoint(last, map_location="cpu")
+    model.eval()
+    torch.testing.assert_close(model.heads["dermmel"].fc.weight, hand_ema(steps, 0.5))
+    # and predicts with the EMA: the same logits as a network holding the EMA state by hand
+    x = torch.randn(2, 3, 32, 32)
+    twin, _ = Classifier.from_checkpoint(last, map_location="cpu")
+    twin.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    twin.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, "dermmel"), twin(x, "dermmel"))
+    raw, _ = Classifier.from_checkpoint(last, map_location="cpu")
+    raw.load_state_dict({k[len("model."):]: v for k, v in ckpt["current_model_state"].items() if k.startswith("model.")})
+    raw.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x, "dermmel"), raw(x, "dermmel"))
+
+    # resume: the raw weights continue training, the EMA continues from its saved state
+    seen = ema_run(tiny_dermmel, tmp_path / "resumed", max_epochs=3, ckpt_path=last)
+    current, average, n = seen["start"]
+    torch.testing.assert_close(current, steps[-1])
+    torch.testing.assert_close(average, hand_ema(steps, 0.5))
+    assert n == 4
+    torch.testing.assert_close(seen["validated"][-1], hand_ema([*steps, *seen["steps"]], 0.5))
