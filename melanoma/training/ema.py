@@ -28,7 +28,7 @@ import itertools
 
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 __all__ = ["EMAWeights"]
 
@@ -98,5 +98,9 @@ class EMAWeights(EMAWeightAveraging):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
+            # the averaged copy was made in setup, before LesionClassifier.on_load_checkpoint
+            # rebuilt the checkpoint's other heads: copy the model again so the state fits
+            self._average_model = AveragedModel(model=pl_module, device=self._device or pl_module.device,
+                                                use_buffers=self._use_buffers, **self._kwargs)
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
             self._pairs = self._n_averaged = None

@@ -172,7 +172,14 @@ class GradualUnfreezing(Callback):
         """Every group's effective rate for the coming optimizer step (module logs it after this)."""
         # optimizer steps per epoch: Lightning steps after every accumulate_grad_batches batches
         # and at the last batch of an epoch
-        per_epoch = math.ceil(trainer.num_training_batches / max(trainer.accumulate_grad_batches, 1))
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "GradualUnfreezing needs the number of batches per epoch to place each layer's thaw "
+                "step (its warmup and its effective rate); the train dataloader has no length. Set "
+                "trainer.limit_train_batches to an integer."
+            )
+        per_epoch = math.ceil(batches / max(trainer.accumulate_grad_batches, 1))
         thaw_epochs = self.thaw_epochs(pl_module.model.backbone.layer_groups())
         step = trainer.global_step
         for opt in trainer.optimizers:
