@@ -38,7 +38,8 @@ def test_dermmel_reference_recipe():
     assert cfg.callbacks.unfreezing.start_epoch == 5 and cfg.callbacks.unfreezing.every_n_epochs == 1
     assert dict(cfg.model.optimizer.group_lr) == {"head": 1e-4, "norm": 1e-6, "blocks": 1e-5,
                                                  "pos_cls": 1e-7, "patch_embed": 1e-6}
-    assert cfg.model.scheduler._target_ == "torch.optim.lr_scheduler.ReduceLROnPlateau"
+    assert cfg.model.scheduler._target_ == "melanoma.training.optim.LayerwisePlateauLR"
+    assert cfg.model.scheduler.hold_while_frozen and cfg.callbacks.unfreezing.warmup_steps == 50
     assert cfg.model.scheduler.patience == 3 and cfg.model.scheduler.monitor == "val/loss"
     assert cfg.model.scheduler.factor == 0.1
     assert cfg.dataset.batch_size == 8 and cfg.trainer.max_epochs == 50

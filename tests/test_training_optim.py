@@ -88,3 +88,100 @@ def test_adamw_leaves_parameters_without_grad_untouched_including_weight_decay()
     for n, p in vit.named_parameters():
         assert torch.equal(p, before[n]), n
         assert p not in opt.state or not opt.state[p]
+
+
+# --- the plateau schedule that keeps the per-layer recipe ---------------------------------------
+
+# the reference recipe's rates: head 1e-4, blocks 1e-5, norm/patch_embed 1e-6, pos_cls 1e-7
+REFERENCE_LRS = {"head": 1e-4, "norm": 1e-6, "block0": 1e-5, "pos_cls": 1e-7, "patch_embed": 1e-6}
+
+
+def reference_optimizer():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr, "layer": layer}
+              for layer, lr in REFERENCE_LRS.items()]
+    return torch.optim.AdamW(groups)
+
+
+def lrs_of(opt):
+    return {g["layer"]: g["lr"] for g in opt.param_groups}
+
+
+def test_plateau_cuts_every_group_by_one_factor_and_keeps_the_ratios():
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, mode="min", factor=0.1, patience=0, min_scale=0.0)
+    sched.step(1.0)  # the first value is the best so far: no cut
+    for _ in range(3):
+        sched.step(2.0)  # no improvement, patience 0: one cut each
+    assert sched.scale == pytest.approx(1e-3)
+    # torch's ReduceLROnPlateau (eps=1e-8) would leave pos_cls at 1e-8 after the second cut while head
+    # keeps falling; here every group is its configured rate times the one shared factor
+    assert lrs_of(opt) == pytest.approx({k: v * 1e-3 for k, v in REFERENCE_LRS.items()}, rel=1e-12, abs=0)
+    assert sched.get_last_lr() == pytest.approx([v * 1e-3 for v in REFERENCE_LRS.values()], rel=1e-12, abs=0)
+    head = lrs_of(opt)["head"]
+    for layer, lr in lrs_of(opt).items():
+        assert lr / head == pytest.approx(REFERENCE_LRS[layer] / REFERENCE_LRS["head"], rel=1e-12)
+
+
+def test_plateau_floor_is_a_factor_and_holds_for_every_group():
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, factor=0.5, patience=0, min_scale=0.2)
+    sched.step(1.0)
+    for _ in range(5):
+        sched.step(2.0)
+    assert sched.scale == pytest.approx(0.2)
+    assert lrs_of(opt) == pytest.approx({k: v * 0.2 for k, v in REFERENCE_LRS.items()}, rel=1e-12, abs=0)
+    with pytest.raises(ValueError, match="factor"):
+        optim.LayerwisePlateauLR(opt, factor=1.5)
+
+
+def test_plateau_patience_threshold_and_cooldown_follow_torch():
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, mode="max", factor=0.1, patience=1, cooldown=1, min_scale=0.0)
+    scales = []
+    for metric in [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]:
+        sched.step(metric)
+        scales.append(sched.scale)
+    # best 0.6 at epoch 1; two bad epochs (2, 3) > patience 1 -> cut; one cooldown epoch (4), then
+    # bad epochs 5, 6 -> second cut
+    assert scales == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1, 0.01])
+
+
+def test_plateau_holds_while_stages_are_still_frozen():
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, factor=0.1, patience=0, hold_while_frozen=True)
+    sched.set_thawing(True)  # GradualUnfreezing says so at each epoch start
+    for metric in [1.0, 2.0, 3.0, 4.0, 0.5]:
+        sched.step(metric)
+    assert sched.scale == 1.0 and lrs_of(opt) == pytest.approx(REFERENCE_LRS)
+    assert sched.best == 0.5 and sched.num_bad_epochs == 0  # improvements still count
+    sched.set_thawing(False)
+    sched.step(0.7)
+    assert sched.scale == pytest.approx(0.1)
+    # without hold_while_frozen the frozen stages do not stop it
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, factor=0.1, patience=0, hold_while_frozen=False)
+    sched.set_thawing(True)
+    sched.step(1.0)
+    sched.step(2.0)
+    assert sched.scale == pytest.approx(0.1)
+
+
+def test_plateau_state_round_trips():
+    opt = reference_optimizer()
+    sched = optim.LayerwisePlateauLR(opt, factor=0.1, patience=0)
+    sched.step(1.0)
+    sched.step(2.0)
+    state = sched.state_dict()
+    fresh_opt = reference_optimizer()
+    fresh = optim.LayerwisePlateauLR(fresh_opt, factor=0.1, patience=0)
+    fresh.load_state_dict(state)
+    assert fresh.scale == pytest.approx(0.1) and fresh.best == 1.0
+    assert fresh.get_last_lr() == pytest.approx([v * 0.1 for v in REFERENCE_LRS.values()])
+
+
+def test_thaw_warmup_factor_rises_from_about_zero():
+    f = [optim.thaw_warmup_factor(step, thaw_step=10, warmup_steps=4) for step in range(8, 17)]
+    assert f == pytest.approx([0.0, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
+    # trained from the first step (the main schedule warms it up), or warmup off
+    assert optim.thaw_warmup_factor(0, thaw_step=0, warmup_steps=4) == 1.0
+    assert optim.thaw_warmup_factor(10, thaw_step=10, warmup_steps=0) == 1.0

@@ -106,3 +106,65 @@ def test_training_run_thaws_one_layer_per_epoch_and_keeps_frozen_weights(tiny_de
     with_state = {i for g in opt["param_groups"] for i in g["params"] if i in opt["state"]}
     frozen = {i for g in opt["param_groups"] if g["layer"] in ("pos_cls", "patch_embed") for i in g["params"]}
     assert with_state and not (with_state & frozen)
+
+
+def lr_rows(run_dir):
+    import pandas as pd
+
+    m = pd.read_csv(run_dir / "csv" / "metrics.csv")
+    return m[m["lr/head"].notna()].sort_values("step")
+
+
+LP_FT_PLATEAU = ["callbacks=unfreezing", "callbacks.unfreezing.start_epoch=1",
+                 "callbacks.unfreezing.stages=[[norm,block1,block0,pos_cls,patch_embed]]",
+                 "callbacks.unfreezing.warmup_steps=3", "model/scheduler=plateau",
+                 "model.scheduler.patience=0", "model.scheduler.threshold_mode=abs",
+                 "model.scheduler.threshold=1e9", "model.scheduler.hold_while_frozen=true",
+                 "model.optimizer.lr=1e-3", "model.optimizer.head_lr=1e-2",
+                 "model.optimizer.layer_decay=0.5", "test=false"]
+
+
+def test_lp_ft_thaw_warms_up_each_group_and_plateau_holds_then_keeps_ratios(tiny_dermmel, tmp_path):
+    """Head only for 1 epoch, then every layer (LP-FT as one stage); 2 steps per epoch, warmup 3
+    steps. The plateau scheduler sees a bad epoch every epoch (abs threshold 1e9, patience 0): held
+    while the backbone is frozen (end of epoch 0), it cuts by 0.1 at the end of epoch 1."""
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3), *LP_FT_PLATEAU], tmp_path / "run")
+    run(cfg)
+    rows = lr_rows(tmp_path / "run")
+    assert len(rows) == 6
+    base = {"head": 1e-2, "norm": 1e-3, "block1": 5e-4, "block0": 2.5e-4, "pos_cls": 1.25e-4,
+            "patch_embed": 1.25e-4}
+    # steps 0-1 head only (backbone frozen: effective rate 0); thaw at step 2, warmup (s+1)/4;
+    # the cut after epoch 1 (step 4 on) scales every group by 0.1, warmup included
+    warm = [0, 0, 1 / 4, 2 / 4, 0.1 * 3 / 4, 0.1]
+    head = [1, 1, 1, 1, 0.1, 0.1]
+    for layer, lr in base.items():
+        expected = [lr * f for f in (head if layer == "head" else warm)]
+        assert rows[f"lr/{layer}"].tolist() == pytest.approx(expected, rel=1e-6, abs=0), layer
+
+
+def test_warmup_and_plateau_state_resume_exactly(tiny_dermmel, tmp_path):
+    """Stopped after epoch 1 (mid-warmup, the cut just made), resumed to epoch 3: step 4's rates
+    are those of the uninterrupted run (0.1 x 3/4 of the configured rates)."""
+    run(compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=2), *LP_FT_PLATEAU], tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    run(compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3), *LP_FT_PLATEAU, f"ckpt_path={last}"],
+                    tmp_path / "resumed"))
+    rows = lr_rows(tmp_path / "resumed")
+    step4 = rows[rows["step"] == rows["step"].max() - 1].iloc[0]
+    assert step4["lr/norm"] == pytest.approx(1e-3 * 0.1 * 3 / 4, rel=1e-6)
+    assert step4["lr/block0"] == pytest.approx(2.5e-4 * 0.1 * 3 / 4, rel=1e-6)
+    assert step4["lr/head"] == pytest.approx(1e-2 * 0.1, rel=1e-6)
+
+
+def test_without_hold_the_plateau_cuts_while_frozen(tiny_dermmel, tmp_path):
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3), "callbacks=unfreezing",
+                       "callbacks.unfreezing.start_epoch=5", "model/scheduler=plateau",
+                       "model.scheduler.patience=0", "model.scheduler.threshold_mode=abs",
+                       "model.scheduler.threshold=1e9", "model.scheduler.hold_while_frozen=false",
+                       "model.optimizer.head_lr=1e-2", "test=false"], tmp_path / "run")
+    run(cfg)
+    rows = lr_rows(tmp_path / "run")
+    # epoch 0 sets the best, epoch 1 is bad: one cut, though nothing has thawed
+    assert rows["lr/head"].tolist() == pytest.approx([1e-2] * 4 + [1e-3] * 2, rel=1e-6, abs=0)
+    assert rows["lr/norm"].tolist() == [0.0] * 6  # frozen all along: effective rate 0

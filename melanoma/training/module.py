@@ -48,6 +48,23 @@ def _head_spec(kind: str, in_features: int, class_names: Sequence[str], cfg: Map
     return spec
 
 
+#: keys of ``model.mixup`` (timm.data.Mixup's arguments but num_classes and label_smoothing, which
+#: come from the dataset and ``model.loss``)
+MIXUP_KEYS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "mode")
+
+
+def _build_mixup(cfg: Mapping | None, num_classes: int, label_smoothing: float):
+    """timm's Mixup when ``cfg`` asks for mixup or cutmix (an alpha > 0), else None."""
+    if cfg is None or (float(cfg.get("mixup_alpha", 0.0)) <= 0 and float(cfg.get("cutmix_alpha", 0.0)) <= 0):
+        return None
+    missing = [k for k in MIXUP_KEYS if k not in cfg]
+    if missing:
+        raise KeyError(f"model.mixup lacks {missing} (found {sorted(cfg)}); conf/model/vit.yaml defines them")
+    from timm.data import Mixup
+
+    return Mixup(**{k: cfg[k] for k in MIXUP_KEYS}, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
 class LesionClassifier(pl.LightningModule):
     """Backbone + per-dataset heads; trains and evaluates the head named ``dataset_name``.
 
@@ -56,7 +73,10 @@ class LesionClassifier(pl.LightningModule):
     ``image_size``, ``interpolation``) and the resolved ``config``. ``optimizer`` and ``scheduler``
     are the ``model.optimizer`` / ``model.scheduler`` configs (``_target_`` + arguments); without
     them the module predicts and freezes but cannot train. ``loss`` None is the plain cross-entropy;
-    given, its keys are all read (no defaults here that could disagree with the YAML).
+    given, its keys are all read (no defaults here that could disagree with the YAML). ``mixup``
+    (``model.mixup``: timm's ``Mixup`` arguments) mixes training batches when an alpha is > 0; the
+    loss then takes the soft targets (smoothed by ``loss.label_smoothing``) and the metrics still
+    the batch's hard labels.
     Backbone kwargs that are None take the preset's value. ``pretrained`` and ``init_from``
     are recorded here but applied by ``load_initial_weights`` (train.py calls it for fresh runs
     only, so resuming or ``load_from_checkpoint`` never re-downloads or re-reads them).
@@ -80,6 +100,7 @@ class LesionClassifier(pl.LightningModule):
         config: Mapping | None = None,
         compile: bool = False,
         compile_backend: str = DEFAULT_BACKEND,
+        mixup: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +133,7 @@ class LesionClassifier(pl.LightningModule):
             raise KeyError(f"model.loss lacks {sorted(missing)} (found {sorted(self.loss_cfg)}); "
                            f"conf/model/vit.yaml defines them")
         self.class_weight: torch.Tensor | None = None
+        self.mixup = _build_mixup(mixup, len(class_names), float(self.loss_cfg["label_smoothing"]))
         self._lr_groups: dict = {}
         # the NaN/Inf guard's state between training_step and on_before_optimizer_step
         self._loss_finite: torch.Tensor | None = None
@@ -187,10 +209,26 @@ class LesionClassifier(pl.LightningModule):
         return F.cross_entropy(logits.float(), y, weight=weight,
                                label_smoothing=float(self.loss_cfg["label_smoothing"]))
 
+    def _soft_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against soft targets; with class weights, each class's share of a target
+        weighted as F.cross_entropy weights a hard label (the same value for one-hot targets)."""
+        nll = -(target * F.log_softmax(logits.float(), dim=-1))
+        if self.class_weight is None:
+            return nll.sum(-1).mean()
+        weight = self.class_weight.to(logits.device)
+        return (nll * weight).sum() / (target * weight).sum()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
+        # timm's Mixup pairs each image with its mirror in the batch: an odd (last) batch trains
+        # on hard labels
+        if self.mixup is not None and len(x) % 2 == 0:
+            x, target = self.mixup(x, y)
+            logits = self(x)
+            loss = self._soft_loss(logits, target)
+        else:
+            logits = self(x)
+            loss = self._loss(logits, y)
         # Checked in on_before_optimizer_step, together with the gradient norm, in one host sync per
         # optimizer step (a sync per check stalls the GPU's queue). That is still before the
         # optimizer step, so a non-finite loss never reaches the weights. Accumulated on the device

@@ -21,6 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LayerwisePlateauLR",
     "WarmupCosine",
     "WarmupCosineLR",
     "build_optimizer",
@@ -29,6 +30,7 @@ __all__ = [
     "layer_lrs",
     "optimizer_groups",
     "param_groups",
+    "thaw_warmup_factor",
 ]
 
 # Parameters named like this are never weight-decayed: decaying a norm's gain, a bias or an
@@ -183,6 +185,75 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         warmup = int(round(float(warmup_epochs) * total_steps / epochs))
         fn = WarmupCosine(warmup, total_steps, float(min_lr_ratio))
         super().__init__(optimizer, [fn] * len(optimizer.param_groups))
+
+
+class LayerwisePlateauLR(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """ReduceLROnPlateau that keeps the per-layer recipe: a cut multiplies one shared ``scale`` and
+    every group's rate is its configured rate times ``scale``, so the ratios between layers never
+    change. The floor is ``min_scale`` (a share of the configured rates, not an absolute lr: an
+    absolute floor or torch's ``eps`` stops cutting the small groups while the large ones keep
+    falling). ``mode``, ``patience``, ``threshold``, ``threshold_mode`` and ``cooldown`` are torch's.
+
+    With ``hold_while_frozen`` there is no cut while ``set_thawing(True)`` says stages are still to
+    thaw (``GradualUnfreezing`` says so at every epoch start; it alone knows the stages): the best
+    value is still tracked, bad epochs are not counted, so patience starts when the last stage
+    trains. Rates are never read back from the optimizer (a thawing layer's warmup lowers them
+    between steps), only written."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, threshold_mode: str = "rel",
+                 cooldown: int = 0, min_scale: float = 0.0, hold_while_frozen: bool = True):
+        if not 0.0 < float(factor) < 1.0:
+            raise ValueError(f"LayerwisePlateauLR: factor must be in (0, 1); got {factor} "
+                             f"(model.scheduler.factor, e.g. 0.1)")
+        if not 0.0 <= float(min_scale) <= 1.0:
+            raise ValueError(f"LayerwisePlateauLR: min_scale is a share of the configured rates, in "
+                             f"[0, 1]; got {min_scale} (model.scheduler.min_scale, e.g. 1e-3)")
+        super().__init__(optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold,
+                         threshold_mode=threshold_mode, cooldown=cooldown, min_lr=0.0, eps=0.0)
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.scale = 1.0
+        self.min_scale = float(min_scale)
+        self.hold_while_frozen = bool(hold_while_frozen)
+        self.thawing = False
+        self._last_lr = self.scheduled_lrs()
+
+    def scheduled_lrs(self) -> list[float]:
+        return [base * self.scale for base in self.base_lrs]
+
+    def set_thawing(self, thawing: bool) -> None:
+        """Whether some unfreezing stage is still frozen (told by ``GradualUnfreezing``)."""
+        self.thawing = bool(thawing)
+
+    def step(self, metrics, epoch=None) -> None:  # type: ignore[override]
+        if self.hold_while_frozen and self.thawing:
+            current = float(metrics)
+            self.last_epoch += 1
+            if self._is_better(current, self.best):
+                self.best = current
+            self.num_bad_epochs = 0
+        else:
+            super().step(metrics)
+        self._last_lr = self.scheduled_lrs()
+
+    def _reduce_lr(self, epoch) -> None:
+        self.scale = max(self.scale * self.factor, self.min_scale)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduled_lrs()):
+            group["lr"] = lr
+        log.info("LayerwisePlateauLR: every group's rate cut to %.3g of its configured value", self.scale)
+
+
+def thaw_warmup_factor(step: int, thaw_step: int, warmup_steps: int) -> float:
+    """Share of its scheduled rate a layer gets at optimizer step ``step``: 0 before it thaws at
+    ``thaw_step``, then a linear rise over ``warmup_steps`` steps, ``(s + 1) / (warmup_steps + 1)``
+    after ``s`` steps, then 1. A layer trained from step 0 gets 1 (the main schedule warms it up).
+    A pure function of the step, so resuming anywhere gives the same rate."""
+    if step < thaw_step:
+        return 0.0
+    since = step - thaw_step
+    if thaw_step <= 0 or warmup_steps <= 0 or since >= warmup_steps:
+        return 1.0
+    return (since + 1) / (warmup_steps + 1)
 
 
 def check_scheduler_config(cfg: Mapping) -> None:

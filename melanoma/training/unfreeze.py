@@ -22,11 +22,15 @@ diverge), and a resumed run re-freezes. Here instead:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from melanoma.training.optim import LayerwisePlateauLR, thaw_warmup_factor
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +50,39 @@ class GradualUnfreezing(Callback):
     Args:
         start_epoch: epochs with only the head trainable (0: the first stage thaws at once).
         every_n_epochs: epochs between two stages.
-        stage_size: layers per stage when the stages come from ``order``.
+        stage_size: layers per stage when the stages come from ``order``; None: every layer of
+            ``order`` in one stage (LP-FT: probe the head, then train everything).
         order: layer names in the order they thaw (default ``default_unfreeze_order``); layers
             left out never thaw. Names: norm, block0..block{depth-1}, pos_cls, patch_embed.
         stages: explicit stages (a list of lists of layer names); overrides order/stage_size.
+        warmup_steps: a layer that thaws after the first epoch starts at about 0 and reaches its
+            scheduled rate linearly over this many optimizer steps (0: off), on top of whatever
+            scheduler runs; the rate is a function of the global step and the thaw step (its
+            epoch times the optimizer steps per epoch), so resuming anywhere gives the same rates.
 
     Each layer's learning rate is set in the optimizer config (``model.optimizer.group_lr``).
+    Before every batch this callback writes each group's effective rate: the scheduler's rate
+    times ``thaw_warmup_factor`` (0 while the layer is frozen), which is what ``lr/<layer>``
+    shows. It also tells a scheduler with ``set_thawing`` (``LayerwisePlateauLR``) whether
+    stages are still frozen: this callback alone knows the stages.
     """
 
     #: layers without gradients under DDP: train.py builds the strategy with find_unused_parameters
     freezes_layers = True
 
-    def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int = 1,
-                 order: Sequence[str] | None = None, stages: Sequence[Sequence[str]] | None = None):
-        if start_epoch < 0 or every_n_epochs < 1 or stage_size < 1:
+    def __init__(self, start_epoch: int = 1, every_n_epochs: int = 1, stage_size: int | None = 1,
+                 order: Sequence[str] | None = None, stages: Sequence[Sequence[str]] | None = None,
+                 warmup_steps: int = 0):
+        if start_epoch < 0 or every_n_epochs < 1 or (stage_size is not None and stage_size < 1) or warmup_steps < 0:
             raise ValueError(
-                f"GradualUnfreezing needs start_epoch >= 0, every_n_epochs >= 1 and stage_size >= 1; "
-                f"got start_epoch={start_epoch}, every_n_epochs={every_n_epochs}, stage_size={stage_size}"
+                f"GradualUnfreezing needs start_epoch >= 0, every_n_epochs >= 1, stage_size >= 1 and "
+                f"warmup_steps >= 0; got start_epoch={start_epoch}, every_n_epochs={every_n_epochs}, "
+                f"stage_size={stage_size}, warmup_steps={warmup_steps}"
             )
+        self.warmup_steps = int(warmup_steps)
         self.start_epoch = int(start_epoch)
         self.every_n_epochs = int(every_n_epochs)
-        self.stage_size = int(stage_size)
+        self.stage_size = None if stage_size is None else int(stage_size)
         self.order = list(order) if order is not None else None
         self.stages = [list(s) for s in stages] if stages is not None else None
         self.current_stage: int | None = None
@@ -81,7 +97,8 @@ class GradualUnfreezing(Callback):
             stages = self.stages
         else:
             order = self.order if self.order is not None else default_unfreeze_order(layer_groups)
-            stages = [order[i:i + self.stage_size] for i in range(0, len(order), self.stage_size)]
+            size = self.stage_size or max(len(order), 1)
+            stages = [order[i:i + size] for i in range(0, len(order), size)]
         flat = [layer for stage in stages for layer in stage]
         unknown = [layer for layer in flat if layer not in valid]
         if unknown:
@@ -98,6 +115,15 @@ class GradualUnfreezing(Callback):
         if epoch < self.start_epoch:
             return 0
         return min(1 + (epoch - self.start_epoch) // self.every_n_epochs, num_stages)
+
+    def thaw_epochs(self, layer_groups: Sequence[str]) -> dict[str, int]:
+        """The epoch each layer starts training in (head 0); layers that never thaw are left out."""
+        stages = self.resolve_stages(layer_groups)
+        epochs = {"head": 0}
+        for i, stage in enumerate(stages):
+            for layer in stage:
+                epochs[layer] = self.start_epoch + i * self.every_n_epochs
+        return epochs
 
     def trainable_layers(self, epoch: int, layer_groups: Sequence[str]) -> set[str]:
         return self._schedule(epoch, layer_groups)[2]
@@ -135,6 +161,52 @@ class GradualUnfreezing(Callback):
                 f"(newest: {newest}); {pl_module.trainable_parameter_count():,} trainable parameters"
             )
         self.current_stage = stage
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "set_thawing"):
+                config.scheduler.set_thawing(stage < len(stages))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._set_rates(trainer, pl_module)
+
+    def _set_rates(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every group's effective rate for the coming optimizer step (module logs it after this)."""
+        # optimizer steps per epoch: Lightning steps after every accumulate_grad_batches batches
+        # and at the last batch of an epoch
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "GradualUnfreezing needs the number of batches per epoch to place each layer's thaw "
+                "step (its warmup and its effective rate); the train dataloader has no length. Set "
+                "trainer.limit_train_batches to an integer."
+            )
+        per_epoch = math.ceil(batches / max(trainer.accumulate_grad_batches, 1))
+        thaw_epochs = self.thaw_epochs(pl_module.model.backbone.layer_groups())
+        step = trainer.global_step
+        for opt in trainer.optimizers:
+            for group, lr in zip(opt.param_groups, self._scheduled_lrs(trainer, opt)):
+                epoch = thaw_epochs.get(group.get("layer", "head"))
+                factor = 0.0 if epoch is None else thaw_warmup_factor(step, epoch * per_epoch, self.warmup_steps)
+                group["lr"] = lr * factor
+
+    @staticmethod
+    def _scheduled_lrs(trainer: pl.Trainer, opt) -> list[float]:
+        """The rates the scheduler set last (never read back from the groups, which hold the
+        warmed-up rates), or the configured ones without a scheduler."""
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if sched.optimizer is not opt:
+                continue
+            if isinstance(sched, ReduceLROnPlateau) and not isinstance(sched, LayerwisePlateauLR):
+                raise RuntimeError(
+                    "GradualUnfreezing writes each group's effective rate (0 while frozen, then a "
+                    "warmup), which torch's ReduceLROnPlateau would read back and cut from; found "
+                    f"{type(sched).__name__}. Use model/scheduler=plateau "
+                    "(melanoma.training.optim.LayerwisePlateauLR)."
+                )
+            return list(sched.get_last_lr())
+        # a constant rate: torch schedulers' key for the configured rate, kept in the optimizer
+        # state so a resumed run reads the same one
+        return [group.setdefault("initial_lr", group["lr"]) for group in opt.param_groups]
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         from lightning.pytorch.strategies import DDPStrategy
