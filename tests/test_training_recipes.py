@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
 from melanoma.training.module import LesionClassifier
-from training_fixtures import CONF_DIR, compose_cfg, tiny_dermmel, tiny_overrides  # noqa: F401
+from helpers import CONF_DIR, compose_cfg, tiny_overrides
 
 BACKBONE = {"name": "vit_tiny", "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32,
                                            "depth": 2, "num_heads": 2, "drop_path_rate": 0.0}}
