@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 
 
-def find_file(root: Path, name: str, max_depth: int = 3) -> Path | None:
-    """Shallowest file called ``name`` (case-insensitive) at or below ``root``."""
+def _find(root: Path, name: str, max_depth: int, want_dir: bool) -> Path | None:
+    """Breadth first: the shallowest entry called ``name`` (case-insensitive, hidden ones
+    skipped) at or below ``root``, a folder when ``want_dir`` else a file."""
     wanted = name.lower()
     level = [root]
     for _ in range(max_depth + 1):
@@ -20,12 +21,18 @@ def find_file(root: Path, name: str, max_depth: int = 3) -> Path | None:
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_file() and e.name.lower() == wanted:
+                is_dir = e.is_dir()
+                if is_dir == want_dir and e.name.lower() == wanted:
                     return Path(e.path)
-                if e.is_dir():
+                if is_dir:
                     nxt.append(Path(e.path))
         level = nxt
     return None
+
+
+def find_file(root: Path, name: str, max_depth: int = 3) -> Path | None:
+    """Shallowest file called ``name`` (case-insensitive) at or below ``root``."""
+    return _find(root, name, max_depth, want_dir=False)
 
 
 def require_root(root: Path, dataset: str, expected: str, download: str) -> None:
@@ -57,17 +64,4 @@ def subdirs(folder: Path) -> dict[str, Path]:
 
 def find_dir(root: Path, name: str, max_depth: int = 3) -> Path | None:
     """Shallowest folder called ``name`` (case-insensitive) at or below ``root``."""
-    wanted = name.lower()
-    level = [root]
-    for _ in range(max_depth + 1):
-        nxt = []
-        for folder in level:
-            try:
-                children = subdirs(folder)
-            except OSError:
-                continue
-            if wanted in children:
-                return children[wanted]
-            nxt.extend(children.values())
-        level = nxt
-    return None
+    return _find(root, name, max_depth, want_dir=True)
