@@ -11,7 +11,7 @@ import pandas as pd
 
 from .base import BINARY_CLASSES, LesionDataModule
 from .io import iter_files
-from .layout import require_file, require_root, subdirs
+from .layout import match_listed_images, require_file, require_root, subdirs
 
 DOWNLOAD = ("https://www.kaggle.com/datasets/kmader/skin-cancer-mnist-ham10000 "
             "(or the ISIC archive, https://doi.org/10.7910/DVN/DBW86T)")
@@ -73,13 +73,8 @@ class HAM10000DataModule(LesionDataModule):
         csv = self.find_metadata()
         meta = self.read_metadata(csv)
         index = self.image_index(csv.parent)
-        paths = meta["image_id"].map(index)
-        absent = meta["image_id"][paths.isna()]
-        if len(absent):
-            raise FileNotFoundError(
-                f"{self.name}: {len(absent)} of {len(meta)} images listed in {csv} are missing from "
-                f"its image folders, e.g. {', '.join(absent.head(5))}. Re-extract both image zips."
-            )
+        paths = match_listed_images(self.name, meta["image_id"], index, csv, "its image folders",
+                                    "Re-extract both image zips.")
         if self.label_set == "binary":
             labels = (meta["dx"] == "mel").astype(int)
         else:

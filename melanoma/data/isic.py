@@ -18,7 +18,7 @@ import pandas as pd
 from .base import BINARY_CLASSES, LesionDataModule
 from .io import iter_files
 from .isic_years import CLASSES_2017, CLASSES_2018, CLASSES_2019, YEARS, Part
-from .layout import find_file, require_root
+from .layout import find_file, match_listed_images, require_root
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,8 @@ class ISICDataModule(LesionDataModule):
         index = {p.stem: str(p) for p in iter_files(part.folder, IMAGE_EXTENSIONS)
                  if not p.stem.endswith(SUPERPIXELS_SUFFIX)}
         records = part.records
-        paths = records["image"].map(index)
-        absent = records["image"][paths.isna()]
-        if len(absent):
-            raise FileNotFoundError(
-                f"{self.name}: {len(absent)} of {len(records)} images listed in {part.csv} are missing from "
-                f"{part.folder}, e.g. {', '.join(sorted(absent)[:5])}. Re-extract the image zip of that part."
-            )
+        paths = match_listed_images(self.name, records["image"], index, part.csv, part.folder,
+                                    "Re-extract the image zip of that part.")
         extra = len(index) - records["image"].nunique()
         if extra:
             log.info("%s: %d image(s) in %s are not listed in %s; ignored", self.name, extra, part.folder,

@@ -65,3 +65,19 @@ def subdirs(folder: Path) -> dict[str, Path]:
 def find_dir(root: Path, name: str, max_depth: int = 3) -> Path | None:
     """Shallowest folder called ``name`` (case-insensitive) at or below ``root``."""
     return _find(root, name, max_depth, want_dir=True)
+
+
+def match_listed_images(dataset: str, ids, index: dict, listing: Path, where, advice: str):
+    """The path of every image id a label file lists (``index``: id -> path); a clear error
+    counting and naming the listed images that are not on disk."""
+    import pandas as pd
+
+    ids = pd.Series(ids)
+    paths = ids.map(index)
+    absent = ids[paths.isna()]
+    if len(absent):
+        raise FileNotFoundError(
+            f"{dataset}: {len(absent)} of {len(ids)} images listed in {listing} are missing from {where}, "
+            f"e.g. {', '.join(sorted(absent)[:5])}. {advice}"
+        )
+    return paths
