@@ -167,3 +167,28 @@ def test_predict_and_evaluate_per_head(joint_run, ham_root, ph2_flat_root, tmp_p
         assert len(result["predictions"]) == 1
     # evaluate rebuilds the ph2 member's split alone from its record (no overrides needed)
     assert main(["evaluate", str(ckpt), "--head", "ph2", "--out", str(tmp_path / "eval_ph2"), "-q"]) == 0
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_joint_run_ends_with_identical_parameters(ham_root, ph2_flat_root, tmp_path):
+    """Both ranks follow one member schedule (else DDP's all-reduce would pair different heads or
+    hang), so they end with the same weights, every head included."""
+    from helpers import run_train_py
+
+    run_dir = tmp_path / "run"
+    run_train_py([*JOINT_TINY, "dataset.members=[ham10000,ph2]",
+                  f"+dataset.member_overrides.ham10000.root={ham_root}",
+                  f"+dataset.member_overrides.ph2.root={ph2_flat_root}",
+                  *tiny_model_overrides(), *tiny_trainer_overrides(max_epochs=1), "trainer.devices=2",
+                  "test=false", "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                  "+callbacks.rec.out_dir=${paths.output_dir}/rec", f"hydra.run.dir={run_dir}"],
+                 cwd=tmp_path, timeout=400)
+    rec = run_dir / "rec"
+    p0 = torch.load(rec / "params_rank0.pt", weights_only=True)
+    p1 = torch.load(rec / "params_rank1.pt", weights_only=True)
+    start = torch.load(rec / "params_start_rank0.pt", weights_only=True)
+    assert p0.keys() == p1.keys() and {"heads.ham10000.fc.weight", "heads.ph2.fc.weight"} <= set(p0)
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
+    for name in ("ham10000", "ph2"):  # each head trained on its own member's batches
+        assert not torch.equal(p0[f"heads.{name}.fc.weight"], start[f"heads.{name}.fc.weight"])
