@@ -154,7 +154,7 @@ def test_joint_checkpoint_records_every_member_head(joint_run, ham_root, ph2_fla
         assert f"model.heads.{name}.fc.weight" in last
 
 
-def test_predict_and_evaluate_per_head(joint_run, ham_root, ph2_flat_root, tmp_path):
+def test_predict_and_evaluate_per_head(joint_run, ham_root, ph2_flat_root, tiny_dermmel, tmp_path):
     out, _, _ = joint_run
     ckpt = out / "checkpoints" / "best.ckpt"
     images = {"ham10000": sorted(ham_root.rglob("*.jpg"))[0], "ph2": sorted(ph2_flat_root.rglob("*.jpg"))[0]}
@@ -167,6 +167,11 @@ def test_predict_and_evaluate_per_head(joint_run, ham_root, ph2_flat_root, tmp_p
         assert len(result["predictions"]) == 1
     # evaluate rebuilds the ph2 member's split alone from its record (no overrides needed)
     assert main(["evaluate", str(ckpt), "--head", "ph2", "--out", str(tmp_path / "eval_ph2"), "-q"]) == 0
+    assert read_meta(ckpt).heads["ph2"].calibration is not None
+    # an external set through one chosen head (PH2's 3 classes scored as melanoma vs rest)
+    assert main(["evaluate", str(ckpt), "dataset=dermmel", f"dataset.root={tiny_dermmel}", "--external",
+                 "--head", "ph2", "--out", str(tmp_path / "ext_ph2"), "-q"]) == 0
+    assert any((tmp_path / "ext_ph2").iterdir())
 
 
 @pytest.mark.slow
