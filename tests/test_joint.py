@@ -70,6 +70,31 @@ def test_member_overrides_mapping_or_strings():
 
 # --- data ----------------------------------------------------------------------------------
 
+def test_joint_config_composes_each_member_from_its_own_config(tmp_path):
+    from hydra.utils import instantiate
+
+    from melanoma.config import compose_config
+
+    cfg = compose_config(["dataset=joint", "dataset.members=[ham10000,ph2]", f"paths.data_dir={tmp_path}",
+                          "paths.output_dir=unused", "dataset.image_size=64", "+dataset.member_overrides.ph2.seed=7",
+                          "dataset.mix={ham10000: 1, ph2: 2}"])
+    dm = instantiate(cfg.dataset, mean=[0.5] * 3, std=[0.25] * 3, _convert_="all")
+    assert isinstance(dm, JointDataModule) and list(dm.members) == ["ham10000", "ph2"]
+    ham, ph2 = dm.members["ham10000"], dm.members["ph2"]
+    assert ham.root == tmp_path / "HAM10000" and ph2.root == tmp_path / "PH2Dataset"  # paths.data_dir
+    assert dm.class_names_by_member == {"ham10000": ["not_melanoma", "melanoma"],
+                                        "ph2": ["common_nevus", "atypical_nevus", "melanoma"]}
+    assert ham.image_size == ph2.image_size == 64 and ph2.batch_size == ham.batch_size == cfg.dataset.batch_size
+    assert ph2.seed == 7 and ham.seed == 42 and ph2.mean == (0.5, 0.5, 0.5)
+    assert dm.member_configs["ph2"]["_target_"] == "melanoma.data.ph2.PH2DataModule"
+    assert dm.member_configs["ph2"]["seed"] == 7 and dm.member_configs["ph2"]["image_size"] == 64
+    assert dm.mix == {"ham10000": 1, "ph2": 2}
+    with pytest.raises(ValueError, match="not members"):
+        JointDataModule(["ham10000", "ph2"], data_dir=str(tmp_path), member_overrides={"isic": {"root": "x"}})
+    with pytest.raises(ValueError, match="at least two"):
+        JointDataModule(["ph2"], data_dir=str(tmp_path))
+
+
 def _joint_dm(ham_root, second: str, second_root, **kw) -> JointDataModule:
     over = {"ham10000": {"root": str(ham_root)}, second: {"root": str(second_root)}}
     return JointDataModule([
