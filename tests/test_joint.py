@@ -199,6 +199,23 @@ def test_predict_and_evaluate_per_head(joint_run, ham_root, ph2_flat_root, tiny_
     assert any((tmp_path / "ext_ph2").iterdir())
 
 
+def test_joint_run_resumes_from_last_checkpoint(joint_run, tmp_path):
+    out, cfg, _ = joint_run
+    from helpers import set_key
+
+    set_key(cfg, "trainer.max_epochs", 2)
+    set_key(cfg, "ckpt_path", str(out / "checkpoints" / "last.ckpt"))
+    set_key(cfg, "paths.output_dir", str(tmp_path / "resumed"))
+    set_key(cfg, "test", False)
+    run(cfg)
+    last = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    # one more epoch of the same length, on the same member splits (resume checks their fingerprints)
+    assert (last["epoch"], last["global_step"]) == (first["epoch"] + 1, 2 * first["global_step"])
+    assert set(last["JointDataModule"]) == {"ham10000", "ph2"}
+    assert set(read_meta(tmp_path / "resumed" / "checkpoints" / "last.ckpt").heads) == {"ham10000", "ph2"}
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_joint_run_ends_with_identical_parameters(ham_root, ph2_flat_root, tmp_path):
     """Both ranks follow one member schedule (else DDP's all-reduce would pair different heads or

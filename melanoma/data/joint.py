@@ -231,14 +231,15 @@ class JointDataModule(L.LightningDataModule):
         self.split_descriptions = {n: m.split_description() for n, m in self.members.items()}
         tables = {n: m.table for n, m in self.members.items()}
         self.overlap = cross_dataset_overlap(tables)
-        if len(self.overlap):
+        rank = next(iter(self.members.values()))._world()[1]
+        if len(self.overlap) and rank == 0:
             log.warning("joint: %d image(s) held out (val/test) in one member are in another's train split%s:\n%s",
                         len(self.overlap), "; dropped from train" if self.drop_overlap else " (kept: drop_overlap=false)",
                         self.overlap.to_string(index=False, max_rows=20))
-            if self.drop_overlap:
-                for n, t in drop_overlap_from_train(tables, self.overlap).items():
-                    self.members[n].table = t
-                    self.split_descriptions[n]["dropped_from_train"] = int(len(tables[n]) - len(t))
+        if len(self.overlap) and self.drop_overlap:
+            for n, t in drop_overlap_from_train(tables, self.overlap).items():
+                self.members[n].table = t
+                self.split_descriptions[n]["dropped_from_train"] = int(len(tables[n]) - len(t))
         self._ready = True
 
     def train_batches(self) -> list[int]:
@@ -268,6 +269,8 @@ class JointDataModule(L.LightningDataModule):
         return {n: m.state_dict() for n, m in self.members.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        # the members' fingerprints are those of the tables training used (after the overlap drop)
+        self.setup()
         for n, m in self.members.items():
             if n in (state or {}):
                 m.load_state_dict(state[n])
