@@ -135,7 +135,7 @@ def joint_run(ham_root, ph2_flat_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("joint_run")
     cfg = compose_cfg([*JOINT_TINY, "dataset.members=[ham10000,ph2]",
                        f"+dataset.member_overrides.ham10000.root={ham_root}",
-                       f"+dataset.member_overrides.ph2.root={ph2_flat_root}",
+                       f"+dataset.member_overrides.ph2.root={ph2_flat_root}", "model.loss.class_weights=true",
                        *tiny_model_overrides(), *tiny_trainer_overrides(max_epochs=1)], out)
     score = run(cfg)
     return out, cfg, score
@@ -175,6 +175,9 @@ def test_joint_checkpoint_records_every_member_head(joint_run, ham_root, ph2_fla
         assert data.config["root"] == str(root) and data.config["image_size"] == 32
         assert data.fingerprint and sum(data.counts.values()) > 0
         assert data.prior is not None and sum(data.prior) == pytest.approx(1.0)
+        # each head's loss weighted by its own member's train split (model.loss.class_weights)
+        assert len(data.class_weights) == len(meta.heads[name].class_names)
+        assert sum(w * p for w, p in zip(data.class_weights, data.prior)) == pytest.approx(1.0, abs=1e-5)
         assert torch.isfinite(state[f"model.heads.{name}.fc.weight"]).all()
         assert f"model.heads.{name}.fc.weight" in last
 
