@@ -99,7 +99,7 @@ def _run(cfg: DictConfig) -> float | None:
         wandb_run = wandb if wandb_mode not in (None, "disabled") else None
         if joint:  # each member head on its own member's split, in report/<member>/
             for name in joint:
-                _report(best_ckpt, dm.members[name], run_dir / RUN_REPORT_DIR / name, wandb_run,
+                _report(best_ckpt, dm.evaluation_member(name), run_dir / RUN_REPORT_DIR / name, wandb_run,
                         cfg.get("print_report", False), head=name)
         else:
             _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb_run, cfg.get("print_report", False))

@@ -122,6 +122,10 @@ def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tin
     # the head's record is the member's own split (as evaluate rebuilds it), with the drop noted
     assert dm.split_descriptions["dermmel"]["counts"]["train"] == 17
     assert dm.split_descriptions["dermmel"]["dropped_from_train"] == 1
+    # evaluating the head after fit sees the recorded split, not the thinned training table
+    assert dm.members["dermmel"].split_fingerprint() != dm.split_descriptions["dermmel"]["fingerprint"]
+    assert dm.evaluation_member("dermmel").split_fingerprint() == dm.split_descriptions["dermmel"]["fingerprint"]
+    assert len(dm.members["dermmel"].split_table("train")) == 16
 
     kept = _joint_dm(ham_root, "dermmel", dermmel, drop_overlap=False)
     kept.setup()

@@ -230,6 +230,7 @@ class JointDataModule(L.LightningDataModule):
         # `melanoma evaluate --head` rebuilds it alone (the overlap drop changes train only)
         self.split_descriptions = {n: m.split_description() for n, m in self.members.items()}
         tables = {n: m.table for n, m in self.members.items()}
+        self._full_tables = dict(tables)
         self.overlap = cross_dataset_overlap(tables)
         rank = next(iter(self.members.values()))._world()[1]
         if len(self.overlap) and rank == 0:
@@ -242,8 +243,15 @@ class JointDataModule(L.LightningDataModule):
                 self.split_descriptions[n]["dropped_from_train"] = int(len(tables[n]) - len(t))
         self._ready = True
 
-    def train_batches(self) -> list[int]:
-        return [len(m.train_dataloader()) for m in self.members.values()]
+    def evaluation_member(self, name: str) -> LesionDataModule:
+        """Member ``name`` with its own whole split, as recorded for its head (the overlap drop
+        only thinned train): what evaluating that head after fit checks its fingerprint against."""
+        import copy
+
+        self.setup()
+        member = copy.copy(self.members[name])
+        member.table = self._full_tables[name]
+        return member
 
     def train_dataloader(self) -> ScheduledLoader:
         loaders = {n: m.train_dataloader() for n, m in self.members.items()}
