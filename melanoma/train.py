@@ -57,9 +57,12 @@ def _run(cfg: DictConfig) -> float | None:
     # model: a partial LesionClassifier (conf/model/vit.yaml); not recursive, so the optimizer and
     # scheduler stay configs that configure_optimizers builds once the trainer is known
     make_module = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
+    joint = getattr(dm, "class_names_by_member", None)  # dataset=joint: one head per member
+    first = next(iter(joint)) if joint else dm.name
     module: LesionClassifier = make_module(
-        dataset_name=dm.name, class_names=list(dm.class_names), image_size=dm.image_size,
-        interpolation=dm.augment["interpolation"], config=resolved,
+        dataset_name=first, class_names=list(joint[first] if joint else dm.class_names),
+        image_size=dm.image_size, interpolation=dm.augment["interpolation"], config=resolved,
+        **({"joint_heads": joint} if joint else {}),
     )
     if cfg.get("ckpt_path"):
         log.info("resuming from %s (pretrained / init_from weights are not reloaded)", cfg.ckpt_path)
@@ -71,7 +74,7 @@ def _run(cfg: DictConfig) -> float | None:
     loggers, wandb_mode = build_loggers(cfg.get("logger"))
     freezing = any(getattr(c, "freezes_layers", False) for c in callbacks)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy_for(cfg.trainer, freezing))
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy_for(cfg.trainer, freezing or bool(joint)))
     wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     if trainer.is_global_zero and wandb is not None and wandb_sync_hint(wandb, wandb_mode):
         log.info("W&B is offline; upload this run later with: %s", wandb_sync_hint(wandb, wandb_mode))
@@ -89,11 +92,17 @@ def _run(cfg: DictConfig) -> float | None:
         results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt)
         if trainer.is_global_zero:
             (run_dir / RUN_TEST_METRICS_FILE).parent.mkdir(exist_ok=True)
-            metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+            # one dict per test loader (joint: per member, keys already name it)
+            metrics = {k: float(v) for r in results or [] for k, v in r.items()}
             (run_dir / RUN_TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
-        _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb if wandb_mode not in (None, "disabled") else None,
-                cfg.get("print_report", False))
+        wandb_run = wandb if wandb_mode not in (None, "disabled") else None
+        if joint:  # each member head on its own member's split, in report/<member>/
+            for name in joint:
+                _report(best_ckpt, dm.evaluation_member(name), run_dir / RUN_REPORT_DIR / name, wandb_run,
+                        cfg.get("print_report", False), head=name)
+        else:
+            _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb_run, cfg.get("print_report", False))
 
     if best is not None and best.best_model_score is not None:
         return float(best.best_model_score)
@@ -101,10 +110,11 @@ def _run(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
-def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool) -> None:
+def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:
     """The one test report: calibrate on val, report test with intervals; figures to W&B."""
     from melanoma.evaluation.report import evaluate_checkpoint, format_metrics
 
-    metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment)
+    metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment,
+                                  head=head)
     if show:
         print(f"Test report ({dm.name}; {ckpt}; written to {out})\n{format_metrics(metrics)}", flush=True)

@@ -31,7 +31,11 @@ from melanoma.training.metrics import stage_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LesionClassifier", "NonFiniteLossError"]
+__all__ = ["JOINT_MEAN", "LesionClassifier", "NonFiniteLossError"]
+
+#: the name joint training logs its mean over members under (``val/mean/bal_acc``)
+JOINT_MEAN = "mean"
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or the gradients became NaN/Inf; raised before the optimizer step (and so before
@@ -101,6 +105,7 @@ class LesionClassifier(pl.LightningModule):
         compile: bool = False,
         compile_backend: str = DEFAULT_BACKEND,
         mixup: Mapping | None = None,
+        joint_heads: Mapping[str, Sequence[str]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -113,6 +118,20 @@ class LesionClassifier(pl.LightningModule):
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
         heads = DatasetHeads()
         heads.add(dataset_name, build_head(spec))
+        # joint training (melanoma.data.joint): one head per member, each batch trains its own
+        self.joint_names: list[str] | None = None
+        if joint_heads:
+            joint_heads = {str(n): list(c) for n, c in dict(joint_heads).items()}
+            if dataset_name not in joint_heads:
+                raise ValueError(f"dataset_name {dataset_name!r} is not one of the joint heads {list(joint_heads)}")
+            if mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0 or float(mixup.get("cutmix_alpha", 0)) > 0):
+                raise ValueError("model.mixup is not supported with dataset=joint (heads have different "
+                                 "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
+            for name, classes in joint_heads.items():
+                if name != dataset_name:
+                    heads.add(name, build_head(_head_spec(head_cfg.get("type", "linear"), vit.embed_dim,
+                                                          classes, head_cfg)))
+            self.joint_names = list(joint_heads)
         if compile:
             # in place: state-dict keys stay plain, so checkpoints load with or without compile
             compile_backbone(vit, backend=compile_backend)
@@ -133,6 +152,8 @@ class LesionClassifier(pl.LightningModule):
             raise KeyError(f"model.loss lacks {sorted(missing)} (found {sorted(self.loss_cfg)}); "
                            f"conf/model/vit.yaml defines them")
         self.class_weight: torch.Tensor | None = None
+        # joint training: class weights per head (model.loss.class_weights)
+        self.class_weights_by_head: dict[str, torch.Tensor] = {}
         self.mixup = _build_mixup(mixup, len(class_names), float(self.loss_cfg["label_smoothing"]))
         self._lr_groups: dict = {}
         # the NaN/Inf guard's state between training_step and on_before_optimizer_step
@@ -146,17 +167,30 @@ class LesionClassifier(pl.LightningModule):
         self._trainable_layers: set[str] | None = None
         self._sync_head_flags()
 
-        num_classes = len(self.class_names)
-        # keys "<stage>_metrics": a key "train" would clash with nn.Module.train
+        # keys "<stage>_metrics" (joint: "<stage>_metrics__<head>"): a key "train" would clash
+        # with nn.Module.train
+        classes_of = {h: self.model.heads[h].class_names for h in (self.joint_names or [])}
+        classes_of[None] = self.class_names
         self.metrics = torch.nn.ModuleDict({
-            f"{stage}_metrics": stage_metrics(self.class_names) for stage in ("train", "val", "test")
+            self._metric_key(stage, h): stage_metrics(classes_of[h])
+            for stage in ("train", "val", "test") for h in self._metric_heads()
         })
         self.confmats = torch.nn.ModuleDict({
-            stage: MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")
+            self._metric_key(stage, h, ""): MulticlassConfusionMatrix(len(classes_of[h]))
+            for stage in ("val", "test") for h in self._metric_heads()
         })
         # the mean loss over images: weighted by batch size and synced as sums, so under DDP it
         # equals one process's value (self.log's sync_dist would average the per-rank means)
-        self.eval_losses = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self.eval_losses = torch.nn.ModuleDict({
+            self._metric_key(stage, h, ""): MeanMetric() for stage in ("val", "test") for h in self._metric_heads()
+        })
+
+    def _metric_heads(self) -> list[str | None]:
+        return list(self.joint_names) if self.joint_names else [None]
+
+    @staticmethod
+    def _metric_key(stage: str, head: str | None, suffix: str = "_metrics") -> str:
+        return f"{stage}{suffix}" if head is None else f"{stage}{suffix}__{head}"
 
     # --- heads and freezing -------------------------------------------------------------------
 
@@ -168,7 +202,10 @@ class LesionClassifier(pl.LightningModule):
         # Heads of other datasets never train in this run. requires_grad False before DDP wraps
         # the model keeps them out of DDP's reducer (they produce no gradient).
         for name, h in self.model.heads.items():
-            h.requires_grad_(name == self.active_head)
+            h.requires_grad_(name in self._training_heads())
+
+    def _training_heads(self) -> list[str]:
+        return list(self.joint_names) if self.joint_names else [self.active_head]
 
     def set_trainable_layers(self, layers: set[str] | None) -> None:
         """Train only ``layers`` (the backbone's layer groups and/or ``head``; None = everything).
@@ -183,7 +220,8 @@ class LesionClassifier(pl.LightningModule):
         self._trainable_layers = None if layers is None else set(layers)
         for name, p in backbone.named_parameters():
             p.requires_grad_(layers is None or backbone.layer_of(name) in layers)
-        self.head.requires_grad_(layers is None or "head" in layers)
+        for name in self._training_heads():
+            self.model.heads[name].requires_grad_(layers is None or "head" in layers)
         self._frozen_prefix = backbone.frozen_prefix(self._trainable_layers)
 
     def trainable_parameter_count(self) -> int:
@@ -197,15 +235,21 @@ class LesionClassifier(pl.LightningModule):
     # --- steps ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.loss_cfg["class_weights"]:
+        if stage == "fit" and self.loss_cfg["class_weights"] and self.joint_names:
+            members = getattr(self.trainer.datamodule, "members", {})
+            self.class_weights_by_head = {n: torch.as_tensor(members[n].class_weights(), dtype=torch.float32)
+                                          for n in self.joint_names}
+            self.class_weight = self.class_weights_by_head[self.active_head]
+        elif stage == "fit" and self.loss_cfg["class_weights"]:
             dm = self.trainer.datamodule
             if dm is None or not hasattr(dm, "class_weights"):
                 raise RuntimeError("model.loss.class_weights=true needs a datamodule with class_weights()")
             self.class_weight = torch.as_tensor(dm.class_weights(), dtype=torch.float32)
             log.info("class weights %s", dict(zip(self.class_names, self.class_weight.tolist())))
 
-    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, head: str | None = None) -> torch.Tensor:
+        weight = self.class_weights_by_head.get(head, self.class_weight) if head else self.class_weight
+        weight = weight.to(logits.device) if weight is not None else None
         return F.cross_entropy(logits.float(), y, weight=weight,
                                label_smoothing=float(self.loss_cfg["label_smoothing"]))
 
@@ -218,8 +262,19 @@ class LesionClassifier(pl.LightningModule):
         weight = self.class_weight.to(logits.device)
         return (nll * weight).sum() / (target * weight).sum()
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def _split_batch(self, batch, dataloader_idx: int = 0):
+        """(x, y, head): joint training batches carry their member's name; joint val/test
+        loaders come one per member, in joint_names order; otherwise the active head."""
+        if len(batch) == 3:
+            return batch[0], batch[1], batch[2]
         x, y = batch
+        return x, y, (self.joint_names[dataloader_idx] if self.joint_names else None)
+
+    def _logits(self, x: torch.Tensor, head: str | None) -> torch.Tensor:
+        return self(x) if head is None else self.model(x, head, frozen_prefix=self._frozen_prefix)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, head = self._split_batch(batch)
         # timm's Mixup pairs each image with its mirror in the batch: an odd (last) batch trains
         # on hard labels
         if self.mixup is not None and len(x) % 2 == 0:
@@ -227,8 +282,8 @@ class LesionClassifier(pl.LightningModule):
             logits = self(x)
             loss = self._soft_loss(logits, target)
         else:
-            logits = self(x)
-            loss = self._loss(logits, y)
+            logits = self._logits(x, head)
+            loss = self._loss(logits, y, head)
         # Checked in on_before_optimizer_step, together with the gradient norm, in one host sync per
         # optimizer step (a sync per check stalls the GPU's queue). That is still before the
         # optimizer step, so a non-finite loss never reaches the weights. Accumulated on the device
@@ -239,8 +294,8 @@ class LesionClassifier(pl.LightningModule):
         # on_step for the progress bar and logger: Lightning turns prog_bar values into Python
         # numbers every step (a host sync), so the bar reads the loss at its own refresh instead
         # (melanoma.training.progress.TrainProgressBar)
-        self.log("train/loss", loss, on_step=True, on_epoch=True)
-        self.metrics["train_metrics"].update(logits.detach().float().softmax(-1), y)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
+        self.metrics[self._metric_key("train", head)].update(logits.detach().float().softmax(-1), y)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -297,6 +352,7 @@ class LesionClassifier(pl.LightningModule):
             self._lr_groups.setdefault(f"lr/{group.get('layer', group.get('name'))}", group)
         if self.class_weight is not None:
             self.class_weight = self.class_weight.to(self.device)
+        self.class_weights_by_head = {n: w.to(self.device) for n, w in self.class_weights_by_head.items()}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # only on the steps the loggers write: one self.log per layer per step was the largest
@@ -307,48 +363,69 @@ class LesionClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
-    def _eval_step(self, stage: str, batch) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = self._loss(logits, y)
+    def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
+        x, y, head = self._split_batch(batch, dataloader_idx)
+        logits = self._logits(x, head)
+        loss = self._loss(logits, y, head)
         probs = logits.float().softmax(-1)
-        self.metrics[f"{stage}_metrics"].update(probs, y)
-        self.confmats[stage].update(probs, y)
-        self.eval_losses[stage].update(loss.detach(), weight=y.numel())
+        self.metrics[self._metric_key(stage, head)].update(probs, y)
+        self.confmats[self._metric_key(stage, head, "")].update(probs, y)
+        self.eval_losses[self._metric_key(stage, head, "")].update(loss.detach(), weight=y.numel())
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step("val", batch)
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # scalar metrics only (test/...): the figures, intervals and calibrated numbers are the
         # report's (melanoma.evaluation.report), written after fit under report/
-        self._eval_step("test", batch)
+        self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        collection = self.metrics[f"{stage}_metrics"]
-        if not collection[next(iter(collection.keys()))].update_called:
+        """``<stage>/<metric>``; joint: ``<stage>/<head>/<metric>`` per member and
+        ``<stage>/mean/<metric>``, the plain mean over the members that have the metric."""
+        if not self.joint_names:
+            self._log_head_metrics(stage, None)
             return
-        values = {f"{stage}/{k}": v for k, v in collection.compute().items()}
+        per_head = [self._log_head_metrics(stage, h) for h in self.joint_names]
+        per_head = [v for v in per_head if v]
+        if not per_head:
+            return
+        shared = set.intersection(*(set(v) for v in per_head))
+        means = {f"{stage}/{JOINT_MEAN}/{k}": torch.stack([torch.as_tensor(v[k], dtype=torch.float32).cpu()
+                                                           for v in per_head]).mean()
+                 for k in sorted(shared)}
+        self.log_dict(means, sync_dist=True)
+
+    def _log_head_metrics(self, stage: str, head: str | None) -> dict:
+        """Log one head's metrics; return them by metric name (without the prefix)."""
+        collection = self.metrics[self._metric_key(stage, head)]
+        if not collection[next(iter(collection.keys()))].update_called:
+            return {}
+        prefix = stage if head is None else f"{stage}/{head}"
+        values = dict(collection.compute().items())
         collection.reset()
-        if stage in self.eval_losses and self.eval_losses[stage].update_called:
-            self.log(f"{stage}/loss", self.eval_losses[stage].compute().float(), sync_dist=True,
-                     prog_bar=stage == "val")
-            self.eval_losses[stage].reset()
-        if stage in self.confmats and self.confmats[stage].update_called:
-            cm = self.confmats[stage].compute()
-            self.confmats[stage].reset()
-            if self.positive_index is not None:
-                sens, spec = melanoma_rates(cm, self.positive_index)
-                values[f"{stage}/sensitivity"], values[f"{stage}/specificity"] = sens, spec
+        key = self._metric_key(stage, head, "")
+        if key in self.eval_losses and self.eval_losses[key].update_called:
+            values["loss"] = self.eval_losses[key].compute().float()
+            self.log(f"{prefix}/loss", values["loss"], sync_dist=True, prog_bar=stage == "val" and head is None)
+            self.eval_losses[key].reset()
+        if key in self.confmats and self.confmats[key].update_called:
+            cm = self.confmats[key].compute()
+            self.confmats[key].reset()
+            pos = self.positive_index if head is None else positive_index(self.model.heads[head].class_names)
+            if pos is not None:
+                values["sensitivity"], values["specificity"] = melanoma_rates(cm, pos)
         # compute() already synced the states across processes, so every rank holds the same
         # values; sync_dist averages equal numbers (a no-op) and keeps Lightning from warning
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()}, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": torch.as_tensor(v, dtype=torch.float32) for k, v in values.items()
+                       if k != "loss"}, sync_dist=True)
+        return values
 
     # --- optimisation ---------------------------------------------------------------------------
 
@@ -362,7 +439,9 @@ class LesionClassifier(pl.LightningModule):
             )
         optim.check_scheduler_config(self.scheduler_cfg)  # an old spelling: say the new one first
         backbone = self.model.backbone
-        optimizer = optim.build_optimizer(optim.optimizer_groups(backbone, self.head, cfg), cfg)
+        heads = (torch.nn.ModuleDict({n: self.model.heads[n] for n in self.joint_names}) if self.joint_names
+                 else self.head)
+        optimizer = optim.build_optimizer(optim.optimizer_groups(backbone, heads, cfg), cfg)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         if not math.isfinite(total) or total <= 0:
             total = 1
@@ -401,18 +480,18 @@ class LesionClassifier(pl.LightningModule):
             )
         self.model.backbone.load_state_dict(source.backbone.state_dict(), strict=True)
         for name, head in source.heads.items():
-            if name == self.active_head:
-                if head.spec() == self.head.spec():
+            if name in self._training_heads():
+                if head.spec() == self.model.heads[name].spec():
                     self.model.heads.add(name, head, replace=True)
                     log.info("init_from: continuing to train the checkpoint's %r head", name)
                 else:
                     log.warning("init_from: the checkpoint's %r head (%s) differs from the "
                                 "configured one (%s); a fresh head replaces it",
-                                name, head.spec(), self.head.spec())
+                                name, head.spec(), self.model.heads[name].spec())
                 continue
             self.model.heads.add(name, head)
         # their calibration and training data; meta() marks them uncalibrated once training moves on
-        self.head_records.update({n: rec for n, rec in meta.heads.items() if n != self.active_head})
+        self.head_records.update({n: rec for n, rec in meta.heads.items() if n not in self._training_heads()})
         self.model.train()
         self._sync_head_flags()
         log.info("init_from %s: backbone and heads %s loaded; training head %r",
@@ -427,15 +506,30 @@ class LesionClassifier(pl.LightningModule):
             return None if rec is None else rec.data
         config = (self.hparams.get("config") or {}).get("dataset") or {}
         return TrainingData.from_dict({**dm.split_description(), "config": dict(config),
-                                       **self._training_balance(dm)})
+                                       **self._training_balance(dm, self.class_weight)})
 
-    def _training_balance(self, dm) -> dict:
+    def _joint_training_data(self) -> dict[str, TrainingData]:
+        """Joint training: each member head's data, from its member's own split description (as
+        `melanoma evaluate --head` rebuilds it alone) and its own dataset config."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if not self.joint_names or dm is None or not getattr(dm, "split_descriptions", None):
+            return {}
+        out = {}
+        for name in self.joint_names:
+            member = dm.members[name]
+            weight = self.class_weights_by_head.get(name)
+            out[name] = TrainingData.from_dict({
+                **dm.split_descriptions[name], "config": dict(dm.member_configs[name]),
+                **self._training_balance(member, weight)})
+        return out
+
+    def _training_balance(self, dm, class_weight: torch.Tensor | None = None) -> dict:
         """The train split's class prior and how training reweighted it (loss weights, sampler):
         evaluation undoes that shift when it calibrates (melanoma.evaluation.calibration)."""
         labels = dm.split_table("train")["label"].to_numpy()
         counts = np.bincount(labels, minlength=len(dm.class_names)).astype(np.float64)
         return {"prior": (counts / max(counts.sum(), 1.0)).tolist(),
-                "class_weights": None if self.class_weight is None else self.class_weight.tolist(),
+                "class_weights": None if class_weight is None else class_weight.tolist(),
                 "sampler": getattr(dm, "sampler", "random")}
 
     def meta(self) -> CheckpointMeta:
@@ -450,11 +544,14 @@ class LesionClassifier(pl.LightningModule):
         for name, spec in self.model.heads.specs().items():
             old = self.head_records.get(name) or HeadRecord(spec=spec)
             rec = HeadRecord(spec=spec, data=old.data, uncalibrated_reason=old.uncalibrated_reason)
-            if name != self.active_head and (old.calibration or old.calibration_tta):
+            if name not in self._training_heads() and (old.calibration or old.calibration_tta):
                 rec.drop_calibration(moved)
             heads[name] = rec
         heads[self.active_head].data = data
         heads[self.active_head].uncalibrated_reason = None
+        for name, member_data in self._joint_training_data().items():
+            heads[name].data = member_data
+            heads[name].uncalibrated_reason = None
         return CheckpointMeta(
             backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, heads=heads,
             active_head=self.active_head, preprocessing=self.preprocessing,
