@@ -189,16 +189,31 @@ def cmd_check_data(args) -> int:
     from melanoma.data.check import check_images, dataset_image_paths
 
     dm = build_datamodule(args.overrides)
-    # the paths without dm.setup(): with a cache configured, setup() builds the cache and would
-    # stop at the first unreadable image
-    paths = dataset_image_paths(dm)
-    bad = check_images(paths, progress=not args.quiet)
-    n = len(paths)
-    for path, reason in bad:
-        print(f"{path}: {reason}")
-    print(f"{dm.name}: {n - len(bad)} of {n} images readable"
-          + (f", {len(bad)} unreadable (listed above): replace or remove them" if bad else ""), file=sys.stderr)
-    return EXIT_FAILED if bad else EXIT_OK
+    # a joint config: every member's images, then the images one member holds out (val/test) that
+    # another trains on (a leak that training drops from train by default)
+    members = getattr(dm, "members", None) or {dm.name: dm}
+    failed = False
+    for name, member in members.items():
+        # the paths without setup(): with a cache configured, setup() builds the cache and would
+        # stop at the first unreadable image
+        paths = dataset_image_paths(member)
+        bad = check_images(paths, progress=not args.quiet)
+        failed |= bool(bad)
+        for path, reason in bad:
+            print(f"{path}: {reason}")
+        print(f"{name}: {len(paths) - len(bad)} of {len(paths)} images readable"
+              + (f", {len(bad)} unreadable (listed above): replace or remove them" if bad else ""), file=sys.stderr)
+    if len(members) > 1 and not failed:
+        from melanoma.data.overlap import cross_dataset_overlap
+
+        tables = {n: m.table if m.table is not None else m._make_table() for n, m in members.items()}
+        overlap = cross_dataset_overlap(tables)
+        print(f"{dm.name}: {len(overlap)} image(s) held out (val/test) in one member are in another's train split"
+              + (" (dropped from train when training, unless dataset.drop_overlap=false):" if len(overlap) else ""),
+              file=sys.stderr)
+        if len(overlap):
+            print(overlap.to_string(index=False))
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -132,6 +132,22 @@ def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tin
     assert len(kept.overlap) == 1 and len(kept.members["dermmel"].split_table("train")) == 17
 
 
+def test_check_data_on_a_joint_config_reports_the_overlap(ham_root, tiny_dermmel, tmp_path, capsys):
+    ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
+    ham.setup()
+    held_out = ham.split_table("val")["path"].iloc[0]
+    dermmel = tmp_path / "dermmel"
+    shutil.copytree(tiny_dermmel, dermmel)
+    shutil.copy(held_out, dermmel / "DermMel" / "train_sep" / "NotMelanoma" / f"{image_id(held_out)}.jpg")
+    args = ["check-data", "dataset=joint", "dataset.members=[ham10000,dermmel]", "dataset.image_size=32",
+            f"+dataset.member_overrides.ham10000.root={ham_root}", f"+dataset.member_overrides.dermmel.root={dermmel}",
+            "-q"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "ham10000:" in err and "dermmel:" in err and "1 image(s) held out" in err
+    assert image_id(held_out) in out and "val" in out
+
+
 # --- a joint training run ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -246,3 +262,35 @@ def test_ddp_two_processes_joint_run_ends_with_identical_parameters(ham_root, ph
         assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
     for name in ("ham10000", "ph2"):  # each head trained on its own member's batches
         assert not torch.equal(p0[f"heads.{name}.fc.weight"], start[f"heads.{name}.fc.weight"])
+
+
+@pytest.mark.slow
+def test_joint_run_on_the_shared_ham10000_and_ph2_images(ham10000_root, ph2_table, tmp_path):
+    """The real data beside the project (skips without it): both heads train (a uniform mix draws
+    both members in a few steps), per-member metrics are logged, and `predict --head` works for
+    each head on that member's own images."""
+    out = tmp_path / "run"
+    cfg = compose_cfg([*JOINT_TINY, "dataset.members=[ham10000,ph2]", "dataset.mix=uniform",
+                       f"+dataset.member_overrides.ham10000.root={ham10000_root}",
+                       f"+dataset.member_overrides.ph2.root={ph2_table.parent}",
+                       *tiny_model_overrides(), *tiny_trainer_overrides(max_epochs=1),
+                       "+trainer.limit_train_batches=6", "trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"],
+                      out)
+    run(cfg)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    meta = read_meta(ckpt)
+    assert set(meta.heads) == {"ham10000", "ph2"}
+    assert meta.heads["ham10000"].data.counts["train"] > 6000 and meta.heads["ph2"].data.counts["test"] == 40
+    keys = pd.read_csv(out / "csv" / "metrics.csv").columns.tolist()
+    assert {"val/ham10000/bal_acc", "val/ph2/bal_acc", "val/mean/bal_acc"} <= set(keys)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    # both heads trained: their biases (initialised to zero) moved
+    assert all(state[f"model.heads.{h}.fc.bias"].abs().sum() > 0 for h in ("ham10000", "ph2"))
+    images = {"ham10000": sorted((ham10000_root / "HAM10000_images_part_1").glob("*.jpg"))[:2],
+              "ph2": sorted((ph2_table.parent / "images").glob("*.jpg"))[:2]}
+    for head, paths in images.items():
+        result = tmp_path / f"{head}.json"
+        assert main(["predict", str(ckpt), *map(str, paths), "--head", head, "--out", str(result), "-q"]) == 0
+        rows = json.loads(result.read_text())["predictions"]
+        assert len(rows) == 2 and all(r["error"] is None for r in rows)
+        assert {f"prob_{c}" for c in meta.heads[head].class_names} <= set(rows[0])
