@@ -153,6 +153,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(runs_dir: Path, rows: list[dict], reference: str, n_boot: int = 2000) -> list[dict]:
+    """AUROC(setting) - AUROC(reference) on the same pooled out-of-fold images, with a paired 95%
+    percentile bootstrap (images resampled together for both; PH2 has one image per lesion).
+    Marginal intervals that overlap can still hide a paired difference, and vice versa."""
+    import numpy as np
+    import pandas as pd
+
+    from melanoma.evaluation.metrics import binary_auroc
+
+    def load(name):
+        t = pd.read_csv(runs_dir / name / "oof_predictions.csv").set_index("path").sort_index()
+        return t["prob_melanoma"].to_numpy(), (t["true_label"] == "melanoma").to_numpy(), t.index
+
+    ref_p, ref_y, ref_i = load(reference)
+    rng = np.random.default_rng(0)
+    idx = [rng.integers(0, len(ref_y), len(ref_y)) for _ in range(n_boot)]
+    out = []
+    for r in rows:
+        if r["setting"] == reference:
+            continue
+        p, y, i = load(r["setting"])
+        assert (i == ref_i).all() and (y == ref_y).all(), "settings must pool the same images"
+        diff = binary_auroc(p, y) - binary_auroc(ref_p, y)
+        boots = np.array([binary_auroc(p[b], y[b]) - binary_auroc(ref_p[b], y[b]) for b in idx])
+        lo, hi = np.nanpercentile(boots, [2.5, 97.5])
+        out.append({"setting": r["setting"], "reference": reference, "diff": float(diff), "ci": [float(lo), float(hi)]})
+    return out
+
+
+def paired_table(diffs: list[dict]) -> str:
+    lines = ["| setting | vs | AUROC difference [paired 95% CI] | CI excludes 0 |", "|---|---|---|---|"]
+    for d in diffs:
+        lines.append(f"| {d['setting']} | {d['reference']} | {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] "
+                     f"| {'yes' if d['ci'][0] > 0 or d['ci'][1] < 0 else 'no'} |")
+    return "\n".join(lines)
+
+
 def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -177,7 +214,14 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny: 32 px, 2 folds, 1 epoch, 2 recipes (< 5 min)")
     p.add_argument("--out", type=Path, default=Path("/tmp/transfer_study"))
     p.add_argument("--results", type=Path, default=None, help="write transfer_study.{png,json} here")
+    p.add_argument("--paired", type=Path, default=None,
+                   help="only compute paired AUROC differences for a finished run folder (its transfer_study.json)")
     a = p.parse_args()
+    if a.paired:
+        record = json.loads((a.paired / "transfer_study.json").read_text())
+        for ref in (record["best"], "scratch"):
+            print(paired_table(paired_differences(a.paired, record["rows"], ref)) + "\n")
+        return
     plan = QUICK if a.quick else Plan()
     out = a.out / ("quick" if a.quick else "full") / time.strftime("%Y%m%d_%H%M%S")
     out.mkdir(parents=True)
