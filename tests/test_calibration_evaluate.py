@@ -79,5 +79,4 @@ def test_the_training_module_records_prior_weights_and_sampler(tmp_path):
     module = LesionClassifier(backbone={"name": "vit_tiny", "kwargs": KW}, dataset_name="dermmel",
                               class_names=["not_melanoma", "melanoma"])
     assert module._training_balance(dm) == {"prior": [0.75, 0.25], "class_weights": None, "sampler": "balanced"}
-    module.class_weight = dm.class_weights()
-    assert module._training_balance(dm)["class_weights"] == pytest.approx([8 / 12, 8 / 4])
+    assert module._training_balance(dm, dm.class_weights())["class_weights"] == pytest.approx([8 / 12, 8 / 4])
