@@ -90,12 +90,16 @@ def train_val_test_split(
     groups = np.asarray(groups).astype(str)
     split = assign_groups(labels, groups, {"rest": 1.0 - test_fraction, "test": test_fraction}, seed)
     rest = split == "rest"
-    folds = assign_groups(
-        labels[rest], groups[rest], {str(i): 1.0 / num_folds for i in range(num_folds)}, seed + 1
-    )
     split = split.astype(object)
-    split[rest] = np.where(folds == str(fold), "val", "train")
+    split[rest] = _fold_split(labels[rest], groups[rest], num_folds, fold, seed)
     return split
+
+
+def _fold_split(labels, groups, num_folds: int, fold: int, seed: int) -> np.ndarray:
+    """k group-stratified folds of these rows: fold ``fold`` is "val", the others "train"."""
+    _check_fold(num_folds, fold)
+    folds = assign_groups(labels, groups, {str(i): 1.0 / num_folds for i in range(num_folds)}, seed + 1)
+    return np.where(folds == str(fold), "val", "train").astype(object)
 
 
 def carve_missing_splits(
@@ -128,9 +132,7 @@ def carve_missing_splits(
         return np.full(len(np.asarray(labels)), "train", dtype=object)
     if num_folds is None:
         return assign_groups(labels, groups, {"train": 1.0 - val_fraction, "val": val_fraction}, seed)
-    _check_fold(num_folds, fold)
-    folds = assign_groups(labels, groups, {str(i): 1.0 / num_folds for i in range(num_folds)}, seed + 1)
-    return np.where(folds == str(fold), "val", "train").astype(object)
+    return _fold_split(labels, groups, num_folds, fold, seed)
 
 
 _KFOLD_WITH_OFFICIAL_VAL = (
