@@ -116,8 +116,6 @@ def param_groups(backbone: nn.Module, head: nn.Module, lrs: Mapping[str, float],
 LAYERWISE_KEYS = ("head_lr", "layer_decay", "group_lr")
 #: keys of ``model.scheduler`` that are Lightning's scheduling settings, not scheduler arguments
 LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
-#: the run lengths a scheduler may ask for by naming them as ``__init__`` parameters
-RUN_LENGTH_KEYS = ("total_steps", "max_epochs")
 
 
 def _required(cfg: Mapping, key: str, where: str):
