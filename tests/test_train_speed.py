@@ -166,3 +166,50 @@ def test_step_values_logged_only_when_written_still_reach_every_logged_step(tiny
     assert len(loss_steps) >= 3
     assert set(m.loc[m["train/grad_norm"].notna(), "step"]) == loss_steps
     assert set(m.loc[m["lr/head"].notna(), "step"]) == loss_steps
+
+
+def test_host_sync_counter_counts_what_would_stall_a_gpu():
+    from melanoma.training.debug import HostSyncCounter
+
+    x = torch.arange(6.0)
+    original = torch.Tensor.tolist
+    with HostSyncCounter() as counter:
+        y = (x * 2 + 1).softmax(0)  # device work only
+        assert not counter.events
+        float(y.sum())
+        bool(x.any())
+        x.tolist()
+        x[x > 2]
+        torch.bincount(x.long())
+        # torch's AdamW reads its step counter, which lives on the host even for GPU parameters
+        w = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([w])
+        w.sum().backward()
+        opt.step()
+    assert [op for op, _ in counter.events] == ["_local_scalar_dense", "_local_scalar_dense", "tolist",
+                                                 "index (boolean mask)", "bincount"]
+    assert torch.Tensor.tolist is original
+
+
+@pytest.mark.parametrize("extra", [[], ["callbacks=unfreezing", "ema=on"]], ids=["default", "unfreezing+ema"])
+def test_training_steps_between_log_writes_make_no_host_sync(tiny_dermmel, tmp_path, extra):
+    """On a GPU every read of a device value into Python (item, bool, tolist, a data-dependent
+    shape) makes the host wait for the queue to drain, and the GPU then idles while Python catches
+    up. A step the loggers do not write and the progress bar does not redraw must read nothing:
+    not the metrics, the NaN/Inf guard, the gradient norm, the learning rates or EMA."""
+    import json
+
+    skipped = ("trainer.enable_progress_bar", "callbacks.progress_bar", "trainer.log_every_n_steps")
+    overrides = [o for o in tiny_overrides(tiny_dermmel, max_epochs=1, batch_size=2) if not o.startswith(skipped)]
+    out = tmp_path / "syncs.json"
+    cfg = compose_cfg([*overrides, *extra, "trainer.log_every_n_steps=4", "test=false",
+                       "+callbacks.syncs._target_=melanoma.training.debug.CountHostSyncs",
+                       "+callbacks.syncs.start=1", f"+callbacks.syncs.out={out}"], tmp_path / "run")
+    run(cfg)
+    steps = json.loads(out.read_text())  # batches 1..7 of 8 (16 train images, batch 2)
+    assert len(steps) == 7
+    logged = {3, 7}  # the logger writes batches 3 and 7 (every 4th); the bar redraws at the last
+    quiet = {b: steps[b - 1] for b in range(1, 8) if b not in logged}
+    assert quiet == {b: [] for b in quiet}
+    # the counter sees the syncs that writing a log does cost
+    assert steps[3 - 1]

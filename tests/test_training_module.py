@@ -10,7 +10,8 @@ from melanoma.cli import main
 from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, read_meta
 from melanoma.models.classifier import Classifier
 from melanoma.train import run
-from melanoma.training.module import LesionClassifier, NonFiniteLossError
+from melanoma.training.guard import NonFiniteLossError
+from melanoma.training.module import LesionClassifier
 from helpers import compose_cfg, module_from_cfg, tiny_overrides
 
 
@@ -150,6 +151,21 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
     assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
 
 
+def test_non_finite_last_step_stops_before_validation_and_any_checkpoint(tiny_dermmel, tmp_path):
+    """The guard reads a step's verdict at the next optimizer step; the last step of an epoch has
+    none, so the read happens before validation: the poisoned weights are neither validated nor
+    written (16 train images, batch 8: steps 0 and 1, the poison before step 1)."""
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=1), "test=false",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.nan_at_step=1"],
+                      tmp_path / "run")
+    with pytest.raises(NonFiniteLossError, match=r"not finite \(nan on this rank\) at epoch 0, global step 1, batch 1"):
+        run(cfg)
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert not list((tmp_path / "run").rglob("metrics.csv")) or "val/loss" not in (
+        next((tmp_path / "run").rglob("metrics.csv")).read_text())
+
+
 def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
     from melanoma.models import build_backbone
 
@@ -177,7 +193,7 @@ def test_pretrained_local_file_initialises_the_backbone(tiny_dermmel, tmp_path):
         assert torch.equal(backbone[k], v), k
 
 
-def test_non_finite_gradient_stops_before_the_optimizer_step(tiny_dermmel, tmp_path):
+def test_non_finite_gradient_stops_before_a_checkpoint_of_its_step(tiny_dermmel, tmp_path):
     cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=2), "test=false",
                        "callbacks.last_checkpoint.every_n_train_steps=1",
                        "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",

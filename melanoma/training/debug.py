@@ -1,4 +1,4 @@
-"""Instrumentation and fault injection for tests of the training loop (DDP, resume, NaN).
+"""Instrumentation and fault injection for tests of the training loop (DDP, resume, NaN, host syncs).
 
 Added from the command line like any callback, so it also reaches DDP child processes:
     python train.py +callbacks.debug._target_=melanoma.training.debug.RecordTraining \
@@ -10,13 +10,121 @@ from __future__ import annotations
 import json
 import os
 import signal
+import traceback
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["RecordTraining"]
+from melanoma.training.guard import is_host_copy
+
+__all__ = ["CountHostSyncs", "HostSyncCounter", "RecordTraining"]
+
+_aten = torch.ops.aten
+# Operations whose result the host must wait for on a GPU: a value read into Python (item,
+# bool, float, equal) or an output whose size depends on the data (nonzero, unique, bincount's
+# max, boolean-mask indexing, repeat_interleave without output_size).
+_SYNC_OPS = {
+    _aten._local_scalar_dense.default, _aten.equal.default, _aten.nonzero.default,
+    _aten.masked_select.default, _aten._unique2.default, _aten.unique_dim.default,
+    _aten.unique_consecutive.default, _aten.bincount.default, _aten.repeat_interleave.Tensor,
+}
+_MASK_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
+# reads of a tensor's data into Python that never reach the dispatcher for a CPU tensor (on a
+# GPU each is a device-to-host copy)
+_HOST_READS = ("tolist", "numpy", "cpu")
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts, on any device, the operations that would make the host wait for a GPU.
+
+    A GPU runs ahead of Python only while nothing reads its results: every ``.item()``,
+    ``bool(tensor)``, ``.tolist()``, ``.cpu()`` or data-dependent shape stalls the host until the
+    queue drains, and the GPU then idles while Python catches up. On a CPU nothing waits, so
+    these stalls cannot be timed here; they can be counted, which is what a test can assert.
+    ``events`` holds (operation, the innermost frame of our code or Lightning's that caused it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+        self._saved: dict[str, object] = {}
+
+    def _record(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-2] if "debug.py" not in f.filename]
+        if what == "_local_scalar_dense" and any(f"torch{os.sep}optim{os.sep}" in f.filename for f in frames):
+            return  # torch's optimizers keep their step counters on the host (unless capturable)
+        ours = [f for f in frames if "/melanoma/" in f.filename or "lightning" in f.filename]
+        where = ours[-1] if ours else frames[-1]
+        self.events.append((what, f"{Path(where.filename).name}:{where.lineno} {where.name}"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SYNC_OPS:
+            self._record(str(func.overloadpacket.__name__))
+        elif func in _MASK_INDEX_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                self._record(f"{func.overloadpacket.__name__} (boolean mask)")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        for name in _HOST_READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def read(tensor, *a, _name=name, _original=original, **kw):
+                if not is_host_copy(tensor):
+                    self._record(_name)
+                return _original(tensor, *a, **kw)
+
+            setattr(torch.Tensor, name, read)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
+        return super().__exit__(*exc)
+
+
+class CountHostSyncs(Callback):
+    """Host syncs per training step, counted from one ``on_train_batch_start`` to the next (the
+    step, Lightning's bookkeeping after it and the next batch's fetch), from batch ``start`` of
+    the first epoch on. ``steps`` holds one list of ``HostSyncCounter.events`` per step;
+    ``out`` (optional) receives them as JSON at the end of fit."""
+
+    def __init__(self, start: int = 1, out: str | None = None):
+        self.start = int(start)
+        self.out = Path(out) if out else None
+        self.steps: list[list[tuple[str, str]]] = []
+        self._counter: HostSyncCounter | None = None
+
+    def _close(self) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.steps.append(self._counter.events)
+            self._counter = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._close()
+        if trainer.current_epoch == 0 and batch_idx >= self.start:
+            self._counter = HostSyncCounter()
+            self._counter.__enter__()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # a step ends where validation (or, without it, the epoch's end) begins
+        self._close()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps(self.steps, indent=1))
 
 
 class RecordTraining(Callback):

@@ -27,19 +27,15 @@ from melanoma.models.heads import DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
+from melanoma.training.guard import FiniteGuard
 from melanoma.training.metrics import stage_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JOINT_MEAN", "LesionClassifier", "NonFiniteLossError"]
+__all__ = ["JOINT_MEAN", "LesionClassifier"]
 
 #: the name joint training logs its mean over members under (``val/mean/bal_acc``)
 JOINT_MEAN = "mean"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradients became NaN/Inf; raised before the optimizer step (and so before
-    any checkpoint of the damaged weights can be written)."""
 
 
 def _head_spec(kind: str, in_features: int, class_names: Sequence[str], cfg: Mapping) -> dict:
@@ -156,9 +152,10 @@ class LesionClassifier(pl.LightningModule):
         self.class_weights_by_head: dict[str, torch.Tensor] = {}
         self.mixup = _build_mixup(mixup, len(class_names), float(self.loss_cfg["label_smoothing"]))
         self._lr_groups: dict = {}
-        # the NaN/Inf guard's state between training_step and on_before_optimizer_step
-        self._loss_finite: torch.Tensor | None = None
-        self._last_loss: tuple[torch.Tensor, int] | None = None
+        # the NaN/Inf guard, read one optimizer step late (melanoma.training.guard)
+        self.guard = FiniteGuard()
+        # per (stage, head): the epoch's (probabilities, labels, loss) steps, not yet in the metrics
+        self._pending: dict[tuple[str, str | None], list] = {}
         # per head: calibration and training data as the checkpoint contract records them
         # (evaluation writes calibration into the file; init_from and resume bring records along)
         self.head_records: dict[str, HeadRecord] = {}
@@ -284,53 +281,22 @@ class LesionClassifier(pl.LightningModule):
         else:
             logits = self._logits(x, head)
             loss = self._loss(logits, y, head)
-        # Checked in on_before_optimizer_step, together with the gradient norm, in one host sync per
-        # optimizer step (a sync per check stalls the GPU's queue). That is still before the
-        # optimizer step, so a non-finite loss never reaches the weights. Accumulated on the device
-        # over the micro-batches of one optimizer step (accumulate_grad_batches).
-        finite = torch.isfinite(loss.detach())
-        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
-        self._last_loss = (loss.detach(), batch_idx)
+        # checked on the device before the optimizer step and read one step later, before any
+        # checkpoint or validation sees the weights (melanoma.training.guard: no host sync)
+        self.guard.loss(loss, batch_idx)
         # on_step for the progress bar and logger: Lightning turns prog_bar values into Python
         # numbers every step (a host sync), so the bar reads the loss at its own refresh instead
         # (melanoma.training.progress.TrainProgressBar)
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(y))
-        self.metrics[self._metric_key("train", head)].update(logits.detach().float().softmax(-1), y)
+        self._defer("train", head, logits.detach().float().softmax(-1), y)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        loss_finite, self._loss_finite = self._loss_finite, None
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        # one fused (foreach) norm over all gradients instead of one kernel per tensor
-        norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        checks = []
-        if loss_finite is not None:
-            # every rank must stop together, or the others wait forever in the next all-reduce:
-            # count the ranks with a bad loss on the device, then read everything in one sync
-            bad = self.trainer.strategy.reduce((~loss_finite).float(), reduce_op="sum")
-            checks.append(bad == 0)
         # with fp16 loss scaling an overflow is routine: the GradScaler skips that step itself
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        if norm is not None and not scaled:
-            checks.append(torch.isfinite(norm))
-        ok = torch.stack([c.to(torch.bool).reshape(()) for c in checks]).tolist() if checks else []
-        if loss_finite is not None and not ok.pop(0):
-            loss, batch_idx = self._last_loss
-            raise NonFiniteLossError(
-                f"training loss is not finite ({loss.item()} on this rank) at epoch "
-                f"{self.current_epoch}, global step {self.global_step}, batch {batch_idx}. The run "
-                f"stopped before the optimizer step, so no checkpoint holds damaged weights; the last "
-                f"good one is in the checkpoints folder. Lower the learning rate "
-                f"(model.optimizer.lr / head_lr), use precision 32-true, set "
-                f"trainer.gradient_clip_val, or check the input images."
-            )
-        if ok and not ok.pop(0):
-            # grads are all-reduced by now, so every rank sees the same value and stops together
-            raise NonFiniteLossError(
-                f"gradient norm is {norm.item()} at epoch {self.current_epoch}, global step "
-                f"{self.global_step}: the optimizer step was skipped and no checkpoint was written. "
-                f"Lower the learning rate or set trainer.gradient_clip_val."
-            )
+        norm = self.guard.step(grads, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+                               check_norm=not scaled, epoch=self.current_epoch, global_step=self.global_step)
         if norm is not None and self._logging_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
@@ -363,14 +329,40 @@ class LesionClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
 
+    def on_validation_start(self) -> None:
+        self.guard.check()  # the weights about to be validated passed the NaN/Inf guard
+
+    def on_train_end(self) -> None:
+        self.guard.check()
+
     def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
         x, y, head = self._split_batch(batch, dataloader_idx)
         logits = self._logits(x, head)
         loss = self._loss(logits, y, head)
-        probs = logits.float().softmax(-1)
+        self._defer(stage, head, logits.float().softmax(-1), y, loss.detach())
+
+    def _defer(self, stage: str, head: str | None, probs: torch.Tensor, y: torch.Tensor,
+               loss: torch.Tensor | None = None) -> None:
+        """Keep a step's probabilities, labels (and eval loss) on the device; the epoch's metrics
+        take them in one update (``_flush``). torchmetrics' per-step updates read device values
+        on the host (argument checks, bincount's size, the NaN check of the mean): several GPU
+        syncs per step."""
+        self._pending.setdefault((stage, head), []).append((probs, y, loss))
+
+    def _flush(self, stage: str, head: str | None) -> None:
+        steps = self._pending.pop((stage, head), [])
+        if not steps:
+            return
+        probs, y = torch.cat([s[0] for s in steps]), torch.cat([s[1] for s in steps])
         self.metrics[self._metric_key(stage, head)].update(probs, y)
-        self.confmats[self._metric_key(stage, head, "")].update(probs, y)
-        self.eval_losses[self._metric_key(stage, head, "")].update(loss.detach(), weight=y.numel())
+        key = self._metric_key(stage, head, "")
+        if key in self.confmats:
+            self.confmats[key].update(probs, y)
+        if key in self.eval_losses:
+            # the mean over images: each step's mean loss weighted by its batch size
+            losses = torch.stack([s[2].float() for s in steps])
+            sizes = torch.tensor([len(s[1]) for s in steps], dtype=torch.float32, device=losses.device)
+            self.eval_losses[key].update(losses, weight=sizes)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -404,6 +396,7 @@ class LesionClassifier(pl.LightningModule):
 
     def _log_head_metrics(self, stage: str, head: str | None) -> dict:
         """Log one head's metrics; return them by metric name (without the prefix)."""
+        self._flush(stage, head)
         collection = self.metrics[self._metric_key(stage, head)]
         if not collection[next(iter(collection.keys()))].update_called:
             return {}
@@ -559,6 +552,7 @@ class LesionClassifier(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.check()  # a non-finite last step stops the run before its weights are written
         checkpoint[META_KEY] = self.meta().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
