@@ -132,7 +132,8 @@ def test_progress_bar_shows_the_loss_without_a_per_step_sync():
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader, TensorDataset
 
-    from melanoma.training.progress import TRAIN_LOSS_STEP, TrainProgressBar
+    from melanoma.training.metrics import TRAIN_LOSS_STEP
+    from melanoma.training.progress import TrainProgressBar
 
     seen = []
 

@@ -151,6 +151,33 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
     assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
 
 
+def test_logged_training_loss_is_the_step_loss_and_the_image_weighted_epoch_mean(tiny_dermmel, tmp_path):
+    """train/loss_step on the written steps equals that step's loss; train/loss_epoch is the mean
+    over the epoch's images (16 train images in batches of 6, 6 and 4: the plain mean of the
+    batch losses differs)."""
+    import json
+
+    import pandas as pd
+
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=6), "test=false",
+                       "trainer.log_every_n_steps=2",
+                       "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                       f"+callbacks.rec.out_dir={tmp_path / 'rec'}"], tmp_path / "run")
+    run(cfg)
+    steps = pd.DataFrame([json.loads(line) for line in (tmp_path / "rec" / "losses_rank0.jsonl").open()])
+    assert list(steps["images"]) == [6, 6, 4] * 2
+    m = pd.read_csv(tmp_path / "run" / "csv" / "metrics.csv")
+    logged = m.dropna(subset=["train/loss_step"]).set_index("step")["train/loss_step"]
+    assert list(logged.index) == [1, 3, 5]  # every 2nd step
+    for step, value in logged.items():
+        assert value == pytest.approx(steps.set_index("step").loc[step, "loss"], rel=1e-6)
+    epochs = m.dropna(subset=["train/loss_epoch"]).set_index("epoch")["train/loss_epoch"]
+    for epoch, group in steps.groupby("epoch"):
+        weighted = (group["loss"] * group["images"]).sum() / group["images"].sum()
+        assert epochs.loc[epoch] == pytest.approx(weighted, rel=1e-6)
+        assert abs(group["loss"].mean() - weighted) > 1e-6
+
+
 def test_non_finite_last_step_stops_before_validation_and_any_checkpoint(tiny_dermmel, tmp_path):
     """The guard reads a step's verdict at the next optimizer step; the last step of an epoch has
     none, so the read happens before validation: the poisoned weights are neither validated nor

@@ -130,7 +130,8 @@ class CountHostSyncs(Callback):
 class RecordTraining(Callback):
     """Per rank: the trainable layers at the first batch of every train epoch
     (``stages_rank<r>.jsonl``) and the parameters at the start and end of fit
-    (``params_start_rank<r>.pt``, ``params_rank<r>.pt``); optionally SIGKILL the process after a
+    (``params_start_rank<r>.pt``, ``params_rank<r>.pt``), each step's loss and batch size
+    (``losses_rank<r>.jsonl``); optionally SIGKILL the process after a
     given optimizer step, poison the head with NaN before a given step, or put an Inf into a
     gradient just before a given optimizer step."""
 
@@ -178,6 +179,10 @@ class RecordTraining(Callback):
             grad.view(-1)[0] = float("inf")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        record = {"epoch": trainer.current_epoch, "step": trainer.global_step - 1,
+                  "loss": float(outputs["loss"]), "images": len(batch[1])}
+        with self._rank_file(trainer, "losses", ".jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
         if self.kill_at_step is not None and trainer.global_step == self.kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
 

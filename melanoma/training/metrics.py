@@ -24,7 +24,11 @@ from torchmetrics.utilities.data import dim_zero_cat
 from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
 from melanoma.conventions import positive_index
 
-__all__ = ["MacroAUROC", "PositiveClassAUROC", "stage_metrics"]
+__all__ = ["MacroAUROC", "PositiveClassAUROC", "TRAIN_LOSS_EPOCH", "TRAIN_LOSS_STEP", "stage_metrics"]
+
+#: the training loss as logged: per written step, and the mean over the epoch's images
+TRAIN_LOSS_STEP = "train/loss_step"
+TRAIN_LOSS_EPOCH = "train/loss_epoch"
 
 
 def _nan(like: torch.Tensor) -> torch.Tensor:
