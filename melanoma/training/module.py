@@ -312,7 +312,7 @@ class LesionClassifier(pl.LightningModule):
         """Whether the loggers write this step's on_step values (every trainer.log_every_n_steps).
         A step-only value logged on other steps is never written, yet each ``self.log`` costs
         about a millisecond of Python (Lightning's torchmetrics-based bookkeeping)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
+        connector = getattr(self._trainer, "_logger_connector", None)  # None: no Trainer attached
         return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_start(self) -> None:
