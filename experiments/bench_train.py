@@ -16,9 +16,12 @@ bare, bare, train.py, ...) so load on a shared machine hits both alike. img/s ar
 rounds; "train.py / bare" is the median of the per-round ratios (each pair runs back to back). The
 ratio of images per second of main-process CPU time (DataLoader workers excluded: the same work
 on both sides) moves much less with other jobs on a shared machine than wall-clock img/s.
+"host syncs / step" are counted in one more short run of each side under HostSyncCounter
+(melanoma.training.debug): on a GPU each one drains the queue and idles the GPU while Python
+catches up; a CPU cannot time that, only count it.
 
     python experiments/bench_train.py            # vit_tiny + vit_small, 32-true and auto
-    python experiments/bench_train.py --quick    # vit_tiny, auto only: < 3 minutes
+    python experiments/bench_train.py --quick    # vit_tiny, auto only: ~1 minute on 2 idle cores
     python experiments/bench_train.py --out experiments/results/bench_train.md
     # on a GPU (experiments/gpu_check.sh): adds MFU = model FLOPs/image x img/s / peak bf16 FLOP/s
     python experiments/bench_train.py --accelerator gpu --models vit_base --precisions bf16-mixed \
@@ -47,6 +50,7 @@ from omegaconf import OmegaConf
 from melanoma.data.ham10000 import DX
 from melanoma.precision import autocast_context, resolve_precision
 from melanoma.train import run
+from melanoma.training.debug import HostSyncCounter
 from melanoma.training.module import LesionClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the HAM10000 layout writer of the tests
@@ -125,7 +129,7 @@ def make_images(root: Path, n_images: int, unique: int = 28) -> Path:
     return root
 
 
-def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, out: Path):
+def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, out: Path, syncs: Path | None = None):
     overrides = [
         "dataset=ham10000", f"dataset.root={data}", f"dataset.image_size={SIZE}",
         f"dataset.batch_size={args.batch}", f"dataset.num_workers={args.workers}",
@@ -136,6 +140,9 @@ def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, ou
         f"num_threads={args.threads}", f"paths.output_dir={out}",
         f"+callbacks.step_timer._target_={__name__}.StepTimer", f"+callbacks.step_timer.warmup={args.warmup}",
     ]
+    if syncs is not None:
+        overrides += ["+callbacks.syncs._target_=melanoma.training.debug.CountHostSyncs",
+                      f"+callbacks.syncs.start={args.warmup}", f"+callbacks.syncs.out={syncs}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -145,8 +152,9 @@ def train_py(cfg) -> dict:
     return StepTimer.latest.result()
 
 
-def bare_loop(cfg, warmup: int, steps: int, device: str) -> dict:
-    """The same data, model, loss, optimizer and precision as ``run(cfg)``, and nothing else."""
+def bare_loop(cfg, warmup: int, steps: int, device: str, count_syncs: bool = False) -> dict:
+    """The same data, model, loss, optimizer and precision as ``run(cfg)``, and nothing else.
+    ``count_syncs``: also count the host syncs of the timed steps (HostSyncCounter; slower)."""
     torch.manual_seed(int(cfg.seed))
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.num_threads))
@@ -167,9 +175,12 @@ def bare_loop(cfg, warmup: int, steps: int, device: str) -> dict:
     loader = dm.train_dataloader()
     wait = images = 0.0
     t0 = last_end = None
+    counter = HostSyncCounter() if count_syncs else None
     try:
         it = iter(loader)
         for i in range(warmup + steps):
+            if counter is not None and i == warmup:
+                counter.__enter__()
             x, y = next(it)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i >= warmup:
@@ -190,10 +201,33 @@ def bare_loop(cfg, warmup: int, steps: int, device: str) -> dict:
             elif i >= warmup:
                 images += len(y)
         span = last_end - t0
-        return {"img_s": images / span, "wait": wait / span, "img_cpu_s": images / (time.process_time() - c0)}
+        result = {"img_s": images / span, "wait": wait / span, "img_cpu_s": images / (time.process_time() - c0)}
+        if counter is not None:
+            counter.__exit__(None, None, None)
+            result["syncs"] = len(counter.events) / steps
+            counter = None
+        return result
     finally:
+        if counter is not None:
+            counter.__exit__(None, None, None)
         del it
         torch.set_num_threads(threads)
+
+
+def host_syncs(args, model: str, precision: str, compiled: bool, data: Path, tmp: Path, device: str) -> dict:
+    """Host syncs per timed step, train.py and bare loop, from one extra short run of each under
+    HostSyncCounter (counted, not timed: the counter slows every operation). On a GPU each sync
+    drains the queue; on a CPU they cost nothing, so this is the framework's GPU cost a CPU can
+    show. train.py's figure includes the steps the loggers write (every trainer.log_every_n_steps)."""
+    import json
+
+    out = tmp / f"syncs_{model}_{precision}_{compiled}.json"
+    cfg = compose_cfg(args, model, precision, compiled, data, tmp / f"syncs_run_{model}_{precision}_{compiled}", syncs=out)
+    run(cfg)
+    steps = json.loads(out.read_text())
+    bare = bare_loop(cfg, args.warmup, args.steps, device, count_syncs=True)
+    return {"train": sum(len(s) for s in steps) / max(1, len(steps)), "bare": bare["syncs"],
+            "quiet_steps": sum(not s for s in steps), "steps": len(steps)}
 
 
 def train_flops_per_image(cfg) -> float:
@@ -242,7 +276,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the Markdown result here")
     args = ap.parse_args()
     if args.quick:
-        args.models, args.precisions, args.rounds, args.warmup, args.steps = ["vit_tiny"], ["auto"], 2, 1, 3
+        args.models, args.precisions, args.rounds, args.warmup, args.steps = ["vit_tiny"], ["auto"], 2, 2, 4
     logging.basicConfig(level=logging.WARNING)
     load = os.getloadavg()[0]
 
@@ -290,6 +324,7 @@ def main() -> None:
                     }
                     # pairs run back to back: the median of their ratios resists load drifting over minutes
                     row["ratio"] = statistics.median(row["round_ratios"])
+                    row["syncs"] = host_syncs(args, model, precision, compiled, data, tmp, device)
                     if peak and flops:
                         row["mfu"] = flops * row["train_img_s"] / peak
                         row["gflops"] = flops / 1e9
@@ -305,15 +340,18 @@ def main() -> None:
               + f". torch {torch.__version__}.")
     mfu = any("mfu" in r for r in rows)
     lines = ["| model | precision | compile | train.py img/s | bare loop img/s | train.py / bare (median of rounds) "
-             "| per-round ratios | train.py / bare, per main-process CPU s | data wait train.py | data wait bare |"
+             "| per-round ratios | train.py / bare, per main-process CPU s | data wait train.py | data wait bare "
+             "| host syncs / step train.py (quiet steps) | host syncs / step bare |"
              + (" GFLOPs/img (fwd+bwd) | MFU train.py |" if mfu else ""),
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if mfu else "")]
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if mfu else "")]
     for r in rows:
         note = " (same configuration as above)" if r.get("repeat") else ""
         line = (f"| {r['model']} | {r['precision']}{note} | {'on' if r['compile'] else 'off'} | "
                 f"{r['train_img_s']:.2f} | {r['bare_img_s']:.2f} | "
                 f"{r['ratio']:.2f} | {', '.join(f'{x:.2f}' for x in r['round_ratios'])} | {r['cpu_ratio']:.2f} | "
-                f"{100 * r['train_wait']:.1f}% | {100 * r['bare_wait']:.1f}% |")
+                f"{100 * r['train_wait']:.1f}% | {100 * r['bare_wait']:.1f}% | "
+                f"{r['syncs']['train']:.2f} ({r['syncs']['quiet_steps']} of {r['syncs']['steps']} with none) | "
+                f"{r['syncs']['bare']:.2f} |")
         if mfu:
             line += f" {r.get('gflops', float('nan')):.1f} | {100 * r.get('mfu', float('nan')):.1f}% |"
         lines.append(line)

@@ -171,6 +171,7 @@ def test_step_values_logged_only_when_written_still_reach_every_logged_step(tiny
 
 def test_host_sync_counter_counts_what_would_stall_a_gpu():
     from melanoma.training.debug import HostSyncCounter
+    from melanoma.training.host import HostCopy
 
     x = torch.arange(6.0)
     original = torch.Tensor.tolist
@@ -187,6 +188,13 @@ def test_host_sync_counter_counts_what_would_stall_a_gpu():
         opt = torch.optim.AdamW([w])
         w.sum().backward()
         opt.step()
+        # a sampler's permutation is drawn on the host in any run
+        list(torch.utils.data.RandomSampler(range(5)))
+        # a value copied to the host without waiting is read without a sync
+        copy = HostCopy(y.sum())
+        assert float(copy.value()) == pytest.approx(float(y.sum())) and copy.value().tolist() > 0
+    assert len(counter.events) == 6  # the float(y.sum()) just above, not the copy's reads
+    counter.events.pop()
     assert [op for op, _ in counter.events] == ["_local_scalar_dense", "_local_scalar_dense", "tolist",
                                                  "index (boolean mask)", "bincount"]
     assert torch.Tensor.tolist is original
@@ -210,7 +218,21 @@ def test_training_steps_between_log_writes_make_no_host_sync(tiny_dermmel, tmp_p
     steps = json.loads(out.read_text())  # batches 1..7 of 8 (16 train images, batch 2)
     assert len(steps) == 7
     logged = {3, 7}  # the logger writes batches 3 and 7 (every 4th); the bar redraws at the last
+    # without a sync: it reads the previous step's loss, copied to the host without waiting
     quiet = {b: steps[b - 1] for b in range(1, 8) if b not in logged}
     assert quiet == {b: [] for b in quiet}
     # the counter sees the syncs that writing a log does cost
     assert steps[3 - 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_copy_of_a_cuda_value_reads_it_after_the_copy():
+    from melanoma.training.host import HostCopy, is_host_copy
+
+    x = torch.arange(1000.0, device="cuda")
+    copy = HostCopy(x.sum())
+    a = torch.randn(2048, 2048, device="cuda")
+    for _ in range(20):  # more work queued after the copy: value() waits for the copy only
+        a = (a @ a).tanh()
+    value = copy.value()
+    assert value.device.type == "cpu" and is_host_copy(value) and value.item() == 499500.0

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from melanoma.training.guard import is_host_copy
+from melanoma.training.host import is_host_copy
 
 __all__ = ["CountHostSyncs", "HostSyncCounter", "RecordTraining"]
 
@@ -32,6 +32,9 @@ _SYNC_OPS = {
     _aten.unique_consecutive.default, _aten.bincount.default, _aten.repeat_interleave.Tensor,
 }
 _MASK_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default}
+# code that reads tensors which stay in host memory in a GPU run: torch's optimizers keep their
+# step counters there (unless capturable), the DataLoader's samplers and collation work there
+_HOST_SIDE = (f"torch{os.sep}optim{os.sep}", f"torch{os.sep}utils{os.sep}data{os.sep}")
 # reads of a tensor's data into Python that never reach the dispatcher for a CPU tensor (on a
 # GPU each is a device-to-host copy)
 _HOST_READS = ("tolist", "numpy", "cpu")
@@ -53,8 +56,8 @@ class HostSyncCounter(TorchDispatchMode):
 
     def _record(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack()[:-2] if "debug.py" not in f.filename]
-        if what == "_local_scalar_dense" and any(f"torch{os.sep}optim{os.sep}" in f.filename for f in frames):
-            return  # torch's optimizers keep their step counters on the host (unless capturable)
+        if any(part in f.filename for f in frames for part in _HOST_SIDE):
+            return
         ours = [f for f in frames if "/melanoma/" in f.filename or "lightning" in f.filename]
         where = ours[-1] if ours else frames[-1]
         self.events.append((what, f"{Path(where.filename).name}:{where.lineno} {where.name}"))
@@ -62,6 +65,8 @@ class HostSyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _SYNC_OPS:
+            if args and isinstance(args[0], torch.Tensor) and is_host_copy(args[0]):
+                return func(*args, **kwargs)  # a finished copy in host memory: nothing to wait for
             self._record(str(func.overloadpacket.__name__))
         elif func in _MASK_INDEX_OPS:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())

@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FiniteGuard", "NonFiniteLossError", "is_host_copy"]
+from melanoma.training.host import HostCopy
 
-# set on a verdict that lives in host memory: on a GPU the finished non-blocking copy, which
-# reading does not wait for (melanoma.training.debug.HostSyncCounter leaves its reads out)
-_HOST_COPY = "_melanoma_host_copy"
-
-
-def is_host_copy(tensor: torch.Tensor) -> bool:
-    return bool(getattr(tensor, _HOST_COPY, False))
+__all__ = ["FiniteGuard", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,14 +60,8 @@ class FiniteGuard:
             # grads are all-reduced by now, so every rank sees the same norm
             checks["norm_finite"] = torch.isfinite(norm).float()
         if checks:
-            verdict = torch.stack([v.float().reshape(()) for v in checks.values()])
-            event = None
-            if verdict.is_cuda:
-                verdict = verdict.to("cpu", non_blocking=True)  # into pinned memory, no wait
-                event = torch.cuda.Event()
-                event.record()
-            setattr(verdict, _HOST_COPY, True)
-            self._pending = {"names": list(checks), "verdict": verdict, "event": event, "norm": norm,
+            verdict = HostCopy(torch.stack([v.float().reshape(()) for v in checks.values()]))
+            self._pending = {"names": list(checks), "verdict": verdict, "norm": norm,
                              "loss": self._last_loss, "epoch": epoch, "global_step": global_step}
         return norm
 
@@ -83,9 +71,7 @@ class FiniteGuard:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        if pending["event"] is not None:
-            pending["event"].synchronize()
-        verdict = dict(zip(pending["names"], pending["verdict"].tolist()))
+        verdict = dict(zip(pending["names"], pending["verdict"].value().tolist()))
         where = f"at epoch {pending['epoch']}, global step {pending['global_step']}"
         if verdict.get("bad_ranks", 0) > 0:
             loss, batch_idx = pending["loss"]

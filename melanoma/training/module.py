@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
 from melanoma.training.guard import FiniteGuard
+from melanoma.training.host import HostCopy
 from melanoma.training.metrics import TRAIN_LOSS_EPOCH, TRAIN_LOSS_STEP, stage_metrics
 
 log = logging.getLogger(__name__)
@@ -155,7 +157,7 @@ class LesionClassifier(pl.LightningModule):
         # the NaN/Inf guard, read one optimizer step late (melanoma.training.guard)
         self.guard = FiniteGuard()
         # the training loss: the latest step's (for the progress bar) and the epoch's running sum
-        self.latest_train_loss: torch.Tensor | None = None
+        self.train_loss_copies: deque[HostCopy] = deque(maxlen=2)
         self._train_loss_sum, self._train_loss_count = torch.zeros(()), 0
         # per (stage, head): the epoch's (probabilities, labels, loss) steps, not yet in the metrics
         self._pending: dict[tuple[str, str | None], list] = {}
@@ -290,9 +292,10 @@ class LesionClassifier(pl.LightningModule):
         # train/loss_step on the steps the loggers write, train/loss_epoch (the mean over images)
         # at the epoch's end: Lightning's self.log on every step cost ~3 ms of Python per step
         # on a 2-core CPU (experiments/results/bench_train.md). The progress bar reads
-        # latest_train_loss when it redraws (melanoma.training.progress.TrainProgressBar).
-        self.latest_train_loss = loss.detach()
-        self._train_loss_sum = self._train_loss_sum + self.latest_train_loss.float() * len(y)
+        # train_loss_copies (the last two steps' losses, copied to the host without waiting) when
+        # it redraws (melanoma.training.progress.TrainProgressBar).
+        self.train_loss_copies.append(HostCopy(loss))
+        self._train_loss_sum = self._train_loss_sum + loss.detach().float() * len(y)
         self._train_loss_count += len(y)
         if self._logging_step():
             self.log(TRAIN_LOSS_STEP, loss, on_step=True, on_epoch=False)
