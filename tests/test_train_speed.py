@@ -236,3 +236,12 @@ def test_host_copy_of_a_cuda_value_reads_it_after_the_copy():
         a = (a @ a).tanh()
     value = copy.value()
     assert value.device.type == "cpu" and is_host_copy(value) and value.item() == 499500.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_configured_adamw_is_fused_on_a_gpu():
+    cfg = compose_cfg(tiny_overrides(Path("unused")), Path("unused_run"))
+    module = module_from_cfg(cfg, "dermmel", ["not_melanoma", "melanoma"]).cuda()
+    configured = module.configure_optimizers()
+    opt = configured["optimizer"] if isinstance(configured, dict) else configured
+    assert opt.defaults["fused"] is True

@@ -185,3 +185,22 @@ def test_thaw_warmup_factor_rises_from_about_zero():
     # trained from the first step (the main schedule warms it up), or warmup off
     assert optim.thaw_warmup_factor(0, thaw_step=0, warmup_steps=4) == 1.0
     assert optim.thaw_warmup_factor(10, thaw_step=10, warmup_steps=0) == 1.0
+
+
+def test_fused_auto_is_fused_on_gpu_parameters_only():
+    from types import SimpleNamespace
+
+    from melanoma.training.optim import build_optimizer, resolve_fused
+
+    on = lambda kind: [SimpleNamespace(device=torch.device(kind)) for _ in range(3)]  # noqa: E731
+    assert resolve_fused(torch.optim.AdamW, on("cuda")) is True
+    assert resolve_fused(torch.optim.SGD, on("cuda")) is True
+    assert resolve_fused(torch.optim.AdamW, on("cpu")) is None
+    assert resolve_fused(torch.optim.AdamW, on("cuda") + on("cpu")) is None
+    with pytest.raises(ValueError, match="takes no `fused`"):
+        resolve_fused(torch.optim.Rprop, on("cuda"))
+    # through the composed config: auto reaches torch as its own default on a CPU
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = build_optimizer([{"params": [w], "lr": 0.1, "weight_decay": 0.0}],
+                          {"_target_": "torch.optim.AdamW", "fused": "auto"})
+    assert opt.defaults["fused"] is None
