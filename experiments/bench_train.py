@@ -104,6 +104,49 @@ class StepTimer(Callback):
         return {"img_s": self.images / span, "wait": self.wait / span, "img_cpu_s": self.images / (self.c1 - self.c0)}
 
 
+class ProfileSteps(Callback):
+    """torch.profiler over train.py's timed steps (``--profile``): from batch ``warmup`` to the
+    end of the training batches, validation excluded."""
+
+    def __init__(self, warmup: int, out: str):
+        self.warmup, self.out, self.prof = int(warmup), out, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup and self.prof is None:
+            self.prof = _profiler()
+            self.prof.__enter__()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.prof is not None:
+            _sync()
+            self.prof.__exit__(None, None, None)
+            _write_profile(self.prof, Path(self.out))
+            self.prof = None
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, record_shapes=False)
+
+
+def _write_profile(prof, out: Path) -> None:
+    """The top operations by host time and (on a GPU) by device time, as text tables."""
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+    if torch.cuda.is_available():
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=25))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(tables))
+
+
 def make_images(root: Path, n_images: int, unique: int = 28) -> Path:
     """A HAM10000-layout folder of ``n_images`` 600x450 JPEGs (the real size), one image per
     lesion. Rendering a lesion takes ~0.1-0.6 s, so ``unique`` are rendered and the rest are
@@ -129,7 +172,8 @@ def make_images(root: Path, n_images: int, unique: int = 28) -> Path:
     return root
 
 
-def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, out: Path, syncs: Path | None = None):
+def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, out: Path, syncs: Path | None = None,
+                profile: Path | None = None):
     overrides = [
         "dataset=ham10000", f"dataset.root={data}", f"dataset.image_size={SIZE}",
         f"dataset.batch_size={args.batch}", f"dataset.num_workers={args.workers}",
@@ -143,6 +187,9 @@ def compose_cfg(args, model: str, precision: str, compiled: bool, data: Path, ou
     if syncs is not None:
         overrides += ["+callbacks.syncs._target_=melanoma.training.debug.CountHostSyncs",
                       f"+callbacks.syncs.start={args.warmup}", f"+callbacks.syncs.out={syncs}"]
+    if profile is not None:
+        overrides += [f"+callbacks.profile._target_={__name__}.ProfileSteps",
+                      f"+callbacks.profile.warmup={args.warmup}", f"+callbacks.profile.out={profile}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides)
 
@@ -152,9 +199,11 @@ def train_py(cfg) -> dict:
     return StepTimer.latest.result()
 
 
-def bare_loop(cfg, warmup: int, steps: int, device: str, count_syncs: bool = False) -> dict:
+def bare_loop(cfg, warmup: int, steps: int, device: str, count_syncs: bool = False,
+              profile: Path | None = None) -> dict:
     """The same data, model, loss, optimizer and precision as ``run(cfg)``, and nothing else.
-    ``count_syncs``: also count the host syncs of the timed steps (HostSyncCounter; slower)."""
+    ``count_syncs``: also count the host syncs of the timed steps (HostSyncCounter; slower);
+    ``profile``: write torch.profiler's tables of the timed steps there."""
     torch.manual_seed(int(cfg.seed))
     threads = torch.get_num_threads()
     torch.set_num_threads(int(cfg.num_threads))
@@ -181,6 +230,9 @@ def bare_loop(cfg, warmup: int, steps: int, device: str, count_syncs: bool = Fal
         for i in range(warmup + steps):
             if counter is not None and i == warmup:
                 counter.__enter__()
+            if profile is not None and i == warmup:
+                prof = _profiler()
+                prof.__enter__()
             x, y = next(it)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i >= warmup:
@@ -201,6 +253,9 @@ def bare_loop(cfg, warmup: int, steps: int, device: str, count_syncs: bool = Fal
             elif i >= warmup:
                 images += len(y)
         span = last_end - t0
+        if profile is not None:
+            prof.__exit__(None, None, None)
+            _write_profile(prof, profile)
         result = {"img_s": images / span, "wait": wait / span, "img_cpu_s": images / (time.process_time() - c0)}
         if counter is not None:
             counter.__exit__(None, None, None)
@@ -274,6 +329,8 @@ def main() -> None:
     ap.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"], help="model.compile values")
     ap.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
     ap.add_argument("--out", type=Path, help="write the Markdown result here")
+    ap.add_argument("--profile", type=Path, help="also profile one more run of each side (torch.profiler) and "
+                                                 "write its top operations to this folder")
     args = ap.parse_args()
     if args.quick:
         args.models, args.precisions, args.rounds, args.warmup, args.steps = ["vit_tiny"], ["auto"], 2, 2, 4
@@ -325,6 +382,12 @@ def main() -> None:
                     # pairs run back to back: the median of their ratios resists load drifting over minutes
                     row["ratio"] = statistics.median(row["round_ratios"])
                     row["syncs"] = host_syncs(args, model, precision, compiled, data, tmp, device)
+                    if args.profile:
+                        stem = f"{model}_{resolved}_compile_{'on' if compiled else 'off'}"
+                        cfg = compose_cfg(args, model, precision, compiled, data, tmp / f"profile_{stem}",
+                                          profile=args.profile / f"{stem}_train_py.txt")
+                        run(cfg)
+                        bare_loop(cfg, args.warmup, args.steps, device, profile=args.profile / f"{stem}_bare.txt")
                     if peak and flops:
                         row["mfu"] = flops * row["train_img_s"] / peak
                         row["gflops"] = flops / 1e9

@@ -5,7 +5,8 @@
 #   3. the quickstart through train.py on one GPU with bf16-mixed                 -> quickstart_gpu.json
 #   4. vit_small at 224 px with gradual unfreezing, bf16-mixed, through train.py  -> unfreeze_gpu.json
 #   5. speed: train.py vs a bare loop, vit_base, bf16-mixed, 224 px, batch 64, model.compile off
-#      and on: img/s, data wait, MFU (model FLOPs/img x img/s / 989 TFLOP/s)   -> bench_train_gpu.md
+#      and on: img/s, data wait, host syncs per step, MFU (model FLOPs/img x img/s / 989 TFLOP/s)
+#      -> bench_train_gpu.md; torch.profiler's top operations of each side -> profile/
 #   6. a compiled run resumed uncompiled (checkpoints interchangeable), then `melanoma evaluate`
 #      and `melanoma predict --device cuda` (auto precision -> bf16) against CPU fp32 -> resume_cli_gpu.json
 # Steps run in the order of $STEPS (default: all, the speed steps first). One command may run 10
@@ -20,7 +21,7 @@ STEPS=${STEPS:-1 5 6 2 3 4}
 DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
 [ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import hydra, omegaconf, albumentations" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
@@ -87,7 +88,7 @@ echo "== 5. speed: train.py vs bare loop, $MODEL, $PREC, 224 px, batch $BATCH, c
 # compile on: the first (warm-up) steps include inductor's compilation, outside the timed window
 python3 experiments/bench_train.py --accelerator "$ACCEL" --models "$MODEL" --precisions "$PREC" \
     --compile off on --batch "$BATCH" --workers "$WORKERS" --threads "$THREADS" $BENCH_STEPS --rounds 1 \
-    --out "$OUT/bench_train_gpu.md"
+    --out "$OUT/bench_train_gpu.md" --profile "$OUT/profile"
 }
 
 step6() {
