@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import os
 import statistics
@@ -367,6 +368,7 @@ def main() -> None:
                             result = (train_py(cfg) if side == "train"
                                       else bare_loop(cfg, args.warmup, args.steps, device))
                             (ours if side == "train" else bare).append(result)
+                            gc.collect()  # the finished side's DataLoader workers must not run beside the next
                             print(f"  {model} {label} compile={compiled} round {r} {side:>5}: "
                                   f"{result['img_s']:.2f} img/s, {result['img_cpu_s']:.2f} img per CPU s, "
                                   f"data wait {100 * result['wait']:.1f}%", flush=True)

@@ -188,15 +188,17 @@ def test_host_sync_counter_counts_what_would_stall_a_gpu():
         opt = torch.optim.AdamW([w])
         w.sum().backward()
         opt.step()
+        # ... but a read in the closure the optimizer runs (Lightning's training step) counts
+        opt.step(lambda: float(w.sum()))
         # a sampler's permutation is drawn on the host in any run
         list(torch.utils.data.RandomSampler(range(5)))
         # a value copied to the host without waiting is read without a sync
         copy = HostCopy(y.sum())
         assert float(copy.value()) == pytest.approx(float(y.sum())) and copy.value().tolist() > 0
-    assert len(counter.events) == 6  # the float(y.sum()) just above, not the copy's reads
+    assert len(counter.events) == 7  # the float(y.sum()) just above, not the copy's reads
     counter.events.pop()
     assert [op for op, _ in counter.events] == ["_local_scalar_dense", "_local_scalar_dense", "tolist",
-                                                 "index (boolean mask)", "bincount"]
+                                                 "index (boolean mask)", "bincount", "_local_scalar_dense"]
     assert torch.Tensor.tolist is original
 
 

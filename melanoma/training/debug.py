@@ -35,6 +35,7 @@ _MASK_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_
 # code that reads tensors which stay in host memory in a GPU run: torch's optimizers keep their
 # step counters there (unless capturable), the DataLoader's samplers and collation work there
 _HOST_SIDE = (f"torch{os.sep}optim{os.sep}", f"torch{os.sep}utils{os.sep}data{os.sep}")
+_WRAPPERS = (f"torch{os.sep}_dynamo{os.sep}", f"torch{os.sep}_compile.py", f"torch{os.sep}utils{os.sep}_python_dispatch.py")
 # reads of a tensor's data into Python that never reach the dispatcher for a CPU tensor (on a
 # GPU each is a device-to-host copy)
 _HOST_READS = ("tolist", "numpy", "cpu")
@@ -56,8 +57,10 @@ class HostSyncCounter(TorchDispatchMode):
 
     def _record(self, what: str) -> None:
         frames = [f for f in traceback.extract_stack()[:-2] if "debug.py" not in f.filename]
-        if any(part in f.filename for f in frames for part in _HOST_SIDE):
-            return
+        while frames and any(part in frames[-1].filename for part in _WRAPPERS):
+            frames.pop()  # torch's own wrappers around __torch_dispatch__
+        if frames and any(part in frames[-1].filename for part in _HOST_SIDE):
+            return  # the read is that host-side code's own (innermost frame), not a caller's
         ours = [f for f in frames if "/melanoma/" in f.filename or "lightning" in f.filename]
         where = ours[-1] if ours else frames[-1]
         self.events.append((what, f"{Path(where.filename).name}:{where.lineno} {where.name}"))
