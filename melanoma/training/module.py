@@ -291,7 +291,7 @@ class LesionClassifier(pl.LightningModule):
         self.guard.loss(loss, batch_idx)
         # train/loss_step on the steps the loggers write, train/loss_epoch (the mean over images)
         # at the epoch's end: Lightning's self.log on every step cost ~3 ms of Python per step
-        # on a 2-core CPU (experiments/results/bench_train.md). The progress bar reads
+        # on this project's 2-core CPU (an ablation on a 32 px model). The progress bar reads
         # train_loss_copies (the last two steps' losses, copied to the host without waiting) when
         # it redraws (melanoma.training.progress.TrainProgressBar).
         self.train_loss_copies.append(HostCopy(loss))
