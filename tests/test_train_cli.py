@@ -68,6 +68,27 @@ def test_single_ddp_run_relaunches_into_one_run_folder_with_identical_params(tin
     assert not torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
 
 
+def test_ddp_non_finite_loss_on_one_rank_stops_both_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
+    """Rank 1's head turns NaN before step 1; the guard reads each step's verdict one step late,
+    summed over the ranks, so both processes stop at the same point (no rank left waiting in an
+    all-reduce: the run ends well within the timeout) and no checkpoint holds the bad step."""
+    import math
+
+    run_dir = tmp_path / "run"
+    proc = run_train_py([*tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=4), "trainer.devices=2", "test=false",
+                         "callbacks.last_checkpoint.every_n_train_steps=1",
+                         "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                         f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.nan_at_step=1",
+                         "+callbacks.rec.nan_rank=1", f"hydra.run.dir={run_dir}"],
+                        cwd=tmp_path, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "NonFiniteLossError" in proc.stderr and "global step 1" in proc.stderr, proc.stderr[-3000:]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
+
+
 def test_kill9_mid_epoch_then_resume_reaches_same_step_and_stage(tiny_dermmel, tmp_path):
     # 16 train images, batch 4: 4 steps per epoch; last.ckpt every 2 steps; killed after step 7
     common = [*tiny_overrides(tiny_dermmel, max_epochs=3, batch_size=4), "callbacks=unfreezing",

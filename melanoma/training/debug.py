@@ -144,11 +144,12 @@ class RecordTraining(Callback):
     gradient just before a given optimizer step."""
 
     def __init__(self, out_dir: str, kill_at_step: int | None = None, nan_at_step: int | None = None,
-                 inf_grad_at_step: int | None = None):
+                 inf_grad_at_step: int | None = None, nan_rank: int | None = None):
         self.out_dir = Path(out_dir)
         self.kill_at_step = kill_at_step
         self.nan_at_step = nan_at_step
         self.inf_grad_at_step = inf_grad_at_step
+        self.nan_rank = nan_rank  # poison only this rank (None: every rank)
 
     def _rank_file(self, trainer: pl.Trainer, stem: str, suffix: str) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,8 @@ class RecordTraining(Callback):
         if getattr(self, "_recorded_epoch", None) != trainer.current_epoch:
             self._recorded_epoch = trainer.current_epoch
             self._record_stage(trainer, pl_module)
-        if self.nan_at_step is not None and trainer.global_step == self.nan_at_step:
+        if (self.nan_at_step is not None and trainer.global_step == self.nan_at_step
+                and self.nan_rank in (None, trainer.global_rank)):
             with torch.no_grad():
                 for p in pl_module.head.parameters():
                     p.fill_(float("nan"))
