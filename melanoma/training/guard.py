@@ -4,8 +4,9 @@ checkpoint of the damaged weights is written, without making the host wait for t
 Reading a device value in Python (``.item()``, ``bool``, ``.tolist()``) drains the GPU's queue,
 and the GPU then idles while Python prepares the next step; a sync per step cost 10-40% of a step
 on an H100 (experiments/results/bench_ema.md). So the guard reads each optimizer step's verdict
-one step late: the verdict (bad loss on any rank, gradient norm finite) is computed on the device
-before the optimizer step and copied to the host without waiting; it is read at the next
+one step late: the verdict (bad loss on any rank, gradient norm finite, and the step's loss, which
+the progress bar shows) is computed on the device before the optimizer step and copied to the
+host without waiting; it is read at the next
 optimizer step, when the GPU finished it long ago, and at once wherever the weights leave the
 step loop: before validation, before a checkpoint is written, at the end of training. A bad step
 therefore reaches the weights in memory, but never a checkpoint, a validation or a report; the
@@ -31,12 +32,14 @@ class FiniteGuard:
 
     ``loss(loss, batch_idx)`` after each forward (micro-batches of one optimizer step accumulate);
     ``step(...)`` before each optimizer step returns the gradient norm, checks the previous step
-    and queues this one; ``check()`` reads a queued verdict now."""
+    and queues this one; ``check()`` reads a queued verdict now. The verdict carries the step's
+    (last micro-batch's) loss too: ``latest_loss()`` is what the progress bar shows."""
 
     def __init__(self):
         self._loss_finite: torch.Tensor | None = None
         self._last_loss: tuple[torch.Tensor, int] | None = None
         self._pending: dict | None = None
+        self._read_loss: float | None = None  # the loss of the latest verdict read on the host
 
     def loss(self, loss: torch.Tensor, batch_idx: int) -> None:
         finite = torch.isfinite(loss.detach())
@@ -59,6 +62,8 @@ class FiniteGuard:
         if norm is not None and check_norm:
             # grads are all-reduced by now, so every rank sees the same norm
             checks["norm_finite"] = torch.isfinite(norm).float()
+        if self._last_loss is not None:
+            checks["loss"] = self._last_loss[0]  # not a check: carried to the host for the progress bar
         if checks:
             verdict = HostCopy(torch.stack([v.float().reshape(()) for v in checks.values()]))
             self._pending = {"names": list(checks), "verdict": verdict, "norm": norm,
@@ -72,6 +77,7 @@ class FiniteGuard:
         if pending is None:
             return
         verdict = dict(zip(pending["names"], pending["verdict"].value().tolist()))
+        self._read_loss = verdict.get("loss", self._read_loss)
         where = f"at epoch {pending['epoch']}, global step {pending['global_step']}"
         if verdict.get("bad_ranks", 0) > 0:
             loss, batch_idx = pending["loss"]
@@ -88,3 +94,11 @@ class FiniteGuard:
                 f"any checkpoint of that step's weights. Lower the learning rate or set "
                 f"trainer.gradient_clip_val."
             )
+
+    def latest_loss(self) -> float | None:
+        """The training loss of the latest optimizer step read on the host (one step late, so no
+        wait); before the first read, the queued step's, waiting for its copy only."""
+        if self._read_loss is None and self._pending is not None and "loss" in self._pending["names"]:
+            values = self._pending["verdict"].value().tolist()
+            return values[self._pending["names"].index("loss")]
+        return self._read_loss

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
 from melanoma.training.guard import FiniteGuard
-from melanoma.training.host import HostCopy
 from melanoma.training.metrics import TRAIN_LOSS_EPOCH, TRAIN_LOSS_STEP, stage_metrics
 
 log = logging.getLogger(__name__)
@@ -156,8 +154,7 @@ class LesionClassifier(pl.LightningModule):
         self._lr_groups: dict = {}
         # the NaN/Inf guard, read one optimizer step late (melanoma.training.guard)
         self.guard = FiniteGuard()
-        # the training loss: the latest step's (for the progress bar) and the epoch's running sum
-        self.train_loss_copies: deque[HostCopy] = deque(maxlen=2)
+        # the epoch's running sum of the training loss (train/loss_epoch)
         self._train_loss_sum, self._train_loss_count = torch.zeros(()), 0
         # per (stage, head): the epoch's (probabilities, labels, loss) steps, not yet in the metrics
         self._pending: dict[tuple[str, str | None], list] = {}
@@ -291,10 +288,8 @@ class LesionClassifier(pl.LightningModule):
         self.guard.loss(loss, batch_idx)
         # train/loss_step on the steps the loggers write, train/loss_epoch (the mean over images)
         # at the epoch's end: Lightning's self.log on every step cost ~3 ms of Python per step
-        # on this project's 2-core CPU (an ablation on a 32 px model). The progress bar reads
-        # train_loss_copies (the last two steps' losses, copied to the host without waiting) when
-        # it redraws (melanoma.training.progress.TrainProgressBar).
-        self.train_loss_copies.append(HostCopy(loss))
+        # on this project's 2-core CPU (an ablation on a 32 px model). The progress bar shows the
+        # loss the guard carries to the host (melanoma.training.progress.TrainProgressBar).
         self._train_loss_sum = self._train_loss_sum + loss.detach().float() * len(y)
         self._train_loss_count += len(y)
         if self._logging_step():

@@ -2,9 +2,8 @@
 
 Lightning converts every ``prog_bar=True`` value to a Python number after every batch (a GPU
 sync per step, whatever the bar's refresh rate). The module logs no value to the bar; when this
-bar redraws (every ``refresh_rate`` batches) it shows the previous step's loss, copied to the
-host without waiting (``LesionClassifier.train_loss_copies``): reading it waits for that copy
-only, while the current step's kernels keep the GPU busy.
+bar redraws (every ``refresh_rate`` batches) it shows the loss the NaN/Inf guard has already
+read on the host, one optimizer step late (``FiniteGuard.latest_loss``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ __all__ = ["TrainProgressBar"]
 class TrainProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
-        copies = getattr(pl_module, "train_loss_copies", None)
-        if copies and trainer.training:
-            metrics[TRAIN_LOSS_STEP] = f"{float(copies[0].value()):.3g}"
+        guard = getattr(pl_module, "guard", None)
+        loss = guard.latest_loss() if guard is not None and trainer.training else None
+        if loss is not None:
+            metrics[TRAIN_LOSS_STEP] = f"{loss:.3g}"
         return metrics
