@@ -106,6 +106,7 @@ def cmd_predict(args) -> int:
 def cmd_evaluate(args) -> int:
     from melanoma.evaluation.datasets import external_datamodule, training_datamodule
     from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external, format_metrics
+    from melanoma.evaluation.seen import overlap_message
     from melanoma.models.checkpoint import read_meta
 
     meta = read_meta(args.checkpoint)
@@ -115,9 +116,10 @@ def cmd_evaluate(args) -> int:
         dm = external_datamodule(meta, args.overrides)
         out = args.out or stem.with_name(f"{stem.stem}_external_{dm.name}")
         metrics = evaluate_external(args.checkpoint, dm, out, head=head, tta=args.tta, device=args.device,
-                                    progress=not args.quiet, precision=args.precision)
+                                    progress=not args.quiet, precision=args.precision, keep_overlap=args.keep_overlap)
         mapped = " (labels mapped to melanoma vs rest)" if metrics["labels_mapped_to_melanoma_vs_rest"] else ""
-        print(f"external test set {dm.name}, all {metrics['n']} images (head {head}){mapped}:")
+        print(f"overlap: {overlap_message(metrics['overlap'])}")
+        print(f"external test set {dm.name}, {metrics['n']} images (head {head}){mapped}:")
         print(format_metrics(metrics))
         print(f"report written to {out}; nothing was fitted and {args.checkpoint} is unchanged")
         return EXIT_OK
@@ -159,6 +161,7 @@ def cmd_recalibrate(args) -> int:
     from melanoma.evaluation.bootstrap import format_ci
     from melanoma.evaluation.datasets import external_datamodule
     from melanoma.evaluation.recalibrate import recalibrate_checkpoint
+    from melanoma.evaluation.seen import overlap_message
     from melanoma.models.checkpoint import read_meta
 
     meta = read_meta(args.checkpoint)
@@ -167,7 +170,8 @@ def cmd_recalibrate(args) -> int:
     report_dir = args.report or args.out.with_name(f"{args.out.stem}_recalibration_{dm.name}")
     r = recalibrate_checkpoint(args.checkpoint, dm, args.out, report_dir, fraction=args.fraction, seed=args.seed,
                                target_sensitivity=args.target_sensitivity, head=head, device=args.device,
-                               progress=not args.quiet)
+                               progress=not args.quiet, keep_overlap=args.keep_overlap)
+    print(f"overlap: {overlap_message(r['overlap'])}")
     s = r["sample"]
     print(f"{dm.name}: calibration ({r['calibration']}) and operating point fitted on a sample of {s['n']} images "
           f"({s['melanomas']} melanomas); reported on the other {r['test_part']['n']} "
@@ -249,6 +253,12 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
                         "CPUs, 16-mixed on older GPUs, 32-true otherwise (default auto)")
 
 
+def _add_keep_overlap(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-overlap", action="store_true",
+                   help="score the images the model has seen (by id or content) instead of excluding them; "
+                        "the report then warns that its numbers are not external")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melanoma", description="Vision Transformers for melanoma classification.")
     common = argparse.ArgumentParser(add_help=False)
@@ -294,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--external", action="store_true",
                    help="test on a dataset the model never trained on, with the stored calibration")
     p.add_argument("--target-sensitivity", type=float, default=0.95)
+    _add_keep_overlap(p)
     p.add_argument("--no-calibration", action="store_true",
                    help="store temperature 1 (no calibration) with the operating point fitted on it")
     p.add_argument("--tta", action="store_true",
@@ -327,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--head", help="default: the checkpoint's active head")
     p.add_argument("--report", type=Path, help="report folder (default: beside --out)")
+    _add_keep_overlap(p)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_recalibrate)
 

@@ -66,8 +66,15 @@ def _run(cfg: DictConfig) -> float | None:
     )
     if cfg.get("ckpt_path"):
         log.info("resuming from %s (pretrained / init_from weights are not reloaded)", cfg.ckpt_path)
+        from melanoma.models.checkpoint import read_meta
+
+        resumed = read_meta(cfg.ckpt_path)
+        lineage = [r for r in resumed.seen or [] if r.model != resumed.model_id]
     else:
         module.load_initial_weights()
+        lineage = module.inherited_seen
+    if lineage:
+        _keep_seen_out_of_evaluation(dm, lineage)
 
     callbacks = build_callbacks(cfg.get("callbacks"), progress_bar=cfg.trainer.get("enable_progress_bar", True))
     callbacks.append(SaveSplit(run_dir / RUN_SPLITS_FILE))
@@ -108,6 +115,18 @@ def _run(cfg: DictConfig) -> float | None:
         return float(best.best_model_score)
     value = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
+
+
+def _keep_seen_out_of_evaluation(dm, seen) -> None:
+    """Images the init_from lineage trained or was calibrated on leave this run's val and test
+    splits for train (by ISIC id and by content); the checkpoint records which, so `melanoma
+    evaluate` rebuilds the same split."""
+    for name, member in (getattr(dm, "members", None) or {dm.name: dm}).items():
+        moved = member.held_out_seen_by(seen)
+        if moved:
+            log.warning("%s: %d val/test image(s) were seen by the init_from checkpoint's lineage (by id or "
+                        "content); moved to train so they are never tested on", name, len(moved))
+        member.move_to_train(moved)
 
 
 def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:

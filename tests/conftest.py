@@ -6,6 +6,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# content fingerprints are cached per dataset root: a private cache per test session, never the
+# user's ~/.cache (subprocesses inherit it)
+if "MELANOMA_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["MELANOMA_CACHE_DIR"] = tempfile.mkdtemp(prefix="melanoma-test-cache-")
 
 import pytest  # noqa: E402
 from helpers import HAM, REPO_ROOT, SYNTHETIC, TINY_COUNTS, tiny_checkpoint  # noqa: E402

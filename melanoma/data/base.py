@@ -23,7 +23,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 from melanoma.conventions import BINARY_CLASSES, positive_index
 
 from .cache import CACHE_FORMATS, build_cache, default_cache_size
+from .fingerprints import fingerprint_files, match, near_duplicate_pairs
 from .io import load_rgb
+from .overlap import image_id, seen_id
 from .samplers import BalancedDistributedSampler, EvalDistributedSampler
 from .splits import carve_missing_splits
 from .transforms import (
@@ -100,7 +102,8 @@ class LesionDataModule(L.LightningDataModule):
     has_official_split: bool = False
     #: constructor settings that decide which image lands in which split (recorded in
     #: checkpoints; `melanoma evaluate` refuses to change them)
-    split_setting_keys: tuple[str, ...] = ("label_set", "seed", "val_fraction", "test_fraction", "num_folds", "fold")
+    split_setting_keys: tuple[str, ...] = ("label_set", "seed", "val_fraction", "test_fraction", "num_folds", "fold",
+                                           "group_duplicates")
 
     def __init__(
         self,
@@ -124,6 +127,7 @@ class LesionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_batch_size: int | None = None,
+        group_duplicates: bool = True,
     ):
         super().__init__()
         if root is None or str(root) == "":
@@ -168,8 +172,16 @@ class LesionDataModule(L.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.class_names: list[str] = list(self.label_sets[label_set])
+        #: near-duplicates by content (melanoma.data.fingerprints) join one group, so they land in
+        #: the same split and fold; False reproduces splits made before this existed
+        self.group_duplicates = bool(group_duplicates)
         self.table: pd.DataFrame | None = None
         self._cached: dict[str, str] = {}
+        self._fingerprints: dict[str, np.ndarray] = {}
+        self._unreadable: set[str] = set()
+        #: file names that leave val/test for train (seen by an init_from lineage; see move_to_train)
+        self.moved_to_train: tuple[str, ...] = ()
+        self.duplicate_groups_joined = 0
 
     # --- what a subclass provides -------------------------------------------------------
     def build_table(self) -> pd.DataFrame:
@@ -199,6 +211,8 @@ class LesionDataModule(L.LightningDataModule):
         table["path"] = table["path"].astype(str)
         table["label"] = table["label"].astype(np.int64)
         table["group"] = table["group"].astype(str)
+        if self.group_duplicates:
+            table["group"] = self._join_duplicate_groups(table)
         if "split" not in table.columns:
             table["split"] = None
         table["split"] = table["split"].astype(object)
@@ -215,6 +229,9 @@ class LesionDataModule(L.LightningDataModule):
                 self.num_folds,
                 self.fold,
             )
+        if self.moved_to_train:
+            moved = table["path"].map(os.path.basename).isin(set(self.moved_to_train)) & (table["split"] != "train")
+            table.loc[moved, "split"] = "train"
         bad = sorted(set(table["split"]) - set(SPLITS))
         if bad:
             raise RuntimeError(f"{self.name}: unexpected split names {bad}; expected {SPLITS}")
@@ -223,6 +240,79 @@ class LesionDataModule(L.LightningDataModule):
         table = table.sort_values(["split", "path"], key=lambda c: c.map(order) if c.name == "split" else c)
         extra = [c for c in table.columns if c not in TABLE_COLUMNS]
         return table.reset_index(drop=True)[TABLE_COLUMNS + extra]
+
+    # --- content: fingerprints, near-duplicates, what a lineage saw ----------------------------
+    def fingerprints(self, paths: Sequence[str]) -> np.ndarray:
+        """(N, 8, B) content fingerprints of these image files (melanoma.data.fingerprints),
+        cached per dataset root and kept in memory for the life of this DataModule."""
+        missing = [p for p in paths if p not in self._fingerprints]
+        if missing:
+            root = self.root if self.root.is_dir() else None
+            bad: list[str] = []  # unreadable: decoding names them (check-data, loaders); no match here
+            found = fingerprint_files(missing, root=root, progress=True, desc=f"{self.name} fingerprints", unreadable=bad)
+            for p, f in zip(missing, found):
+                self._fingerprints[p] = f
+            self._unreadable.update(bad)
+        from .fingerprints import HASH_BYTES
+
+        return np.stack([self._fingerprints[p] for p in paths]) if paths else np.zeros((0, 8, HASH_BYTES), np.uint8)
+
+    def _join_duplicate_groups(self, table: pd.DataFrame) -> np.ndarray:
+        """Group labels in which every near-duplicate pair by content shares its group (the
+        groups of both images merge, whole), so a copy never sits in another split or fold."""
+        groups = table["group"].to_numpy().astype(object)
+        paths = table["path"].tolist()
+        fingerprints = self.fingerprints(paths)
+        readable = np.flatnonzero([p not in self._unreadable for p in paths])
+        pairs = near_duplicate_pairs(fingerprints[readable])
+        pairs[:, :2] = readable[pairs[:, :2]]
+        parent: dict = {}
+
+        def find(g):
+            while parent.get(g, g) != g:
+                g = parent[g]
+            return g
+
+        joined = 0
+        for i, j, _ in pairs:
+            a, b = find(groups[i]), find(groups[j])
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+                joined += 1
+        self.duplicate_groups_joined = joined
+        if joined:
+            log.info("%s: %d near-duplicate image pair(s) by content joined %d groups (they share a split)",
+                     self.name, len(pairs), joined)
+        return np.array([find(g) for g in groups], dtype=object)
+
+    def seen_images(self, split: str) -> tuple[list[str], np.ndarray]:
+        """(ids, (N, B) fingerprints) of one split: what a checkpoint records the model saw.
+        Ids are ``ISIC_xxxxxxx`` where the file has one, else the file stem."""
+        paths = self.split_table(split)["path"].tolist()
+        return [seen_id(p) for p in paths], self.fingerprints(paths)[:, 0]
+
+    def move_to_train(self, names) -> None:
+        """File names (basenames) that go to train wherever the split put them: images an
+        init_from lineage trained on must not be tested on. Apply before setup()."""
+        if self.table is not None:
+            raise RuntimeError(f"{self.name}: move_to_train must come before setup()")
+        self.moved_to_train = tuple(sorted(set(names)))
+
+    def held_out_seen_by(self, seen_records) -> list[str]:
+        """File names of this dataset's val/test images that ``seen_records`` (SeenImages the
+        backbone's lineage trained or was calibrated on) hold, by ISIC id or by content."""
+        records = [r for r in seen_records if r.split != "test"]
+        if not records:
+            return []
+        table = self._make_table()
+        held = table[table["split"] != "train"]
+        if held.empty:
+            return []
+        paths = held["path"].tolist()
+        ids = {i for r in records for i in r.ids if i.startswith("ISIC_")}
+        by_id = np.array([image_id(p) in ids for p in paths])
+        by_content = match(self.fingerprints(paths), np.concatenate([r.hashes for r in records])).matched
+        return sorted({os.path.basename(p) for p, hit in zip(paths, by_id | by_content) if hit})
 
     def prepare_data(self) -> None:
         # Runs on one process per node before setup(): the place for one-time disk work.
@@ -303,6 +393,7 @@ class LesionDataModule(L.LightningDataModule):
             "dataset": self.name, "label_set": self.label_set, "class_names": list(self.class_names),
             "split_settings": self.split_settings(), "fingerprint": self.split_fingerprint(),
             "counts": {k: int(v) for k, v in t.groupby("split").size().to_dict().items()},
+            "moved_to_train": list(self.moved_to_train),
         }
 
     def state_dict(self) -> dict:

@@ -29,6 +29,11 @@ def image_id(path: str | os.PathLike) -> str | None:
     return None if match is None else f"ISIC_{match.group(1)}"
 
 
+def seen_id(path: str | os.PathLike) -> str:
+    """The id a seen-set records for an image: its ISIC id, else its file stem (shown, not matched)."""
+    return image_id(path) or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
 def _ids(table: pd.DataFrame) -> pd.DataFrame:
     ids = table["path"].map(image_id)
     return pd.DataFrame({"image_id": ids, "split": table["split"]})[ids.notna()]
@@ -71,4 +76,4 @@ def drop_overlap_from_train(tables: Mapping[str, pd.DataFrame],
     return cleaned
 
 
-__all__ = ["cross_dataset_overlap", "drop_overlap_from_train", "image_id"]
+__all__ = ["cross_dataset_overlap", "drop_overlap_from_train", "image_id", "seen_id"]

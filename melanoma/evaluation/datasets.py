@@ -73,7 +73,11 @@ def training_datamodule(data: TrainingData | None, head: str, overrides: list[st
             f"{'; '.join(differing)}. Evaluating on another split would test on training images. "
             f"Drop them (dataset.root=DIR is enough when the data moved), or {EXTERNAL_HINT}"
         )
+    if "group_duplicates" not in data.split_settings:  # split before near-duplicates joined groups
+        OmegaConf.update(cfg, "group_duplicates", False, force_add=True)
     dm = hydra.utils.instantiate(cfg, **_forced(pre), _convert_="all")
+    if data.moved_to_train:  # the images training moved out of val/test (seen by the init_from lineage)
+        dm.move_to_train(data.moved_to_train)
     dm.prepare_data()
     dm.setup("test")
     if dm.name != data.dataset:

@@ -37,9 +37,10 @@ from melanoma.evaluation.bootstrap import bootstrap
 from melanoma.evaluation.figures import operating_points_figure, reliability_figure
 from melanoma.evaluation.metrics import binary_auroc, sensitivity_specificity
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.report import (_logits, _write, calibration_comparison, fit_val_calibration,
+from melanoma.data.overlap import seen_id
+from melanoma.evaluation.report import (_logits, _seen_overlap, _write, calibration_comparison, fit_val_calibration,
                                         predictions_table)
-from melanoma.models.checkpoint import Calibration, update_meta
+from melanoma.models.checkpoint import Calibration, SeenImages, update_meta
 from melanoma.predict import Predictor, decide
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,11 @@ def _fingerprint(rows: pd.DataFrame) -> str:
     return hashlib.sha1(repr(items).encode()).hexdigest()
 
 
+def _ids_and_hashes(rows: pd.DataFrame, datamodule) -> tuple[list[str], np.ndarray]:
+    paths = rows["path"].tolist()
+    return [seen_id(p) for p in paths], datamodule.fingerprints(paths)[:, 0]
+
+
 def _operating_point(p_mel, is_mel, threshold, groups) -> dict:
     sens, spec = sensitivity_specificity(np.asarray(p_mel) >= threshold, is_mel)
     probs = np.stack([1 - np.asarray(p_mel), np.asarray(p_mel)], 1)
@@ -107,10 +113,14 @@ def recalibrate_checkpoint(
     head: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    keep_overlap: bool = False,
 ) -> dict:
     """Fit calibration and operating point on a site sample of `datamodule` (a dataset the
     model never trained on: `melanoma.evaluation.datasets.external_datamodule`), write them into
-    a copy of the checkpoint at `out_ckpt`, and report the rest into `out_dir`."""
+    a copy of the checkpoint at `out_ckpt`, and report the rest into `out_dir`. Images the model
+    has seen (``melanoma.evaluation.seen``) are left out of both the sample and the report, and
+    listed in out_dir/excluded.csv (``keep_overlap``: kept, with a warning). The sample joins the
+    new checkpoint's seen-set: it is what that model was calibrated on."""
     ckpt_path, out_ckpt, out_dir = Path(ckpt_path), Path(out_ckpt), Path(out_dir)
     if out_ckpt.resolve() == ckpt_path.resolve():
         raise ValueError(f"--out {out_ckpt} is the input checkpoint; recalibration writes a new file and "
@@ -127,6 +137,10 @@ def recalibrate_checkpoint(
         datamodule.prepare_data()
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    overlap = _seen_overlap(predictor.meta, rows, datamodule, keep_overlap, out_dir)
+    if not keep_overlap:
+        rows = rows[~overlap.mask].reset_index(drop=True)
     data_labels = rows["label"].to_numpy()
     if data_names == class_names:
         labels = data_labels
@@ -170,10 +184,15 @@ def recalibrate_checkpoint(
     out_ckpt.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt_path, out_ckpt)
 
+    sample_ids, sample_hashes = _ids_and_hashes(sample_rows, datamodule)
+
     def change(meta):
         meta.set_calibration(head, calibration)
         # the TTA record was fitted at home: TTA predictions now fall back to this one, with a warning
         meta.heads[head].calibration_tta = None
+        if meta.seen is not None:  # what this model was calibrated on is not external to it either
+            meta.seen.append(SeenImages(dataset=datamodule.name, split="site sample", head=head, ids=sample_ids,
+                                        hashes=sample_hashes, model=meta.model_id))
 
     update_meta(out_ckpt, change)
 
@@ -196,7 +215,7 @@ def recalibrate_checkpoint(
         "sample": fitted_on, "test_part": {"n": int(test.sum()), "melanomas": int(t_mel.sum())},
         "calibration": calibration.method, "temperature": calibration.temperature, "bias": list(calibration.bias),
         "calibration_candidates": candidates, "original_calibration": original.method,
-        "operating_points": points,
+        "operating_points": points, "overlap": overlap.summary,
         # ECE before = the original map, after = the recalibrated one, both on the test part
         **comparison,
         # for _write's log line: the recalibrated decisions' accuracy on the test part

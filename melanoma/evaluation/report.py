@@ -274,8 +274,11 @@ def evaluate_external(
     wandb_run=None,
     progress: bool = True,
     precision: str = "auto",
+    keep_overlap: bool = False,
 ) -> dict:
-    """Report a dataset the model never trained on: every image of every split is a test image.
+    """Report a dataset the model never trained on: every image of every split is a test image,
+    except those the model has seen (its seen-set, by id and content: ``melanoma.evaluation.seen``),
+    which are left out and listed in excluded.csv (``keep_overlap``: scored anyway, with a warning).
 
     When the head's classes and the dataset's differ, both are mapped to melanoma vs rest
     (P(rest) = 1 - P(melanoma)); refused when either has no melanoma class. The stored
@@ -290,6 +293,9 @@ def evaluate_external(
         datamodule.prepare_data()
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
+    overlap = _seen_overlap(predictor.meta, rows, datamodule, keep_overlap, out_dir)
+    if not keep_overlap:
+        rows = rows[~overlap.mask].reset_index(drop=True)
     data_names = list(datamodule.class_names)
     logits = _logits(predictor, rows, datamodule, "all")
     probs = predictor.calibrated_probabilities(logits)
@@ -319,10 +325,27 @@ def evaluate_external(
         "temperature": None if cal is None else cal.temperature, "bias": None if cal is None else list(cal.bias),
         "calibration": None if cal is None else cal.method,
         "target_sensitivity": None if cal is None else cal.target_sensitivity, **metrics,
+        "overlap": overlap.summary,
     }
     table = predictions_table(rows, true_names, logits, class_names, probs, names, pos, decisions)
     figures = report_figures(probs, labels, names, pos, threshold)
     return _write(out_dir, report, table, figures, wandb_run)
+
+
+def _seen_overlap(meta, rows: pd.DataFrame, datamodule, keep: bool, out_dir: Path):
+    """The rows the checkpoint has seen (by id and content), said on the console and written to
+    excluded.csv, before anything is scored or fitted."""
+    from melanoma.evaluation.seen import overlap_message, seen_overlap, write_excluded
+
+    paths = rows["path"].tolist()
+    fingerprints = datamodule.fingerprints(paths) if meta.seen is not None else None
+    overlap = seen_overlap(meta, paths, fingerprints, keep=keep)
+    write_excluded(out_dir, overlap)
+    (log.warning if overlap.mask.any() or not overlap.summary["checked"] else log.info)(
+        "%s: %s", datamodule.name, overlap_message(overlap.summary))
+    if keep and overlap.mask.any():
+        log.warning("--keep-overlap: %s", overlap.summary["warning"])
+    return overlap
 
 
 def _log_wandb(run, report: dict, figure_paths: dict) -> None:

@@ -14,6 +14,10 @@ A checkpoint file is a dict (Lightning's, or one written by ``save_checkpoint``)
   was trained on (dataset, label set, every setting that determines the split, and the split's
   fingerprint);
 - the eval preprocessing (image size, mean/std, the PIL resampling used for the resize);
+- what the model has seen (``SeenImages``): per head and split, the ids and content
+  fingerprints of its train and val images, its training datasets' test images (marked as such),
+  and those of every checkpoint in its ``init_from`` lineage; ``None`` in checkpoints written
+  before it was recorded (then overlap with a test set cannot be checked);
 - the resolved training config, for the record.
 
 Every writer and reader of that metadata goes through this module: nothing else parses the
@@ -28,6 +32,7 @@ import logging
 import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -43,7 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATION_METHODS", "METHOD_NONE", "METHOD_PRIOR_TEMPERATURE", "METHOD_TEMPERATURE",
     "METHOD_TEMPERATURE_BIAS", "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
-    "CheckpointMeta", "HeadRecord", "Preprocessing", "TrainingData", "load_checkpoint", "read_meta",
+    "CheckpointMeta", "HeadRecord", "Preprocessing", "SEEN_SPLITS", "SeenImages", "TrainingData", "load_checkpoint",
+    "read_meta",
     "save_checkpoint", "update_meta",
 ]
 
@@ -156,6 +162,9 @@ class TrainingData:
     #: the training sampler ("random" | "balanced"); with the two above, the logit offset the
     #: training reweighting added (melanoma.evaluation.calibration.prior_offsets)
     sampler: str = "random"
+    #: file names moved from val/test into train because the init_from lineage had seen them
+    #: (rebuilding the split moves them again, so the fingerprint still matches)
+    moved_to_train: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TrainingData:
@@ -167,13 +176,58 @@ class TrainingData:
             class_names=tuple(d.get("class_names") or ()), split_settings=dict(d.get("split_settings") or {}),
             fingerprint=d.get("fingerprint"), counts=dict(d.get("counts") or {}),
             prior=floats(d.get("prior")), class_weights=floats(d.get("class_weights")),
-            sampler=str(d.get("sampler") or "random"),
+            sampler=str(d.get("sampler") or "random"), moved_to_train=tuple(d.get("moved_to_train") or ()),
         )
 
     @property
     def reweighted(self) -> bool:
         """Whether training shifted the class balance (weighted loss or balanced sampler)."""
         return self.class_weights is not None or self.sampler == "balanced"
+
+
+#: the splits a SeenImages record can name: trained on, calibrated on (val, a site sample), and
+#: the held-out test images of a training dataset (not external either)
+SEEN_SPLITS = ("train", "val", "test", "site sample")
+
+
+@dataclass(frozen=True)
+class SeenImages:
+    """Images one split of one dataset showed the model: ids and content fingerprints.
+
+    ``ids``: ``ISIC_xxxxxxx`` where the file has one, else the file stem (matched by content
+    only). ``hashes``: (N, B) uint8, row 0 of ``melanoma.data.fingerprints`` (the image as it is).
+    ``model``: which model in the lineage saw them (its run id), kept as records are inherited.
+    Stored compactly: the ids as one zlib-compressed text, the hashes as one uint8 tensor.
+    """
+
+    dataset: str
+    split: str
+    head: str
+    ids: tuple[str, ...]
+    hashes: np.ndarray
+    model: str = ""
+
+    def __post_init__(self):
+        if self.split not in SEEN_SPLITS:
+            raise CheckpointError(f"seen-images split {self.split!r}; expected one of {SEEN_SPLITS}")
+        hashes = np.asarray(self.hashes, dtype=np.uint8)
+        if hashes.ndim != 2 or len(hashes) != len(self.ids):
+            raise CheckpointError(f"seen images of {self.dataset}/{self.split}: {len(self.ids)} ids but hashes "
+                                  f"of shape {hashes.shape}")
+        object.__setattr__(self, "hashes", hashes)
+        object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "split": self.split, "head": self.head, "model": self.model,
+                "ids": zlib.compress("\n".join(self.ids).encode(), 9), "hashes": torch.from_numpy(self.hashes.copy())}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SeenImages:
+        text = zlib.decompress(d["ids"]).decode() if d["ids"] else ""
+        hashes = d["hashes"].numpy() if isinstance(d["hashes"], torch.Tensor) else np.asarray(d["hashes"])
+        return cls(dataset=str(d["dataset"]), split=str(d["split"]), head=str(d["head"]),
+                   ids=tuple(text.split("\n")) if text else (), hashes=hashes.reshape(len(hashes), -1),
+                   model=str(d.get("model") or ""))
 
 
 @dataclass
@@ -223,6 +277,10 @@ class CheckpointMeta:
     preprocessing: Preprocessing
     config: dict = field(default_factory=dict)
     version: int = META_VERSION
+    #: every image the model and its init_from lineage saw; None: not recorded (older checkpoint)
+    seen: list[SeenImages] | None = None
+    #: this model's run id (names its own records in ``seen``)
+    model_id: str = ""
 
     # --- heads ---------------------------------------------------------------------------------
     def choose_head(self, head: str | None = None) -> str:
@@ -270,6 +328,8 @@ class CheckpointMeta:
             "preprocessing": dataclasses.asdict(self.preprocessing) | {
                 "mean": list(self.preprocessing.mean), "std": list(self.preprocessing.std)},
             "config": dict(self.config),
+            "seen": None if self.seen is None else [r.to_dict() for r in self.seen],
+            "model_id": self.model_id,
         }
 
     @classmethod
@@ -297,6 +357,8 @@ class CheckpointMeta:
             backbone=d["backbone"]["name"], backbone_kwargs=dict(d["backbone"].get("kwargs") or {}),
             heads=heads, active_head=d["active_head"], preprocessing=Preprocessing(**d["preprocessing"]),
             config=dict(d.get("config") or {}), version=version,
+            seen=None if d.get("seen") is None else [SeenImages.from_dict(r) for r in d["seen"]],
+            model_id=str(d.get("model_id") or ""),
         )
 
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from melanoma.models import build_backbone
-from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
+from melanoma.models.checkpoint import (META_KEY, CheckpointMeta, HeadRecord, SeenImages, TrainingData,
+                                        preprocessing_from)
 from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
 from melanoma.models.heads import DatasetHeads, build_head
@@ -161,6 +163,11 @@ class LesionClassifier(pl.LightningModule):
         # per head: calibration and training data as the checkpoint contract records them
         # (evaluation writes calibration into the file; init_from and resume bring records along)
         self.head_records: dict[str, HeadRecord] = {}
+        # what the model has seen (the checkpoint's seen-set): records inherited through init_from,
+        # and this run's own records as last written (used when no datamodule is attached)
+        self.inherited_seen: list[SeenImages] = []
+        self._own_seen: list[SeenImages] | None = None
+        self.model_id = uuid.uuid4().hex[:12]
         # forward stages (embeddings, block0.., norm) below the lowest trainable layer run no_grad
         self._frozen_prefix = 0
         self._trainable_layers: set[str] | None = None
@@ -498,6 +505,11 @@ class LesionClassifier(pl.LightningModule):
             self.model.heads.add(name, head)
         # their calibration and training data; meta() marks them uncalibrated once training moves on
         self.head_records.update({n: rec for n, rec in meta.heads.items() if n not in self._training_heads()})
+        # everything the backbone saw stays seen (the lineage's records keep their model ids)
+        if meta.seen is None:
+            log.warning("model.init_from=%s records no seen-set (an older checkpoint): the images its backbone "
+                        "trained on cannot be kept out of this run's val/test splits", path)
+        self.inherited_seen = list(meta.seen or [])
         self.model.train()
         self._sync_head_flags()
         log.info("init_from %s: backbone and heads %s loaded; training head %r",
@@ -538,6 +550,22 @@ class LesionClassifier(pl.LightningModule):
                 "class_weights": None if class_weight is None else class_weight.tolist(),
                 "sampler": getattr(dm, "sampler", "random")}
 
+    def _seen(self) -> list[SeenImages]:
+        """This run's own seen-set (train, val and, marked, test of each training dataset), from
+        the attached datamodule; the last one written when none is attached."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        members = getattr(dm, "members", None) or ({self.active_head: dm} if dm is not None else {})
+        if not members or any(getattr(m, "table", None) is None for m in members.values()):
+            return list(self._own_seen or [])
+        records = []
+        for head, member in members.items():
+            for split in ("train", "val", "test"):
+                ids, hashes = member.seen_images(split)
+                records.append(SeenImages(dataset=member.name, split=split, head=head, ids=ids, hashes=hashes,
+                                          model=self.model_id))
+        self._own_seen = records
+        return records
+
     def meta(self) -> CheckpointMeta:
         """The checkpoint contract's metadata of the model being trained."""
         data = self._active_training_data()
@@ -562,6 +590,7 @@ class LesionClassifier(pl.LightningModule):
             backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, heads=heads,
             active_head=self.active_head, preprocessing=self.preprocessing,
             config=dict(self.hparams.get("config") or {}),
+            seen=self.inherited_seen + self._seen(), model_id=self.model_id,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -578,6 +607,10 @@ class LesionClassifier(pl.LightningModule):
             if name not in self.model.heads or self.model.heads[name].spec() != rec.spec:
                 self.model.heads.add(name, build_head(rec.spec), replace=True)
         self.head_records = dict(meta.heads)
+        if meta.model_id:  # a resumed run stays the same model: its own records keep their id
+            self.model_id = meta.model_id
+        self.inherited_seen = [r for r in meta.seen or [] if r.model != self.model_id]
+        self._own_seen = [r for r in meta.seen or [] if r.model == self.model_id]
         self._sync_head_flags()
         if self._trainable_layers is not None:
             self.set_trainable_layers(self._trainable_layers)
