@@ -211,7 +211,7 @@ def cmd_check_data(args) -> int:
         from melanoma.data.overlap import cross_dataset_overlap
 
         tables = {n: m.table if m.table is not None else m._make_table() for n, m in members.items()}
-        overlap = cross_dataset_overlap(tables)
+        overlap = cross_dataset_overlap(tables, {n: members[n].fingerprints(t["path"].tolist()) for n, t in tables.items()})
         print(f"{dm.name}: {len(overlap)} image(s) held out (val/test) in one member are in another's train split"
               + (" (dropped from train when training, unless dataset.drop_overlap=false):" if len(overlap) else ""),
               file=sys.stderr)

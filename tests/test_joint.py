@@ -132,6 +132,24 @@ def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tin
     assert len(kept.overlap) == 1 and len(kept.members["dermmel"].split_table("train")) == 17
 
 
+def test_a_renamed_flipped_copy_is_found_by_content_and_dropped_from_train(ham_root, tiny_dermmel, tmp_path):
+    from PIL import Image, ImageOps
+
+    ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
+    ham.setup()
+    held_out = ham.split_table("test")["path"].iloc[0]
+    dermmel = tmp_path / "dermmel"
+    shutil.copytree(tiny_dermmel, dermmel)
+    planted = dermmel / "DermMel" / "train_sep" / "Melanoma" / "AUG_0_999.jpeg"  # DermMel's naming
+    ImageOps.mirror(Image.open(held_out)).resize((80, 60)).save(planted, quality=90)
+    dm = _joint_dm(ham_root, "dermmel", dermmel)
+    dm.setup()
+    hits = dm.overlap[dm.overlap.train_path == str(planted)]
+    assert hits[["image_id", "held_out_dataset", "held_out_split", "match"]].values.tolist() == \
+        [[image_id(held_out), "ham10000", "test", "content"]]
+    assert str(planted) not in dm.members["dermmel"].split_table("train")["path"].tolist()
+
+
 def test_check_data_on_a_joint_config_reports_the_overlap(ham_root, tiny_dermmel, tmp_path, capsys):
     ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
     ham.setup()

@@ -231,7 +231,9 @@ class JointDataModule(L.LightningDataModule):
         self.split_descriptions = {n: m.split_description() for n, m in self.members.items()}
         tables = {n: m.table for n, m in self.members.items()}
         self._full_tables = dict(tables)
-        self.overlap = cross_dataset_overlap(tables)
+        # by ISIC id and by content: renamed copies (DermMel's AUG_*) are the same images too
+        fingerprints = {n: self.members[n].fingerprints(t["path"].tolist()) for n, t in tables.items()}
+        self.overlap = cross_dataset_overlap(tables, fingerprints)
         rank = next(iter(self.members.values()))._world()[1]
         if len(self.overlap) and rank == 0:
             log.warning("joint: %d image(s) held out (val/test) in one member are in another's train split%s:\n%s",

@@ -2,8 +2,9 @@
 
 HAM10000 reappears inside ISIC 2018 and 2019, and DermMel is cut from ISIC. Across datasets an
 image is identified by its ``ISIC_xxxxxxx`` file stem (2019 renamed about 2,000 downscaled
-copies ``ISIC_xxxxxxx_downsampled``; the suffix is dropped). Files with other names (DermMel's
-augmented ``AUG_*`` copies, PH2) cannot be matched this way and are left alone.
+copies ``ISIC_xxxxxxx_downsampled``; the suffix is dropped) and, when fingerprints are given, by
+its content (``melanoma.data.fingerprints``): DermMel's renamed augmented ``AUG_*`` copies and
+PH2 images under other names are found that way.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import os
 import re
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
 
 ISIC_ID = re.compile(r"isic_(\d+)(?:_downsampled)?", re.IGNORECASE)
 HELD_OUT_SPLITS = ("val", "test")
-OVERLAP_COLUMNS = ["image_id", "held_out_dataset", "held_out_split", "train_dataset"]
+OVERLAP_COLUMNS = ["image_id", "held_out_dataset", "held_out_split", "train_dataset", "train_path", "match"]
 
 
 def image_id(path: str | os.PathLike) -> str | None:
@@ -39,23 +41,44 @@ def _ids(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"image_id": ids, "split": table["split"]})[ids.notna()]
 
 
-def cross_dataset_overlap(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+def cross_dataset_overlap(tables: Mapping[str, pd.DataFrame],
+                          fingerprints: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Images in one dataset's val or test split that are in another dataset's train split.
 
     ``tables`` maps a dataset name to its split table (columns path and split, as
-    ``LesionDataModule.table``). One row per (image_id, held-out dataset, its split, dataset
-    that trains on it), sorted; empty when nothing leaks.
+    ``LesionDataModule.table``); ``fingerprints`` (optional) maps it to the (N, 8, B) content
+    fingerprints of those rows. One row per (held-out image, train image of another dataset) that
+    share an ISIC id ("id") or content ("content"), sorted; empty when nothing leaks. ``image_id``
+    is the held-out image's id (``seen_id``).
     """
-    ids = {name: _ids(t) for name, t in tables.items()}
-    train = {name: set(d["image_id"][d["split"] == "train"]) for name, d in ids.items()}
-    rows = set()
-    for held_out, d in ids.items():
-        out = d[d["split"].isin(HELD_OUT_SPLITS)]
-        for trained_on, train_ids in train.items():
-            if trained_on != held_out:
-                hits = out[out["image_id"].isin(train_ids)]
-                rows.update((i, held_out, s, trained_on) for i, s in zip(hits["image_id"], hits["split"]))
-    return pd.DataFrame(sorted(rows), columns=OVERLAP_COLUMNS)
+    from .fingerprints import MATCH_DISTANCE, distances
+
+    rows = {}
+    for held_out, held_table in tables.items():
+        out_mask = held_table["split"].isin(HELD_OUT_SPLITS).to_numpy()
+        out = held_table[out_mask]
+        out_ids = out["path"].map(image_id)
+        for trained_on, train_table in tables.items():
+            if trained_on == held_out:
+                continue
+            train_mask = (train_table["split"] == "train").to_numpy()
+            train = train_table[train_mask]
+            by_id = {}
+            for p, i in zip(train["path"], train["path"].map(image_id)):
+                if i is not None:
+                    by_id.setdefault(i, []).append(p)
+            for p, i, s in zip(out["path"], out_ids, out["split"]):
+                for q in by_id.get(i, []) if i is not None else []:
+                    rows[(p, trained_on, q)] = (seen_id(p), held_out, s, trained_on, q, "id")
+            if fingerprints is None or out.empty or train.empty:
+                continue
+            held_fp = fingerprints[held_out][out_mask]  # rows in table order
+            train_fp = fingerprints[trained_on][train_mask]
+            for start, d in distances(held_fp, train_fp):
+                for a, b in zip(*np.nonzero(d <= MATCH_DISTANCE)):
+                    p, s, q = out["path"].iloc[start + a], out["split"].iloc[start + a], train["path"].iloc[b]
+                    rows.setdefault((p, trained_on, q), (seen_id(p), held_out, s, trained_on, q, "content"))
+    return pd.DataFrame(sorted(rows.values()), columns=OVERLAP_COLUMNS)
 
 
 def drop_overlap_from_train(tables: Mapping[str, pd.DataFrame],
@@ -67,8 +90,8 @@ def drop_overlap_from_train(tables: Mapping[str, pd.DataFrame],
         overlap = cross_dataset_overlap(tables)
     cleaned = {}
     for name, table in tables.items():
-        leaked = set(overlap["image_id"][overlap["train_dataset"] == name])
-        drop = (table["split"] == "train") & table["path"].map(image_id).isin(leaked)
+        leaked = set(overlap["train_path"][overlap["train_dataset"] == name])
+        drop = (table["split"] == "train") & table["path"].isin(leaked)
         if drop.any():
             log.info("%s: dropped %d train image(s) that another dataset holds out for val/test",
                      name, int(drop.sum()))
