@@ -189,9 +189,44 @@ def cmd_recalibrate(args) -> int:
 
 # --- check-data ---------------------------------------------------------------------------------
 
+def _dataset_groups(overrides: list[str]) -> list[list[str]]:
+    """`dataset=A dataset.root=X dataset=B ...` cut into one override list per dataset."""
+    groups: list[list[str]] = []
+    for o in overrides:
+        if o.startswith("dataset=") or not groups:
+            groups.append([])
+        groups[-1].append(o)
+    return groups
+
+
+def cmd_duplicates(args) -> int:
+    from melanoma.data.duplicates import (DUPLICATES_FILE, MONTAGE_FILE, duplicate_counts, duplicate_montage,
+                                          duplicate_pairs)
+
+    tables, fingerprints = {}, {}
+    for group in _dataset_groups(args.overrides):
+        dm = build_datamodule(group)
+        for name, member in (getattr(dm, "members", None) or {dm.name: dm}).items():
+            if name in tables:
+                raise ValueError(f"dataset {name} is named twice; give each dataset once")
+            table = member._make_table()
+            tables[name], fingerprints[name] = table, member.fingerprints(table["path"].tolist())
+    pairs = duplicate_pairs(tables, fingerprints)
+    out = args.out or Path("duplicates")
+    out.mkdir(parents=True, exist_ok=True)
+    pairs.to_csv(out / DUPLICATES_FILE, index=False)
+    montage = duplicate_montage(pairs, out / MONTAGE_FILE)
+    print(duplicate_counts(tables, pairs).to_string(index=False))
+    print(f"{len(pairs)} matched pair(s) in {out / DUPLICATES_FILE}"
+          + (f"; closest and borderline pairs in {montage}" if montage else ""), file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_check_data(args) -> int:
     from melanoma.data.check import check_images, dataset_image_paths
 
+    if args.duplicates:
+        return cmd_duplicates(args)
     dm = build_datamodule(args.overrides)
     # a joint config: every member's images, then the images one member holds out (val/test) that
     # another trains on (a leak that training drops from train by default)
@@ -343,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ph2 dataset.root=PATH")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ph2 dataset.root=PATH; with "
+                   "--duplicates, several datasets: dataset=A dataset.root=X dataset=B dataset.root=Y")
+    p.add_argument("--duplicates", action="store_true",
+                   help="audit near-duplicates by content: clusters within each dataset and pairs across them "
+                        "(duplicates.csv, a table of counts, a montage PNG of the closest and borderline pairs)")
+    p.add_argument("--out", type=Path, help="with --duplicates: the folder to write (default: ./duplicates)")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("export", parents=[common], help="export one head to ONNX, verified with onnxruntime")

@@ -200,14 +200,18 @@ def match(queries: np.ndarray, references: np.ndarray, max_distance: int = MATCH
 
 def near_duplicate_pairs(fingerprints: np.ndarray, max_distance: int = MATCH_DISTANCE) -> np.ndarray:
     """(K, 3) int array of (i, j, distance), i < j, for every pair of images within one set that
-    match by content."""
-    pairs = []
+    match by content. The distance of a pair is the smaller of its two directions (each image's
+    8 rows against the other's row 0), so the result does not depend on the order of the set."""
+    best: dict[tuple[int, int], int] = {}
     for start, d in distances(fingerprints, fingerprints):
-        i, j = np.nonzero(d <= max_distance)
-        i = i + start
-        keep = i < j  # each pair once; the diagonal (an image and itself) never
-        pairs.append(np.stack([i[keep], j[keep], d[i[keep] - start, j[keep]]], 1))
-    return np.concatenate(pairs) if pairs else np.zeros((0, 3), np.int64)
+        for i, j in zip(*np.nonzero(d <= max_distance)):
+            a, b = start + int(i), int(j)
+            if a != b:
+                key = (min(a, b), max(a, b))
+                best[key] = min(best.get(key, 10**9), int(d[i, j]))
+    if not best:
+        return np.zeros((0, 3), np.int64)
+    return np.array(sorted((i, j, dist) for (i, j), dist in best.items()), dtype=np.int64)
 
 
 def near_duplicate_clusters(fingerprints: np.ndarray, max_distance: int = MATCH_DISTANCE) -> np.ndarray:
