@@ -147,3 +147,30 @@ def test_a_near_duplicate_never_straddles_splits_or_folds(ham10000_root, tmp_pat
         split = dict(zip(dm.table.path.map(lambda p: os.path.splitext(os.path.basename(p))[0]), dm.table.split))
         apart += sum(split[a] != split[b] for a, b in planted)
     assert apart > 0
+
+
+def test_the_duplicate_audit_lists_planted_pairs_within_and_across_and_draws_them(ham10000_root, tmp_path, capsys):
+    from melanoma.cli import main
+
+    root, planted = _ham_with_planted_copies(ham10000_root, tmp_path)
+    # a second dataset (DermMel layout) holding a rotated, renamed copy of one HAM10000 image
+    dermmel = tmp_path / "dm" / "DermMel"
+    for split in ("train_sep", "valid", "test"):
+        for label in ("Melanoma", "NotMelanoma"):
+            (dermmel / split / label).mkdir(parents=True)
+    source = next((root / "HAM10000_images_part_1").glob("*.jpg"))
+    Image.open(source).rotate(90, expand=True).save(dermmel / "train_sep" / "Melanoma" / "AUG_0_1.jpeg")
+    for k, p in enumerate(sorted((root / "HAM10000_images_part_1").glob("*.jpg"))[-4:]):
+        shutil.copy(p, dermmel / ("valid", "test")[k % 2] / "NotMelanoma" / f"x{k}.jpg")  # exact copies, renamed
+    out = tmp_path / "audit"
+    assert main(["check-data", "--duplicates", "dataset=ham10000", f"dataset.root={root}", "dataset=dermmel",
+                 f"dataset.root={dermmel.parent}", "--out", str(out), "-q"]) == 0
+    pairs = pd.read_csv(out / "duplicates.csv")
+    within = {frozenset((os.path.basename(a)[:-4], os.path.basename(b)[:-4]))
+              for a, b in pairs[pairs.kind == "within"][["path_a", "path_b"]].values}
+    assert all(frozenset(p) in within for p in planted)
+    across = pairs[pairs.kind == "across"]
+    assert set(across.path_b.map(os.path.basename)) == {"AUG_0_1.jpeg", "x0.jpg", "x1.jpg", "x2.jpg", "x3.jpg"}
+    assert Image.open(out / "duplicates.png").size[0] > 300
+    table = capsys.readouterr().out
+    assert "ham10000 x dermmel" in table and "clusters_across_splits" in table
