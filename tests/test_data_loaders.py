@@ -54,9 +54,11 @@ class _Same(torch.utils.data.Dataset):
 
 def test_dataloader_workers_do_not_repeat_each_others_augmentations():
     from melanoma.data.base import _seed_worker_augmentations
+    from melanoma.data.workers import worker_context
 
     loader = torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=2,
-                                         worker_init_fn=_seed_worker_augmentations)
+                                         worker_init_fn=_seed_worker_augmentations,
+                                         multiprocessing_context=worker_context(2))
     a, b = list(loader)  # batch 0 from worker 0, batch 1 from worker 1
     assert not torch.equal(a, b)
 

@@ -35,6 +35,7 @@ from .transforms import (
     build_train_pipeline,
     resolve_augment,
 )
+from .workers import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,7 @@ class LesionDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
             generator=generator,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:
