@@ -50,7 +50,8 @@ def _run(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):  # Lightning knows no "auto": the config stored with the run says what ran
-        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator))
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator),
+                                                  embed_dim=_model_width(cfg.model))
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
@@ -108,6 +109,15 @@ def _run(cfg: DictConfig) -> float | None:
         return float(best.best_model_score)
     value = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
+
+
+def _model_width(model_cfg) -> int | None:
+    """The backbone's embed_dim as configured (or its preset's): what decides whether bf16 pays on a CPU."""
+    from melanoma.models.vit import PRESETS
+
+    backbone = model_cfg.get("backbone") or {}
+    width = (backbone.get("kwargs") or {}).get("embed_dim")
+    return int(width) if width is not None else PRESETS.get(backbone.get("name"), {}).get("embed_dim")
 
 
 def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:

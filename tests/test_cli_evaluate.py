@@ -49,6 +49,27 @@ def test_evaluate_writes_report_and_stores_calibration(dermmel, tmp_path, capsys
     assert "split" in capsys.readouterr().err
 
 
+def test_the_calibration_records_its_precision_and_predict_says_when_it_differs(dermmel, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert read_meta(ckpt).heads["dermmel"].calibration.precision == "32-true"  # inference's auto
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["precision"] == "32-true"
+    image = str(next(dermmel.rglob("*.jp*g")))
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), image, "-q"]) == 0
+    assert "fitted on" not in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--precision", "bf16-mixed", "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert read_meta(ckpt).heads["dermmel"].calibration.precision == "bf16-mixed"
+    capsys.readouterr()
+    out = tmp_path / "p.json"
+    assert main(["predict", str(ckpt), image, "-q", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fitted on bf16-mixed logits and these are 32-true" in err and "--precision bf16-mixed" in err
+    assert json.loads(out.read_text())["precision"] == "32-true"
+    assert main(["predict", str(ckpt), image, "-q", "--precision", "bf16-mixed"]) == 0
+    assert "fitted on" not in capsys.readouterr().err
+
+
 def test_no_calibration_stores_t1_with_its_own_threshold(dermmel, tmp_path):
     ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
     assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0

@@ -210,6 +210,7 @@ def evaluate_checkpoint(
 
     calibration, candidates = fit_val_calibration(val_logits, val_labels, record.data, calibrate, tta,
                                                   {"dataset": datamodule.name, "split": "val", "fingerprint": fingerprint})
+    calibration = dataclasses.replace(calibration, precision=predictor.precision)
     val_probs = calibration.probabilities(val_logits)
     op = None
     if pos is not None:
@@ -235,7 +236,7 @@ def evaluate_checkpoint(
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "test", "external": False,
         "class_names": class_names, "positive_class": class_names[pos] if pos is not None else None,
-        "tta": bool(tta), "temperature": calibration.temperature, "bias": list(calibration.bias),
+        "tta": bool(tta), "precision": predictor.precision, "temperature": calibration.temperature, "bias": list(calibration.bias),
         "calibration": calibration.method, "calibration_candidates": candidates,
         "target_sensitivity": calibration.target_sensitivity, **metrics,
         "val": {
@@ -315,7 +316,7 @@ def evaluate_external(
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "all", "external": True,
         "class_names": names, "head_class_names": class_names, "dataset_class_names": data_names,
         "labels_mapped_to_melanoma_vs_rest": mapped, "positive_class": names[pos] if pos is not None else None,
-        "tta": bool(tta), "calibrated": predictor.calibrated,
+        "tta": bool(tta), "precision": predictor.precision, "calibrated": predictor.calibrated,
         "temperature": None if cal is None else cal.temperature, "bias": None if cal is None else list(cal.bias),
         "calibration": None if cal is None else cal.method,
         "target_sensitivity": None if cal is None else cal.target_sensitivity, **metrics,

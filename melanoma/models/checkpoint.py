@@ -96,6 +96,9 @@ class Calibration:
     ``method`` is one of CALIBRATION_METHODS (how T and bias were fitted).
     ``fitted_on`` names the data it was fitted on (dataset, split, split fingerprint; for a site
     recalibration the site's dataset and root and the fingerprint of the sample).
+    ``precision`` is the forward-pass precision of the logits it was fitted on (None: not recorded,
+    checkpoints written before it was); predicting at another precision is reported.
+    Non-finite numbers are refused, whether a calibration is being stored or read back.
     """
 
     temperature: float = 1.0
@@ -105,13 +108,24 @@ class Calibration:
     target_sensitivity: float | None = None
     tta: bool = False
     fitted_on: dict | None = None
+    precision: str | None = None
 
     def __post_init__(self):
         t = float(self.temperature)
         if not (math.isfinite(t) and t > 0):
-            raise CheckpointError(f"calibration temperature must be a positive number, got {self.temperature}")
+            raise CheckpointError(f"calibration temperature must be a positive finite number, got {self.temperature}; "
+                                  f"the logits it was fitted on were probably not finite: refit it with `melanoma evaluate`")
         object.__setattr__(self, "temperature", t)
-        object.__setattr__(self, "bias", tuple(float(b) for b in self.bias))
+        bias = tuple(float(b) for b in self.bias)
+        if not all(math.isfinite(b) for b in bias):
+            raise CheckpointError(f"calibration bias must be finite, got {list(bias)}; refit it with `melanoma evaluate`")
+        object.__setattr__(self, "bias", bias)
+        if self.threshold is not None:
+            th = float(self.threshold)
+            if not math.isfinite(th):
+                raise CheckpointError(f"calibration threshold must be a finite number (or absent), got {self.threshold}; "
+                                      f"refit it with `melanoma evaluate`")
+            object.__setattr__(self, "threshold", th)
 
     def calibrated_logits(self, logits) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64) / self.temperature

@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 
 from melanoma.data.io import ImageReadError, load_rgb
 from melanoma.data.transforms import EvalTransform
+from melanoma.data.workers import worker_context
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
-from melanoma.precision import autocast_context, resolve_precision
+from melanoma.precision import autocast_context, inference_precision
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Predictor:
     calibrated: show calibrated probabilities (default). With False the probabilities shown are
     the raw softmax and ``threshold`` is mapped onto that scale where an exact mapping exists
     (two classes); the decision is the same either way.
-    precision: forward-pass precision (melanoma.precision; "auto" picks it for the device).
+    precision: forward-pass precision (melanoma.precision; "auto" is full precision on every
+    device: lower precision changes decisions near the threshold, so it is used only when asked).
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class Predictor:
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device.type)
+        self.precision = inference_precision(precision, self.device)
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
         self.checkpoint = Path(checkpoint)
@@ -107,6 +109,11 @@ class Predictor:
         self.positive_index = record.positive_index
         self.tta = bool(tta)
         self.calibration, warning = record.calibration_for(self.tta)
+        fitted_at = None if self.calibration is None else self.calibration.precision
+        if fitted_at is not None and fitted_at != self.precision:
+            warning = "; ".join(filter(None, [warning, (
+                f"its calibration and threshold were fitted on {fitted_at} logits and these are {self.precision}: "
+                f"probabilities near the threshold may decide differently (use --precision {fitted_at})")]))
         self.calibration_warning = warning
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
@@ -175,7 +182,8 @@ class Predictor:
         """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
         (loader workers for speed). An unreadable file raises ImageReadError naming it."""
         loader = DataLoader(_PathDataset(paths, self.transform), batch_size=self.batch_size,
-                            num_workers=num_workers, shuffle=False)
+                            num_workers=num_workers, shuffle=False,
+                            multiprocessing_context=worker_context(num_workers))
         out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
                                                           disable=not self.progress)]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
