@@ -27,7 +27,7 @@ from melanoma.models.heads import DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
-from melanoma.training.guard import FiniteGuard
+from melanoma.training.guard import FiniteGuard, NonFiniteLossError
 from melanoma.training.metrics import TRAIN_LOSS_EPOCH, TRAIN_LOSS_STEP, stage_metrics
 
 log = logging.getLogger(__name__)
@@ -566,6 +566,7 @@ class LesionClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.guard.check()  # a non-finite last step stops the run before its weights are written
+        _refuse_non_finite(checkpoint.get("state_dict") or self.state_dict(), self.global_step)
         checkpoint[META_KEY] = self.meta().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -581,3 +582,20 @@ class LesionClassifier(pl.LightningModule):
         self._sync_head_flags()
         if self._trainable_layers is not None:
             self.set_trainable_layers(self._trainable_layers)
+
+
+def _refuse_non_finite(state_dict: dict, global_step: int) -> None:
+    """Raise instead of letting weights with NaN/Inf reach a checkpoint file (one host read for
+    the whole state dict; checkpoints are written rarely)."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
+    if bool(finite.all()):
+        return
+    bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+    raise NonFiniteLossError(
+        f"the weights at global step {global_step} are not finite ({len(bad)} tensors, e.g. {bad[:3]}); "
+        f"no checkpoint of them is written and the last good one stays in the checkpoints folder. "
+        f"Lower the learning rate, set trainer.gradient_clip_val or use precision 32-true."
+    )
