@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATION_METHODS", "METHOD_NONE", "METHOD_PRIOR_TEMPERATURE", "METHOD_TEMPERATURE",
     "METHOD_TEMPERATURE_BIAS", "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
-    "CheckpointMeta", "HeadRecord", "Preprocessing", "TrainingData", "load_checkpoint", "read_meta",
+    "CheckpointMeta", "HeadRecord", "Preprocessing", "TrainingData", "load_checkpoint", "non_finite_tensors", "read_meta",
     "save_checkpoint", "update_meta",
 ]
 
@@ -402,7 +402,23 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[s
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{path}: the weights are not finite (NaN or Inf in {len(bad)} tensors, e.g. {bad[:3]}); nothing it "
+            f"predicts would mean anything. Use an earlier checkpoint of the run (training never writes one "
+            f"with non-finite weights), or train again with a lower learning rate."
+        )
     return state, meta
+
+
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf (one host read in all)."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
+    return [] if bool(finite.all()) else [n for n, ok in zip(names, finite.tolist()) if not ok]
 
 
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:

@@ -37,6 +37,27 @@ MELANOMA_DECISION = "melanoma"
 NOT_MELANOMA_DECISION = "not_melanoma"
 
 
+class NonFiniteOutputError(RuntimeError):
+    """The model gave NaN or Inf logits for some images: no probability or decision exists for
+    them. Carries the images' paths."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], total: int):
+        self.paths = [str(p) for p in paths]
+        shown = ", ".join(self.paths[:10]) + (f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else "")
+        super().__init__(
+            f"the model's output is not finite (NaN/Inf logits) for {len(self.paths)} of {total} images: {shown}. "
+            f"Nothing was decided. Check these files, or predict at --precision 32-true if a lower precision "
+            f"was asked for; with finite inputs at full precision the checkpoint itself is broken."
+        )
+
+
+def check_finite(logits, paths: Sequence[str | os.PathLike]) -> None:
+    """Raise NonFiniteOutputError naming the images whose logits hold a NaN or an Inf."""
+    rows = ~np.isfinite(np.asarray(torch.as_tensor(logits).float().cpu())).all(axis=1)
+    if rows.any():
+        raise NonFiniteOutputError([p for p, bad in zip(paths, rows) if bad], len(paths))
+
+
 def decide(p_melanoma, threshold: float | None) -> list[str | None]:
     """The melanoma decision at an operating point, from *calibrated* melanoma probabilities."""
     if threshold is None:
@@ -180,13 +201,16 @@ class Predictor:
     def logits_of_paths(self, paths: Sequence[str | os.PathLike], num_workers: int = 0,
                         desc: str = "predict") -> np.ndarray:
         """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
-        (loader workers for speed). An unreadable file raises ImageReadError naming it."""
+        (loader workers for speed). An unreadable file raises ImageReadError naming it, non-finite
+        outputs NonFiniteOutputError naming the images."""
         loader = DataLoader(_PathDataset(paths, self.transform), batch_size=self.batch_size,
                             num_workers=num_workers, shuffle=False,
                             multiprocessing_context=worker_context(num_workers))
         out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
                                                           disable=not self.progress)]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        logits = torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        check_finite(logits, paths)
+        return logits
 
     # --- files ------------------------------------------------------------------------------
     def _load(self, path: Path) -> tuple[torch.Tensor | None, Image.Image | None, str | None]:
@@ -230,7 +254,8 @@ class Predictor:
         attention_methods: Iterable[str] = ("rollout",),
     ) -> list[dict]:
         """One record per path, in order. Unreadable files get a record whose `error` says why
-        (and a line in the log) while the rest are predicted. With `attention_dir`, writes
+        (and a line in the log) while the rest are predicted; non-finite outputs stop it
+        (NonFiniteOutputError naming the images). With `attention_dir`, writes
         `<stem>_<method>.png` (image | heat map | overlay) per method and `<stem>_heads.png`
         (last-layer attention per head) for every image."""
         paths = [Path(p) for p in paths]
@@ -265,6 +290,7 @@ class Predictor:
                     )
                 # with attention maps (and no TTA) the same forward pass gives the logits
                 logits = torch.from_numpy(maps.logits) if maps is not None and not self.tta else self.logits(x)
+                check_finite(logits, [chunk[i] for i in good])
                 batch_records = self.records([chunk[i] for i in good], logits)
                 for j, i in enumerate(good):
                     rec = batch_records[j]

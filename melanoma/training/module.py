@@ -20,7 +20,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from melanoma.models import build_backbone
-from melanoma.models.checkpoint import META_KEY, CheckpointMeta, HeadRecord, TrainingData, preprocessing_from
+from melanoma.models.checkpoint import (META_KEY, CheckpointMeta, HeadRecord, TrainingData, non_finite_tensors,
+                                       preprocessing_from)
 from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
 from melanoma.models.heads import DatasetHeads, build_head
@@ -587,15 +588,10 @@ class LesionClassifier(pl.LightningModule):
 def _refuse_non_finite(state_dict: dict, global_step: int) -> None:
     """Raise instead of letting weights with NaN/Inf reach a checkpoint file (one host read for
     the whole state dict; checkpoints are written rarely)."""
-    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not names:
-        return
-    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
-    if bool(finite.all()):
-        return
-    bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
-    raise NonFiniteLossError(
-        f"the weights at global step {global_step} are not finite ({len(bad)} tensors, e.g. {bad[:3]}); "
-        f"no checkpoint of them is written and the last good one stays in the checkpoints folder. "
-        f"Lower the learning rate, set trainer.gradient_clip_val or use precision 32-true."
-    )
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteLossError(
+            f"the weights at global step {global_step} are not finite ({len(bad)} tensors, e.g. {bad[:3]}); "
+            f"no checkpoint of them is written and the last good one stays in the checkpoints folder. "
+            f"Lower the learning rate, set trainer.gradient_clip_val or use precision 32-true."
+        )
