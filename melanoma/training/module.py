@@ -386,8 +386,11 @@ class LesionClassifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # scalar metrics only (test/...): the figures, intervals and calibrated numbers are the
-        # report's (melanoma.evaluation.report), written after fit under report/
-        self._eval_step("test", batch, dataloader_idx)
+        # report's (melanoma.evaluation.report), written after fit under report/. At inference
+        # precision (full: melanoma.precision.inference_precision), whatever the training
+        # autocast, so test/... and the report score the same logits.
+        with torch.autocast(self.device.type, enabled=False):
+            self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
