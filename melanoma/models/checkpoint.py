@@ -106,7 +106,7 @@ class Calibration:
     method: str = "temperature"
     threshold: float | None = None
     target_sensitivity: float | None = None
-    tta: bool = False
+    tta: bool | None = False  # None: not known (version 1 checkpoints did not record it)
     fitted_on: dict | None = None
     precision: str | None = None
 
@@ -213,6 +213,13 @@ class HeadRecord:
         """The record to use for plain or TTA predictions, and a warning when it does not fit."""
         if tta and self.calibration_tta is not None:
             return self.calibration_tta, None
+        if self.calibration is not None and self.calibration.tta is None:
+            return self.calibration, (
+                "the stored calibration comes from a version-1 checkpoint, which did not record whether it was "
+                "fitted on TTA logits; it is used unchanged for these "
+                f"{'TTA' if tta else 'plain'} predictions (run `melanoma evaluate CKPT{' --tta' if tta else ''}` "
+                "to fit one that says)"
+            )
         if tta and self.calibration is not None:
             return self.calibration, (
                 "the stored calibration was fitted without TTA; TTA probabilities and decisions use "
@@ -342,6 +349,7 @@ def _upgrade_v1(meta: Mapping, ckpt: Mapping) -> CheckpointMeta:
                 temperature=float((calibration.get(name) or {}).get("temperature", 1.0)),
                 method="temperature" if name in calibration else "none",
                 threshold=op.get("threshold"), target_sensitivity=op.get("target_sensitivity"),
+                tta=None,  # version 1 did not record it: unknown, not "without TTA"
             )
         data = None
         if dm_state is not None and dm_state.get("name") == name and dataset_cfg:
