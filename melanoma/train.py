@@ -127,4 +127,7 @@ def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, hea
     metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment,
                                   head=head)
     if show:
-        print(f"Test report ({dm.name}; {ckpt}; written to {out})\n{format_metrics(metrics)}", flush=True)
+        # the test loop's table above is uncalibrated: auroc / average_precision agree with this
+        # report, accuracy-type numbers may not (the calibrated map can move the argmax)
+        print(f"Test report ({dm.name}; {ckpt}; written to {out}; calibrated, so its auroc and average_precision "
+              f"equal the test table's above and its argmax metrics may differ)\n{format_metrics(metrics)}", flush=True)
