@@ -127,9 +127,9 @@ def test_check_data_with_a_cache_reads_the_originals_and_lists_every_bad_one(tmp
     root, cache = tmp_path / "data", tmp_path / "cache"
     dermmel = write_dermmel_layout(root, {"train": 2, "val": 1, "test": 1}, image_size=32, seed=4, masks=False)
     dm = DermMelDataModule(root=root, image_size=32, num_workers=0, cache_dir=cache)
-    dm.setup()  # caches all 8 images while they are intact
+    dm.setup()  # caches all 8 images while they are intact (and the 4 val/test ones' eval pixels)
     cached = sorted(p for p in cache.rglob("*") if p.is_file())
-    assert len(cached) == 8
+    assert len(cached) == 8 + 4
     empty = dermmel / "train_sep" / "Melanoma" / "synth_train_sep_00000.jpeg"
     truncated = dermmel / "test" / "NotMelanoma" / "synth_test_00000.jpg"
     empty.write_bytes(b"")
