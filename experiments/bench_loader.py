@@ -7,6 +7,10 @@ Compares, in one run on the same files:
   torchvision    plain PIL open/convert + torchvision.transforms (RandomResizedCrop, flips,
                  90-degree turn, ColorJitter, ToTensor, Normalize), full decode
   torchvision, cached  the same peer reading the cache
+  eval, draft    the eval pipeline (resize to 224, normalise) on a draft decode: how validation
+                 and test read images during training before issue 19
+  eval, full     the same on a full decode: what they read now, as `melanoma predict` does
+  eval, cached   the evaluation cache's entries (the exact eval pixels, .npy)
 Each row is one process doing decode + transform per image (what one DataLoader worker does),
 torch and OpenCV limited to one thread each. The last column runs a real DataLoader with
 num_workers=1, batch 32 (adds IPC and collation).
@@ -31,10 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from melanoma.data.base import LesionImageDataset, _seed_worker_augmentations
-from melanoma.data.cache import build_cache
+from melanoma.data.cache import build_cache, build_eval_cache
 from melanoma.data.synthetic import _image_rng, _render_rect
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
-from melanoma.data.transforms import train_transform
+from melanoma.data.transforms import eval_transform, train_transform
 
 SIZE = 224
 
@@ -128,6 +132,8 @@ def main() -> None:
         cache_build = args.images / (time.perf_counter() - t0)
         cached_npy = build_cache(paths, tmp / "cache", 256, num_threads=1, progress=False, fmt="npy")
         ours_t = train_transform(SIZE)
+        eval_t = eval_transform(SIZE)
+        cached_eval = build_eval_cache(paths, tmp / "cache", eval_t, num_threads=1, progress=False)
         rows = [
             ("ours (draft decode + albumentations)", LesionImageDataset(paths, [0] * len(paths), ours_t, decode_size=SIZE)),
             ("ours, no draft (full decode)", LesionImageDataset(paths, [0] * len(paths), ours_t, decode_size=None)),
@@ -135,6 +141,9 @@ def main() -> None:
             ("ours, cached npy (short side 256)", LesionImageDataset(cached_npy, [0] * len(paths), ours_t)),
             ("torchvision (PIL + transforms)", TorchvisionDataset(paths)),
             ("torchvision, cached", TorchvisionDataset(cached)),
+            ("eval, draft decode (val/test before)", LesionImageDataset(paths, [0] * len(paths), eval_t, decode_size=SIZE)),
+            ("eval, full decode (val/test now, = predict)", LesionImageDataset(paths, [0] * len(paths), eval_t)),
+            ("eval, cached eval pixels (npy)", LesionImageDataset(cached_eval, [0] * len(paths), eval_t)),
         ]
         rates = per_item_rounds([ds for _, ds in rows], args.passes)
         results = [(name, r, with_loader(ds, 1)) for (name, ds), r in zip(rows, rates)]
@@ -142,7 +151,7 @@ def main() -> None:
     base, base_cpu = next(r for name, r, _ in results if name.startswith("torchvision ("))
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        f"Loader throughput, one worker, {args.images} JPEGs 600x450 -> train pipeline -> {SIZE} px, "
+        f"Loader throughput, one worker, {args.images} JPEGs 600x450 -> train (or eval) pipeline -> {SIZE} px, "
         f"median of {args.passes} interleaved rounds (one pass per pipeline per round).",
         f"Date: {when}. Machine: {cpu_name()}, 2 cores, CPU only, shared with other jobs "
         f"(absolute numbers move with the load; ratios are from the same run).",

@@ -85,7 +85,7 @@ def cmd_predict(args) -> int:
         "calibration": None if predictor.calibration is None else {
             "method": predictor.calibration.method, "bias": list(predictor.calibration.bias),
             "fitted_on": predictor.calibration.fitted_on},
-        "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta,
+        "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta, "precision": predictor.precision,
     }
     _write_records(records, args.out, header)
     if predictor.calibration_warning:
@@ -170,7 +170,7 @@ def cmd_recalibrate(args) -> int:
     report_dir = args.report or args.out.with_name(f"{args.out.stem}_recalibration_{dm.name}")
     r = recalibrate_checkpoint(args.checkpoint, dm, args.out, report_dir, fraction=args.fraction, seed=args.seed,
                                target_sensitivity=args.target_sensitivity, head=head, device=args.device,
-                               progress=not args.quiet, keep_overlap=args.keep_overlap)
+                               progress=not args.quiet, precision=args.precision, keep_overlap=args.keep_overlap)
     print(f"overlap: {overlap_message(r['overlap'])}")
     s = r["sample"]
     print(f"{dm.name}: calibration ({r['calibration']}) and operating point fitted on a sample of {s['n']} images "
@@ -284,8 +284,9 @@ def _add_precision(p: argparse.ArgumentParser) -> None:
     from melanoma.precision import AUTO, PRECISIONS
 
     p.add_argument("--precision", choices=PRECISIONS, default=AUTO,
-                   help="forward-pass precision; auto: bf16-mixed on bf16 GPUs and AMX/AVX512-BF16 "
-                        "CPUs, 16-mixed on older GPUs, 32-true otherwise (default auto)")
+                   help="forward-pass precision; auto: 32-true on every device, so decisions are the same "
+                        "everywhere and at the precision the calibration was fitted at; lower precision only "
+                        "when asked (default auto)")
 
 
 def _add_keep_overlap(p: argparse.ArgumentParser) -> None:
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="report folder (default: beside --out)")
     _add_keep_overlap(p)
     p.add_argument("--device", default="cpu")
+    _add_precision(p)
     p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")

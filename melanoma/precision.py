@@ -1,14 +1,22 @@
 """Numeric precision: resolving ``precision=auto`` and running a forward pass under it.
 
-One rule for training (``trainer.precision``, resolved by melanoma/train.py before the Trainer is
-built: Lightning does not know "auto") and for inference (``melanoma predict/evaluate
---precision``):
+Training (``trainer.precision``, resolved by melanoma/train.py before the Trainer is built:
+Lightning does not know "auto"):
 
-- bf16-mixed on CUDA GPUs that support bf16, and on CPUs with native bf16 matmuls (flags
-  ``amx_bf16`` or ``avx512_bf16``);
+- bf16-mixed on CUDA GPUs that support bf16;
 - 16-mixed on older CUDA GPUs;
+- on a CPU with native bf16 matmuls (flags ``amx_bf16`` or ``avx512_bf16``) bf16-mixed only for
+  models wide enough that it pays (``embed_dim >= BF16_CPU_MIN_EMBED_DIM``, measured by
+  experiments/bench_precision_cpu.py): on narrow models the casts cost more than the matmuls save;
 - 32-true otherwise. On a CPU without those flags bf16 is emulated and several times slower
   than fp32, so auto never picks it there.
+
+Inference (``melanoma predict/evaluate/recalibrate --precision``, serve, the post-fit report):
+"auto" is full precision (``inference_precision``), so one checkpoint gives the same
+probabilities and decisions on every machine and in ONNX. Lower precision only when asked.
+
+The CPU flags come from /proc/cpuinfo, or from the file named by $MELANOMA_CPUINFO (how the test
+suite mocks a machine with or without native bf16, subprocesses included).
 
 Ground level: imports nothing from training, evaluation, inference or the CLI.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,8 +33,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "PRECISIONS", "BF16_CPU_FLAGS", "autocast_context", "choose_precision",
-           "cpu_flags", "resolve_precision"]
+__all__ = ["AUTO", "PRECISIONS", "BF16_CPU_FLAGS", "BF16_CPU_MIN_EMBED_DIM", "INFERENCE_DEFAULT",
+           "autocast_context", "choose_precision", "cpu_flags", "inference_precision", "resolve_precision"]
 
 AUTO = "auto"
 # the values `--precision` accepts and auto resolves to (Lightning accepts more spellings in
@@ -33,12 +42,22 @@ AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed")
 # CPU flags of native bf16 matrix support (Intel AMX, AVX512-BF16; AMD Zen 4+ has avx512_bf16)
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Training on a native-bf16 CPU: the narrowest ViT width (embed_dim) at which bf16-mixed trained
+# faster than 32-true in every round of both recorded runs (experiments/results/bench_precision_cpu.md:
+# width 64 about even in step time and 1.32x slower for the whole quickstart, 128 1.23x faster).
+BF16_CPU_MIN_EMBED_DIM = 128
+# what inference's "auto" means on every device: the precision calibrations are fitted at
+INFERENCE_DEFAULT = "32-true"
 CPUINFO = Path("/proc/cpuinfo")
+CPUINFO_ENV = "MELANOMA_CPUINFO"
 
 
-def cpu_flags(path: str | Path = CPUINFO) -> set[str]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty when unreadable,
-    e.g. on macOS or Windows: auto then keeps fp32 on the CPU)."""
+def cpu_flags(path: str | Path | None = None) -> set[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo, or in the file named by
+    $MELANOMA_CPUINFO (empty when unreadable, e.g. on macOS or Windows: auto then keeps fp32 on
+    the CPU)."""
+    if path is None:
+        path = os.environ.get(CPUINFO_ENV) or CPUINFO
     try:
         text = Path(path).read_text()
     except OSError:
@@ -65,8 +84,12 @@ def choose_precision(
     *,
     flags: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     cuda_bf16: Callable[[], bool] | None = None,
+    embed_dim: int | None = None,
 ) -> tuple[str, str]:
-    """(precision, reason) for ``accelerator`` ("auto", "cpu", "gpu", "cuda", "cuda:1", "mps").
+    """(precision, reason) for training on ``accelerator`` ("auto", "cpu", "gpu", "cuda", "cuda:1", "mps").
+
+    ``embed_dim``: the model's width; on a native-bf16 CPU bf16 is picked only from
+    BF16_CPU_MIN_EMBED_DIM on (None: width unknown, bf16 assumed to pay).
 
     ``flags``: the CPU flags, or a callable returning them (None: ``cpu_flags()``, /proc/cpuinfo).
     ``cuda_bf16``: a callable telling whether the GPU supports bf16 (default:
@@ -83,6 +106,9 @@ def choose_precision(
         flags = cpu_flags  # looked up at call time, so tests can patch the module attribute
     found = set(flags() if callable(flags) else flags)
     native = [f for f in BF16_CPU_FLAGS if f in found]
+    if native and embed_dim is not None and int(embed_dim) < BF16_CPU_MIN_EMBED_DIM:
+        return "32-true", (f"CPU with native bf16 ({', '.join(native)}), but a model of width {embed_dim} < "
+                           f"{BF16_CPU_MIN_EMBED_DIM} trains faster in fp32 there")
     if native:
         return "bf16-mixed", f"CPU with native bf16 ({', '.join(native)})"
     return "32-true", f"CPU without {' or '.join(BF16_CPU_FLAGS)} (bf16 would be emulated, slower than fp32)"
@@ -100,6 +126,17 @@ def resolve_precision(precision, accelerator: str = "auto", **machine) -> str:
     value, reason = choose_precision(accelerator, **machine)
     log.info("precision auto -> %s (%s)", value, reason)
     return value
+
+
+def inference_precision(precision, device: str | torch.device = "cpu") -> str:
+    """The forward-pass precision of inference: ``precision`` unchanged unless it is "auto", which
+    is INFERENCE_DEFAULT (full precision) on every device, so that the same checkpoint gives the
+    same decisions everywhere and at the precision its calibration was fitted at."""
+    if str(precision) != AUTO:
+        if str(precision) not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        return str(precision)
+    return INFERENCE_DEFAULT
 
 
 def autocast_context(precision, device: str | torch.device = "cpu", **machine):

@@ -50,7 +50,8 @@ def _run(cfg: DictConfig) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):  # Lightning knows no "auto": the config stored with the run says what ran
-        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator))
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator),
+                                                  embed_dim=_model_width(cfg.model))
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
@@ -129,6 +130,15 @@ def _keep_seen_out_of_evaluation(dm, seen) -> None:
         member.move_to_train(moved)
 
 
+def _model_width(model_cfg) -> int | None:
+    """The backbone's embed_dim as configured (or its preset's): what decides whether bf16 pays on a CPU."""
+    from melanoma.models.vit import PRESETS
+
+    backbone = model_cfg.get("backbone") or {}
+    width = (backbone.get("kwargs") or {}).get("embed_dim")
+    return int(width) if width is not None else PRESETS.get(backbone.get("name"), {}).get("embed_dim")
+
+
 def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:
     """The one test report: calibrate on val, report test with intervals; figures to W&B."""
     from melanoma.evaluation.report import evaluate_checkpoint, format_metrics
@@ -136,4 +146,7 @@ def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, hea
     metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment,
                                   head=head)
     if show:
-        print(f"Test report ({dm.name}; {ckpt}; written to {out})\n{format_metrics(metrics)}", flush=True)
+        # the test loop's table above is uncalibrated: auroc / average_precision agree with this
+        # report, accuracy-type numbers may not (the calibrated map can move the argmax)
+        print(f"Test report ({dm.name}; {ckpt}; written to {out}; calibrated, so its auroc and average_precision "
+              f"equal the test table's above and its argmax metrics may differ)\n{format_metrics(metrics)}", flush=True)

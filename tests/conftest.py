@@ -22,6 +22,38 @@ from melanoma.data.synthetic import write_dermmel_layout  # noqa: E402
 from melanoma.models.checkpoint import Calibration  # noqa: E402
 
 
+# --native-bf16=on|off: mock a CPU with or without native bf16 matmuls for the whole session,
+# subprocesses included (melanoma.precision reads the flags from $MELANOMA_CPUINFO); "host" (the
+# default) keeps this machine's. The suite must pass both ways (.ci/run runs both).
+MOCK_CPU_FLAGS = "fpu sse2 avx avx2 fma avx512f avx512bw avx512vl"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--native-bf16", choices=("host", "on", "off"), default="host",
+                     help="mock the CPU's native bf16 (avx512_bf16) for the session: on, off, or host (default)")
+
+
+def pytest_configure(config):
+    mode = config.getoption("--native-bf16")
+    if mode == "host":
+        return
+    import tempfile
+
+    from melanoma.precision import CPUINFO_ENV
+
+    info = Path(tempfile.mkdtemp(prefix="melanoma-cpuinfo-")) / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: {MOCK_CPU_FLAGS}{' avx512_bf16' if mode == 'on' else ''}\n")
+    os.environ[CPUINFO_ENV] = str(info)
+
+
+def pytest_report_header(config):
+    from melanoma.precision import BF16_CPU_FLAGS, cpu_flags
+
+    native = sorted(set(BF16_CPU_FLAGS) & cpu_flags())
+    return (f"native bf16 ({config.getoption('--native-bf16')}): "
+            f"{', '.join(native) or 'none'}")
+
+
 SHARED_DATA = Path(os.environ.get("MELANOMA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 

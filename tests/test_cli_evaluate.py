@@ -49,6 +49,27 @@ def test_evaluate_writes_report_and_stores_calibration(dermmel, tmp_path, capsys
     assert "split" in capsys.readouterr().err
 
 
+def test_the_calibration_records_its_precision_and_predict_says_when_it_differs(dermmel, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert read_meta(ckpt).heads["dermmel"].calibration.precision == "32-true"  # inference's auto
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["precision"] == "32-true"
+    image = str(next(dermmel.rglob("*.jp*g")))
+    capsys.readouterr()
+    assert main(["predict", str(ckpt), image, "-q"]) == 0
+    assert "fitted on" not in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--precision", "bf16-mixed", "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert read_meta(ckpt).heads["dermmel"].calibration.precision == "bf16-mixed"
+    capsys.readouterr()
+    out = tmp_path / "p.json"
+    assert main(["predict", str(ckpt), image, "-q", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "fitted on bf16-mixed logits and these are 32-true" in err and "--precision bf16-mixed" in err
+    assert json.loads(out.read_text())["precision"] == "32-true"
+    assert main(["predict", str(ckpt), image, "-q", "--precision", "bf16-mixed"]) == 0
+    assert "fitted on" not in capsys.readouterr().err
+
+
 def test_no_calibration_stores_t1_with_its_own_threshold(dermmel, tmp_path):
     ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
     assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
@@ -106,9 +127,9 @@ def test_check_data_with_a_cache_reads_the_originals_and_lists_every_bad_one(tmp
     root, cache = tmp_path / "data", tmp_path / "cache"
     dermmel = write_dermmel_layout(root, {"train": 2, "val": 1, "test": 1}, image_size=32, seed=4, masks=False)
     dm = DermMelDataModule(root=root, image_size=32, num_workers=0, cache_dir=cache)
-    dm.setup()  # caches all 8 images while they are intact
+    dm.setup()  # caches all 8 images while they are intact (and the 4 val/test ones' eval pixels)
     cached = sorted(p for p in cache.rglob("*") if p.is_file())
-    assert len(cached) == 8
+    assert len(cached) == 8 + 4
     empty = dermmel / "train_sep" / "Melanoma" / "synth_train_sep_00000.jpeg"
     truncated = dermmel / "test" / "NotMelanoma" / "synth_test_00000.jpg"
     empty.write_bytes(b"")

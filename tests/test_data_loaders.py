@@ -54,9 +54,11 @@ class _Same(torch.utils.data.Dataset):
 
 def test_dataloader_workers_do_not_repeat_each_others_augmentations():
     from melanoma.data.base import _seed_worker_augmentations
+    from melanoma.data.workers import worker_context
 
     loader = torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=2,
-                                         worker_init_fn=_seed_worker_augmentations)
+                                         worker_init_fn=_seed_worker_augmentations,
+                                         multiprocessing_context=worker_context(2))
     a, b = list(loader)  # batch 0 from worker 0, batch 1 from worker 1
     assert not torch.equal(a, b)
 
@@ -150,13 +152,19 @@ def test_npy_cache_skips_decoding_and_matches_jpg_cache(dermmel_root, tmp_path):
     kw = dict(image_size=16, cache_size=20, num_workers=0)
     npy = DermMelDataModule(dermmel_root, cache_dir=tmp_path / "c", cache_format="npy", **kw)
     npy.setup()
-    ds = npy.dataset("val")
+    ds = npy.dataset("train")
     assert all(str(p).endswith(".npy") for p in ds.paths)
     arr = np.load(ds.paths[0])
     assert arr.dtype == np.uint8 and arr.ndim == 3 and min(arr.shape[:2]) == 20
     jpg = DermMelDataModule(dermmel_root, cache_dir=tmp_path / "c", cache_format="jpg", **kw)
     jpg.setup()
-    assert (ds[0][0] - jpg.dataset("val")[0][0]).abs().mean() < 0.05  # JPEG q95 vs raw
+    assert all(str(p).endswith(".jpg") for p in jpg.dataset("train").paths)
+    assert (ds[0][0] - jpg.dataset("train")[0][0]).abs().mean() < 0.05  # JPEG q95 vs raw, the same crop
+    # evaluation reads the exact eval pixels (16 x 16, always .npy) whatever the training format
+    for dm in (npy, jpg):
+        val = dm.dataset("val")
+        assert all(str(p).endswith(".npy") for p in val.paths) and np.load(val.paths[0]).shape == (16, 16, 3)
+    assert list(npy.dataset("val").paths) == list(jpg.dataset("val").paths)
     with pytest.raises(ValueError, match="cache_format"):
         DermMelDataModule(dermmel_root, cache_dir=tmp_path, cache_format="png")
 

@@ -40,3 +40,23 @@ def test_training_run_writes_report_and_checkpoint_predicts(tiny_dermmel, tmp_pa
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 16 and all(r["decision"] in ("melanoma", "not_melanoma") for r in rows)
     assert main(["export", str(ckpt), "--out", str(tmp_path / "m.onnx"), "-q"]) == 0
+
+
+def test_the_test_loop_and_the_report_agree_on_ranking_metrics(tmp_path):
+    """A binary head with temperature scaling (which cannot change a ranking): test/metrics.json
+    and report/metrics.json give the same AUROC and AP, although the run trained under bf16
+    autocast: the test loop scores at inference precision on the pixels `predict` sees (the
+    160 px JPEGs, trained at 32 px, would be decoded in draft mode by a faster path)."""
+    from melanoma.data.synthetic import write_dermmel_layout
+
+    write_dermmel_layout(tmp_path / "data", {"train": 8, "val": 8, "test": 40}, image_size=160, seed=7)
+    out = tmp_path / "run"
+    cfg = compose_cfg([*tiny_overrides(tmp_path / "data", max_epochs=2), "evaluate=true", "trainer.precision=bf16-mixed"],
+                      out)
+    run(cfg)
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    test_loop = json.loads((out / "test" / "metrics.json").read_text())
+    assert report["calibration"] in ("temperature", "prior+temperature", "none")
+    assert test_loop["test/auroc"] == pytest.approx(report["auroc"], abs=1e-6)
+    assert test_loop["test/average_precision"] == pytest.approx(report["average_precision"], abs=1e-6)
+    assert 0.0 < report["auroc"] < 1.0  # not a degenerate ranking

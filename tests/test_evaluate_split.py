@@ -104,7 +104,7 @@ def test_external_evaluation_maps_labels_and_leaves_the_checkpoint_alone(kfold_r
                  "--out", str(tmp_path / "x"), "-q"]) != 0
 
 
-def test_a_checkpoint_from_before_the_contract_still_evaluates(tmp_path):
+def test_a_checkpoint_from_before_the_contract_still_evaluates(tmp_path, capsys):
     """tests/fixtures/legacy_v1.ckpt: written by main before the checkpoint contract (a 1-epoch
     DermMel run on write_dermmel_layout(root, 8 per class and split, 32 px, seed 5))."""
     from melanoma.data.synthetic import write_dermmel_layout
@@ -113,6 +113,11 @@ def test_a_checkpoint_from_before_the_contract_still_evaluates(tmp_path):
     head = meta.heads["dermmel"]
     assert head.calibration.temperature == pytest.approx(0.28798, abs=1e-5) and head.data.fingerprint
     assert meta.preprocessing.interpolation == "bicubic" and meta.preprocessing.image_size == 32
+    # version 1 did not record whether its calibration saw TTA logits: unknown, and predict says so
+    assert head.calibration.tta is None
+    for tta in (False, True):
+        cal, warning = head.calibration_for(tta)
+        assert cal is head.calibration and "did not record whether it was fitted on TTA" in warning
     data = write_dermmel_layout(tmp_path / "data", {"train": 8, "val": 8, "test": 8}, image_size=32, seed=5)
     ckpt = shutil.copy(FIXTURE, tmp_path / "old.ckpt")
     assert main(["evaluate", str(ckpt), f"dataset.root={data}", "dataset.num_workers=0",
@@ -120,3 +125,9 @@ def test_a_checkpoint_from_before_the_contract_still_evaluates(tmp_path):
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["n"] == 16 and metrics["auroc"] == pytest.approx(0.28125)  # as main reported it
     assert read_meta(ckpt).version == 2  # written back in the new format
+    image = str(next(data.rglob("*.jp*g")))
+    assert main(["predict", str(FIXTURE), image, "--tta", "-q", "--out", str(tmp_path / "p.csv")]) == 0
+    assert "did not record whether it was fitted on TTA" in capsys.readouterr().err
+    # once evaluated again, the plain calibration knows it had no TTA
+    assert read_meta(ckpt).heads["dermmel"].calibration.tta is False
+    assert read_meta(ckpt).heads["dermmel"].calibration_for(False)[1] is None

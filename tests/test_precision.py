@@ -59,6 +59,39 @@ def test_cpu_flags_read_from_a_cpuinfo_file(tmp_path):
     assert P.resolve_precision("auto", "cpu", flags=lambda: P.cpu_flags(info)) == "bf16-mixed"
 
 
+@pytest.mark.parametrize("flags", [AMX, AVX512_BF16])
+def test_auto_on_a_native_bf16_cpu_picks_bf16_only_for_wide_models(monkeypatch, flags):
+    _no_cuda(monkeypatch)
+    narrow, wide = P.BF16_CPU_MIN_EMBED_DIM - 1, P.BF16_CPU_MIN_EMBED_DIM
+    assert P.resolve_precision("auto", "cpu", flags=flags, embed_dim=narrow) == "32-true"
+    assert P.resolve_precision("auto", "cpu", flags=flags, embed_dim=wide) == "bf16-mixed"
+    assert P.resolve_precision("auto", "cpu", flags=flags, embed_dim=768) == "bf16-mixed"
+    value, reason = P.choose_precision("cpu", flags=flags, embed_dim=64)
+    assert value == "32-true" and "width 64" in reason
+    # without native bf16 the width does not matter; on a GPU neither
+    assert P.resolve_precision("auto", "cpu", flags=AVX2_ONLY, embed_dim=768) == "32-true"
+    assert P.resolve_precision("auto", "cuda", cuda_bf16=lambda: True, embed_dim=64) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("flags", [AMX, AVX512_BF16, AVX2_ONLY, set()])
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_inference_auto_is_full_precision_on_every_machine(monkeypatch, flags, device):
+    monkeypatch.setattr(P, "cpu_flags", lambda *a: flags)
+    assert P.inference_precision("auto", device) == "32-true"
+    assert P.inference_precision("bf16-mixed", device) == "bf16-mixed"  # lower precision when asked
+    with pytest.raises(ValueError, match="precision must be one of"):
+        P.inference_precision("8-bit", device)
+
+
+def test_cpu_flags_follow_the_mock_file_named_in_the_environment(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16\n")
+    monkeypatch.setenv(P.CPUINFO_ENV, str(info))
+    assert P.cpu_flags() == {"fpu", "avx512_bf16"}
+    monkeypatch.setenv(P.CPUINFO_ENV, str(tmp_path / "missing"))
+    assert P.cpu_flags() == set()
+
+
 def test_resolution_is_logged_with_the_value(caplog):
     with caplog.at_level("INFO", logger="melanoma.precision"):
         P.resolve_precision("auto", "cpu", flags=AVX2_ONLY)
@@ -162,5 +195,5 @@ def test_evaluation_logits_follow_the_precision(tmp_path):
     assert fp32.dtype == bf16.dtype == np.float32
     assert not np.array_equal(fp32, bf16)
     np.testing.assert_allclose(bf16, fp32, atol=0.05 * np.abs(fp32).max())
-    expected = bf16 if P.resolve_precision("auto", "cpu") == "bf16-mixed" else fp32
-    np.testing.assert_array_equal(auto, expected)
+    # inference's auto is full precision on every machine, whatever the CPU offers
+    np.testing.assert_array_equal(auto, fp32)

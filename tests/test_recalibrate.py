@@ -106,6 +106,7 @@ def test_recalibration_restores_the_target_sensitivity_and_leaves_the_input_alon
     assert cal.fitted_on["dataset"] == "dermmel" and cal.fitted_on["fingerprint"] == report["sample"]["fingerprint"]
     assert cal.fitted_on["split"] == "site sample" and cal.fitted_on["seed"] == 0
     assert cal.threshold == pytest.approx(points[RECALIBRATED]["threshold"])
+    assert cal.precision == "32-true"  # the inference default, recorded with the map
     assert (out.with_suffix("") / "operating_points.png").is_file()
     # and predict, predict --uncalibrated and evaluate decide alike with it
     images = sorted(str(p) for p in site["site"].rglob("*.jp*g"))
@@ -157,3 +158,9 @@ def test_positives_needed():
     assert positives_needed(0.95) == 20 and positives_needed(0.9) == 10 and positives_needed(0.8) == 5
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         positives_needed(1.0)
+
+
+def test_recalibrate_takes_a_precision_and_records_it(site):
+    rc, out = _recalibrate(site, "bf16.ckpt", "--fraction", "0.5", "--precision", "bf16-mixed")
+    assert rc == 0
+    assert read_meta(out).heads["synthetic"].calibration.precision == "bf16-mixed"

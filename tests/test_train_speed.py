@@ -31,8 +31,10 @@ def _ckpt(path):
 
 
 def test_precision_auto_is_resolved_logged_and_stored(tiny_dermmel, tmp_path, monkeypatch, caplog):
-    # a CPU with AMX: auto must pick bf16-mixed, and the run must really train under it
+    # a CPU with AMX and a model wide enough for bf16 to pay there (the threshold lowered to the
+    # test model's width): auto must pick bf16-mixed, and the run must really train under it
     monkeypatch.setattr(P, "cpu_flags", lambda *a: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(P, "BF16_CPU_MIN_EMBED_DIM", 16)
     with caplog.at_level(logging.INFO):
         last = _run(tiny_dermmel, tmp_path / "amx")
     ckpt = _ckpt(last)
@@ -42,6 +44,12 @@ def test_precision_auto_is_resolved_logged_and_stored(tiny_dermmel, tmp_path, mo
 
     monkeypatch.setattr(P, "cpu_flags", lambda *a: {"avx2"})
     ckpt = _ckpt(_run(tiny_dermmel, tmp_path / "avx2"))
+    assert ckpt["melanoma"]["config"]["trainer"]["precision"] == "32-true"
+
+    # the same machine with the measured threshold: the narrow test model trains in fp32
+    monkeypatch.undo()
+    monkeypatch.setattr(P, "cpu_flags", lambda *a: {"avx2", "amx_bf16"})
+    ckpt = _ckpt(_run(tiny_dermmel, tmp_path / "amx_narrow"))
     assert ckpt["melanoma"]["config"]["trainer"]["precision"] == "32-true"
 
 

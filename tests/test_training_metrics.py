@@ -132,3 +132,30 @@ def test_ddp_validate_and_test_count_every_image_once_and_equal_one_process(tmp_
         assert 0.5 < single[f"{stage}/acc"] < 1.0, single
     for key in sorted(keys):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_bal_acc_and_average_precision_mean_what_the_report_means():
+    """val/bal_acc picks best.ckpt: it must skip a class absent from the split as the report
+    does (torchmetrics' macro recall counted it as 0: 0.50 instead of 0.75 here)."""
+    from melanoma.evaluation.metrics import balanced_accuracy, binary_average_precision
+
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.3, 0.6], [0.6, 0.2, 0.2], [0.2, 0.7, 0.1]])
+    labels = torch.tensor([0, 1, 0, 1])  # class 2 (melanoma) absent
+    metrics = stage_metrics(CLASSES_3)
+    metrics.update(probs, labels)
+    got = metrics.compute()
+    assert float(got["bal_acc"]) == pytest.approx(0.75) == balanced_accuracy(probs.numpy(), labels.numpy())
+    assert math.isnan(float(got["average_precision"]))  # no melanoma: undefined
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, 200)
+    p = torch.tensor(rng.dirichlet(np.ones(3), 200) + 0.5 * np.eye(3)[labels]).float()
+    p = p / p.sum(1, keepdim=True)
+    p[:40, 2] = p[40:80, 2]  # ties, where definitions of AP part ways
+    metrics = stage_metrics(CLASSES_3)
+    metrics.update(p[:90], torch.tensor(labels[:90]))
+    metrics.update(p[90:], torch.tensor(labels[90:]))
+    got = metrics.compute()
+    mel = CLASSES_3.index("melanoma")
+    assert float(got["average_precision"]) == pytest.approx(
+        binary_average_precision(p[:, mel].double().numpy(), labels == mel), abs=1e-6)
+    assert float(got["bal_acc"]) == pytest.approx(balanced_accuracy(p.numpy(), labels), abs=1e-6)

@@ -133,8 +133,19 @@ def test_init_from_with_a_different_head_spec_starts_a_fresh_head(dermmel_run, t
     assert torch.equal(module.model.backbone.blocks[0].attn.qkv.weight, src.backbone.blocks[0].attn.qkv.weight)
 
 
-def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
-    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3),
+SAVE_ON_EXCEPTION = ["+callbacks.model_checkpoint.save_on_exception=true",
+                     "+callbacks.last_checkpoint.save_on_exception=true"]
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    SAVE_ON_EXCEPTION,
+    # a user's own config with Lightning's plain ModelCheckpoint: the module refuses the save
+    ["callbacks.model_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+     "callbacks.last_checkpoint._target_=lightning.pytorch.callbacks.ModelCheckpoint", *SAVE_ON_EXCEPTION],
+], ids=["default", "save_on_exception", "plain_lightning_save_on_exception"])
+def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path, extra):
+    cfg = compose_cfg([*tiny_overrides(tiny_dermmel, max_epochs=3), *extra,
                        "callbacks.last_checkpoint.every_n_train_steps=1",
                        "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
                        f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.nan_at_step=3"],
@@ -149,6 +160,15 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values()), path
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
+    assert [p.name for p in ckpts] == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused_whoever_saves_it():
+    from melanoma.training.module import _refuse_non_finite
+
+    _refuse_non_finite({"w": torch.ones(3), "step": torch.tensor(4)}, 4)
+    with pytest.raises(NonFiniteLossError, match=r"global step 7 are not finite \(1 tensors, e.g. \['b'\]\)"):
+        _refuse_non_finite({"w": torch.ones(3), "b": torch.tensor([1.0, float("inf")])}, 7)
 
 
 def test_logged_training_loss_is_the_step_loss_and_the_image_weighted_epoch_mean(tiny_dermmel, tmp_path):

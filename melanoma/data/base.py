@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from melanoma.conventions import BINARY_CLASSES, positive_index
 
-from .cache import CACHE_FORMATS, build_cache, default_cache_size
+from .cache import CACHE_FORMATS, build_cache, build_eval_cache, default_cache_size
 from .fingerprints import fingerprint_files, match, near_duplicate_pairs
 from .io import load_rgb
 from .overlap import image_id, seen_id
@@ -37,6 +37,7 @@ from .transforms import (
     build_train_pipeline,
     resolve_augment,
 )
+from .workers import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class LesionDataModule(L.LightningDataModule):
         #: the same split and fold; False reproduces splits made before this existed
         self.group_duplicates = bool(group_duplicates)
         self.table: pd.DataFrame | None = None
-        self._cached: dict[str, str] = {}
+        self._cached: dict[str, str] = {}  # original -> training cache entry
+        self._eval_cached: dict[str, str] = {}  # original -> its eval pixels (val/test images)
         self._fingerprints: dict[str, np.ndarray] = {}
         self._unreadable: set[str] = set()
         #: file names that leave val/test for train (seen by an init_from lineage; see move_to_train)
@@ -317,9 +319,16 @@ class LesionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs on one process per node before setup(): the place for one-time disk work.
         if self.cache_dir is not None:
-            table = self._make_table()
-            build_cache(table["path"].tolist(), self.cache_dir, self.cache_size, max(1, self.num_workers),
-                        fmt=self.cache_format)
+            self._build_caches(self._make_table())
+
+    def _build_caches(self, table: pd.DataFrame) -> None:
+        """Training entries (short side cache_size) for every image, and for validation and test
+        images the exact eval pixels (melanoma.data.cache)."""
+        paths = table["path"].tolist()
+        threads = max(1, self.num_workers)
+        self._cached = dict(zip(paths, build_cache(paths, self.cache_dir, self.cache_size, threads, fmt=self.cache_format)))
+        held_out = table.loc[table["split"] != "train", "path"].tolist()
+        self._eval_cached = dict(zip(held_out, build_eval_cache(held_out, self.cache_dir, self.eval_transform, threads)))
 
     def setup(self, stage: str | None = None) -> None:
         if self.table is not None:
@@ -328,9 +337,7 @@ class LesionDataModule(L.LightningDataModule):
         if len(table[table.split == "train"]) == 0:
             raise RuntimeError(f"{self.name}: the train split is empty ({len(table)} images in all)")
         if self.cache_dir is not None:
-            paths = table["path"].tolist()
-            cached = build_cache(paths, self.cache_dir, self.cache_size, max(1, self.num_workers), fmt=self.cache_format)
-            self._cached = dict(zip(paths, cached))
+            self._build_caches(table)
         self.table = table
         counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
         if self._world()[1] == 0:  # one summary per run, not one per DDP rank
@@ -447,6 +454,11 @@ class LesionDataModule(L.LightningDataModule):
         if train:
             _, rank = self._world()
             transform.set_random_seed(self.seed * 1000 + rank)
+        if not train:
+            # Evaluation sees exactly what `melanoma predict` sees for the same file: a full decode
+            # (no JPEG draft scaling) and the eval resize, or those very pixels from the cache.
+            paths = [self._eval_cached.get(p, p) for p in rows["path"]]
+            return LesionImageDataset(paths, rows["label"].to_numpy(), transform, decode_size=None)
         paths = [self._cached.get(p, p) for p in rows["path"]]
         # Cached files are already small; the originals may be decoded at reduced JPEG scale.
         return LesionImageDataset(paths, rows["label"].to_numpy(), transform,
@@ -474,6 +486,7 @@ class LesionDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
             generator=generator,
+            multiprocessing_context=worker_context(self.num_workers),
         )
 
     def train_dataloader(self) -> DataLoader:

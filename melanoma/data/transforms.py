@@ -143,13 +143,19 @@ class EvalTransform:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
 
-    def __call__(self, image) -> torch.Tensor:
+    def pixels(self, image) -> np.ndarray:
+        """The resized uint8 (S, S, 3) picture the model sees before normalisation: what the
+        image cache stores for evaluation. An image already of that size passes unchanged
+        (PIL's resize to the same size is a copy), so cached pixels give the same tensor."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         if image.mode != "RGB":
             raise ValueError(f"expected an RGB image, got mode {image.mode}; use load_rgb()")
         h, w = self.size
-        x = np.asarray(image.resize((w, h), self._filter), dtype=np.float32) / 255.0
+        return np.asarray(image.resize((w, h), self._filter))
+
+    def __call__(self, image) -> torch.Tensor:
+        x = self.pixels(image).astype(np.float32) / 255.0
         x = (x - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 

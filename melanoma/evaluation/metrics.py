@@ -19,6 +19,7 @@ ECE_BINS = 15
 #: metric keys, defined once: melanoma-vs-rest AUROC and macro one-vs-rest AUROC
 AUROC = "auroc"
 AUROC_MACRO = "auroc_macro"
+AVERAGE_PRECISION = "average_precision"
 #: calibration error of the melanoma probability itself (binned p_melanoma against melanoma
 #: frequency). Top-label ECE ("ece") is blind to a shift of the class balance in a two-class
 #: task: overconfident melanoma calls and underconfident benign calls cancel inside a bin.
@@ -208,7 +209,7 @@ def classification_metrics(
     p_mel = probs[:, positive_index]
     out[AUROC] = binary_auroc(p_mel, is_mel)
     out[ECE_MELANOMA] = melanoma_calibration_error(p_mel, is_mel)
-    out["average_precision"] = binary_average_precision(p_mel, is_mel)
+    out[AVERAGE_PRECISION] = binary_average_precision(p_mel, is_mel)
     sens, spec = sensitivity_specificity(probs.argmax(1) == positive_index, is_mel)
     out["sensitivity_argmax"], out["specificity_argmax"] = sens, spec
     if threshold is not None:

@@ -114,6 +114,7 @@ def recalibrate_checkpoint(
     device: str = "cpu",
     progress: bool = True,
     keep_overlap: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Fit calibration and operating point on a site sample of `datamodule` (a dataset the
     model never trained on: `melanoma.evaluation.datasets.external_datamodule`), write them into
@@ -127,7 +128,7 @@ def recalibrate_checkpoint(
                          f"leaves the input untouched: give another path")
     needed = positives_needed(target_sensitivity)
     predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size,
-                          progress=progress, announce=False)
+                          progress=progress, announce=False, precision=precision)
     head, class_names, head_pos = predictor.head, predictor.class_names, predictor.positive_index
     data_names = list(datamodule.class_names)
     if head_pos is None:
@@ -179,7 +180,8 @@ def recalibrate_checkpoint(
     calibration, candidates = fit_val_calibration(logits[in_sample], labels[in_sample], record.data, True, False, fitted_on)
     p_sample = calibration.probabilities(logits[in_sample])[:, head_pos]
     op = threshold_for_sensitivity(p_sample, is_mel[in_sample], target_sensitivity)
-    calibration = dataclasses.replace(calibration, threshold=op["threshold"], target_sensitivity=float(target_sensitivity))
+    calibration = dataclasses.replace(calibration, threshold=op["threshold"], target_sensitivity=float(target_sensitivity),
+                                      precision=predictor.precision)
 
     out_ckpt.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt_path, out_ckpt)

@@ -64,6 +64,8 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 MAPPED_CLASSES = BINARY_CLASSES
+#: report metrics decided by the argmax of the head's probabilities
+ARGMAX_METRICS = ("accuracy", "balanced_accuracy", "sensitivity_argmax", "specificity_argmax")
 
 
 def _logits(predictor: Predictor, rows: pd.DataFrame, datamodule, split: str) -> np.ndarray:
@@ -210,6 +212,7 @@ def evaluate_checkpoint(
 
     calibration, candidates = fit_val_calibration(val_logits, val_labels, record.data, calibrate, tta,
                                                   {"dataset": datamodule.name, "split": "val", "fingerprint": fingerprint})
+    calibration = dataclasses.replace(calibration, precision=predictor.precision)
     val_probs = calibration.probabilities(val_logits)
     op = None
     if pos is not None:
@@ -235,7 +238,7 @@ def evaluate_checkpoint(
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "test", "external": False,
         "class_names": class_names, "positive_class": class_names[pos] if pos is not None else None,
-        "tta": bool(tta), "temperature": calibration.temperature, "bias": list(calibration.bias),
+        "tta": bool(tta), "precision": predictor.precision, "temperature": calibration.temperature, "bias": list(calibration.bias),
         "calibration": calibration.method, "calibration_candidates": candidates,
         "target_sensitivity": calibration.target_sensitivity, **metrics,
         "val": {
@@ -312,22 +315,32 @@ def evaluate_external(
                 f"{data_names}): melanoma vs rest needs a melanoma class on both sides"
             )
         p_mel = probs[:, head_pos]
+        head_called = probs.argmax(1) == head_pos  # the head's own argmax, mapped to melanoma vs rest
         probs, labels, names, pos, mapped = np.stack([1 - p_mel, p_mel], 1), (labels == data_pos).astype(np.int64), MAPPED_CLASSES, 1, True
     cal = predictor.calibration
     threshold = None if cal is None else cal.threshold
     decisions = decide(probs[:, pos], threshold) if pos is not None else None
     metrics = _report_metrics(probs, labels, pos, threshold, rows["group"].to_numpy())
+    if mapped:
+        # argmax metrics mean the head's argmax, as on its own data: on the mapped two columns
+        # argmax would be p(melanoma) >= 0.5, another rule on a head of more than two classes
+        by_argmax = _report_metrics(np.stack([~head_called, head_called], 1).astype(np.float64), labels, pos, None,
+                                    rows["group"].to_numpy())
+        for key in ARGMAX_METRICS:
+            metrics[key], metrics["ci95"][key] = by_argmax[key], by_argmax["ci95"][key]
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "all", "external": True,
         "class_names": names, "head_class_names": class_names, "dataset_class_names": data_names,
         "labels_mapped_to_melanoma_vs_rest": mapped, "positive_class": names[pos] if pos is not None else None,
-        "tta": bool(tta), "calibrated": predictor.calibrated,
+        "tta": bool(tta), "precision": predictor.precision, "calibrated": predictor.calibrated,
         "temperature": None if cal is None else cal.temperature, "bias": None if cal is None else list(cal.bias),
         "calibration": None if cal is None else cal.method,
         "target_sensitivity": None if cal is None else cal.target_sensitivity, **metrics,
         "overlap": overlap.summary,
     }
     table = predictions_table(rows, true_names, logits, class_names, probs, names, pos, decisions)
+    if mapped:
+        table["predicted_label"] = [names[int(c)] for c in head_called]
     figures = report_figures(probs, labels, names, pos, threshold)
     return _write(out_dir, report, table, figures, wandb_run)
 

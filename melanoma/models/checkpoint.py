@@ -49,7 +49,7 @@ __all__ = [
     "CALIBRATION_METHODS", "METHOD_NONE", "METHOD_PRIOR_TEMPERATURE", "METHOD_TEMPERATURE",
     "METHOD_TEMPERATURE_BIAS", "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
     "CheckpointMeta", "HeadRecord", "Preprocessing", "SEEN_SPLITS", "SeenImages", "TrainingData", "load_checkpoint",
-    "read_meta",
+    "non_finite_tensors", "read_meta",
     "save_checkpoint", "update_meta",
 ]
 
@@ -102,6 +102,9 @@ class Calibration:
     ``method`` is one of CALIBRATION_METHODS (how T and bias were fitted).
     ``fitted_on`` names the data it was fitted on (dataset, split, split fingerprint; for a site
     recalibration the site's dataset and root and the fingerprint of the sample).
+    ``precision`` is the forward-pass precision of the logits it was fitted on (None: not recorded,
+    checkpoints written before it was); predicting at another precision is reported.
+    Non-finite numbers are refused, whether a calibration is being stored or read back.
     """
 
     temperature: float = 1.0
@@ -109,15 +112,26 @@ class Calibration:
     method: str = "temperature"
     threshold: float | None = None
     target_sensitivity: float | None = None
-    tta: bool = False
+    tta: bool | None = False  # None: not known (version 1 checkpoints did not record it)
     fitted_on: dict | None = None
+    precision: str | None = None
 
     def __post_init__(self):
         t = float(self.temperature)
         if not (math.isfinite(t) and t > 0):
-            raise CheckpointError(f"calibration temperature must be a positive number, got {self.temperature}")
+            raise CheckpointError(f"calibration temperature must be a positive finite number, got {self.temperature}; "
+                                  f"the logits it was fitted on were probably not finite: refit it with `melanoma evaluate`")
         object.__setattr__(self, "temperature", t)
-        object.__setattr__(self, "bias", tuple(float(b) for b in self.bias))
+        bias = tuple(float(b) for b in self.bias)
+        if not all(math.isfinite(b) for b in bias):
+            raise CheckpointError(f"calibration bias must be finite, got {list(bias)}; refit it with `melanoma evaluate`")
+        object.__setattr__(self, "bias", bias)
+        if self.threshold is not None:
+            th = float(self.threshold)
+            if not math.isfinite(th):
+                raise CheckpointError(f"calibration threshold must be a finite number (or absent), got {self.threshold}; "
+                                      f"refit it with `melanoma evaluate`")
+            object.__setattr__(self, "threshold", th)
 
     def calibrated_logits(self, logits) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64) / self.temperature
@@ -253,6 +267,13 @@ class HeadRecord:
         """The record to use for plain or TTA predictions, and a warning when it does not fit."""
         if tta and self.calibration_tta is not None:
             return self.calibration_tta, None
+        if self.calibration is not None and self.calibration.tta is None:
+            return self.calibration, (
+                "the stored calibration comes from a version-1 checkpoint, which did not record whether it was "
+                "fitted on TTA logits; it is used unchanged for these "
+                f"{'TTA' if tta else 'plain'} predictions (run `melanoma evaluate CKPT{' --tta' if tta else ''}` "
+                "to fit one that says)"
+            )
         if tta and self.calibration is not None:
             return self.calibration, (
                 "the stored calibration was fitted without TTA; TTA probabilities and decisions use "
@@ -390,6 +411,7 @@ def _upgrade_v1(meta: Mapping, ckpt: Mapping) -> CheckpointMeta:
                 temperature=float((calibration.get(name) or {}).get("temperature", 1.0)),
                 method="temperature" if name in calibration else "none",
                 threshold=op.get("threshold"), target_sensitivity=op.get("target_sensitivity"),
+                tta=None,  # version 1 did not record it: unknown, not "without TTA"
             )
         data = None
         if dm_state is not None and dm_state.get("name") == name and dataset_cfg:
@@ -450,7 +472,23 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[s
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
     state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{path}: the weights are not finite (NaN or Inf in {len(bad)} tensors, e.g. {bad[:3]}); nothing it "
+            f"predicts would mean anything. Use an earlier checkpoint of the run (training never writes one "
+            f"with non-finite weights), or train again with a lower learning rate."
+        )
     return state, meta
+
+
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf (one host read in all)."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).cpu()
+    return [] if bool(finite.all()) else [n for n, ok in zip(names, finite.tolist()) if not ok]
 
 
 def read_meta(path: str | os.PathLike) -> CheckpointMeta:

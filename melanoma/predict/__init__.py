@@ -2,6 +2,7 @@
 rule), test-time augmentation and ONNX export. Evaluation uses this room; it never uses
 evaluation."""
 
-from melanoma.predict.predictor import MELANOMA_DECISION, NOT_MELANOMA_DECISION, Predictor, decide
+from melanoma.predict.predictor import (MELANOMA_DECISION, NOT_MELANOMA_DECISION, NonFiniteOutputError, Predictor,
+                                        decide)
 
-__all__ = ["MELANOMA_DECISION", "NOT_MELANOMA_DECISION", "Predictor", "decide"]
+__all__ = ["MELANOMA_DECISION", "NOT_MELANOMA_DECISION", "NonFiniteOutputError", "Predictor", "decide"]

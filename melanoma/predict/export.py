@@ -136,6 +136,12 @@ def export_onnx(
     diff = 0.0
     for x, want in ((example, expected), (other, other_expected)):
         got = session.run(["logits", "probabilities"], {"image": x.numpy()})
+        if not all(np.isfinite(a).all() for a in (*got, *want)):
+            out.unlink(missing_ok=True)
+            raise ExportError(
+                f"the model's outputs are not finite (NaN/Inf) on the verification batch (PyTorch or onnxruntime); "
+                f"nothing was exported. Check {checkpoint} (`melanoma evaluate` on it), or export an earlier checkpoint"
+            )
         diff = max(diff, *(float(np.abs(g - e).max()) for g, e in zip(got, want)))
     if not diff <= atol:
         raise ExportError(

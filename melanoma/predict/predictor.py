@@ -23,17 +23,39 @@ from tqdm.auto import tqdm
 
 from melanoma.data.io import ImageReadError, load_rgb
 from melanoma.data.transforms import EvalTransform
+from melanoma.data.workers import worker_context
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.overlay import save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
-from melanoma.precision import autocast_context, resolve_precision
+from melanoma.precision import autocast_context, inference_precision
 
 log = logging.getLogger(__name__)
 
 MELANOMA_DECISION = "melanoma"
 NOT_MELANOMA_DECISION = "not_melanoma"
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model gave NaN or Inf logits for some images: no probability or decision exists for
+    them. Carries the images' paths."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], total: int):
+        self.paths = [str(p) for p in paths]
+        shown = ", ".join(self.paths[:10]) + (f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else "")
+        super().__init__(
+            f"the model's output is not finite (NaN/Inf logits) for {len(self.paths)} of {total} images: {shown}. "
+            f"Nothing was decided. Check these files, or predict at --precision 32-true if a lower precision "
+            f"was asked for; with finite inputs at full precision the checkpoint itself is broken."
+        )
+
+
+def check_finite(logits, paths: Sequence[str | os.PathLike]) -> None:
+    """Raise NonFiniteOutputError naming the images whose logits hold a NaN or an Inf."""
+    rows = ~np.isfinite(np.asarray(torch.as_tensor(logits).float().cpu())).all(axis=1)
+    if rows.any():
+        raise NonFiniteOutputError([p for p, bad in zip(paths, rows) if bad], len(paths))
 
 
 def decide(p_melanoma, threshold: float | None) -> list[str | None]:
@@ -77,7 +99,8 @@ class Predictor:
     calibrated: show calibrated probabilities (default). With False the probabilities shown are
     the raw softmax and ``threshold`` is mapped onto that scale where an exact mapping exists
     (two classes); the decision is the same either way.
-    precision: forward-pass precision (melanoma.precision; "auto" picks it for the device).
+    precision: forward-pass precision (melanoma.precision; "auto" is full precision on every
+    device: lower precision changes decisions near the threshold, so it is used only when asked).
     """
 
     def __init__(
@@ -97,7 +120,7 @@ class Predictor:
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device.type)
+        self.precision = inference_precision(precision, self.device)
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
         self.checkpoint = Path(checkpoint)
@@ -107,6 +130,11 @@ class Predictor:
         self.positive_index = record.positive_index
         self.tta = bool(tta)
         self.calibration, warning = record.calibration_for(self.tta)
+        fitted_at = None if self.calibration is None else self.calibration.precision
+        if fitted_at is not None and fitted_at != self.precision:
+            warning = "; ".join(filter(None, [warning, (
+                f"its calibration and threshold were fitted on {fitted_at} logits and these are {self.precision}: "
+                f"probabilities near the threshold may decide differently (use --precision {fitted_at})")]))
         self.calibration_warning = warning
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
@@ -173,12 +201,16 @@ class Predictor:
     def logits_of_paths(self, paths: Sequence[str | os.PathLike], num_workers: int = 0,
                         desc: str = "predict") -> np.ndarray:
         """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
-        (loader workers for speed). An unreadable file raises ImageReadError naming it."""
+        (loader workers for speed). An unreadable file raises ImageReadError naming it, non-finite
+        outputs NonFiniteOutputError naming the images."""
         loader = DataLoader(_PathDataset(paths, self.transform), batch_size=self.batch_size,
-                            num_workers=num_workers, shuffle=False)
+                            num_workers=num_workers, shuffle=False,
+                            multiprocessing_context=worker_context(num_workers))
         out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
                                                           disable=not self.progress)]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        logits = torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
+        check_finite(logits, paths)
+        return logits
 
     # --- files ------------------------------------------------------------------------------
     def _load(self, path: Path) -> tuple[torch.Tensor | None, Image.Image | None, str | None]:
@@ -222,7 +254,8 @@ class Predictor:
         attention_methods: Iterable[str] = ("rollout",),
     ) -> list[dict]:
         """One record per path, in order. Unreadable files get a record whose `error` says why
-        (and a line in the log) while the rest are predicted. With `attention_dir`, writes
+        (and a line in the log) while the rest are predicted; non-finite outputs stop it
+        (NonFiniteOutputError naming the images). With `attention_dir`, writes
         `<stem>_<method>.png` (image | heat map | overlay) per method and `<stem>_heads.png`
         (last-layer attention per head) for every image."""
         paths = [Path(p) for p in paths]
@@ -257,6 +290,7 @@ class Predictor:
                     )
                 # with attention maps (and no TTA) the same forward pass gives the logits
                 logits = torch.from_numpy(maps.logits) if maps is not None and not self.tta else self.logits(x)
+                check_finite(logits, [chunk[i] for i in good])
                 batch_records = self.records([chunk[i] for i in good], logits)
                 for j, i in enumerate(good):
                     rec = batch_records[j]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from melanoma.predict import Predictor
+from melanoma.predict import NonFiniteOutputError, Predictor
 from melanoma.serve.limits import ServeLimits
 from melanoma.serve.model_info import calibration_summary, describe_model
 
@@ -126,7 +126,14 @@ class ModelService:
             methods = () if overlay in (HEADS_OVERLAY, NO_OVERLAY) else (overlay,)
             with self._lock:
                 predictor = self._predictor(head, tta)
-                records = predictor.predict_paths(paths, attention_dir=maps_dir, attention_methods=methods)
+                try:
+                    records = predictor.predict_paths(paths, attention_dir=maps_dir, attention_methods=methods)
+                except NonFiniteOutputError as e:
+                    names = {str(p): up.filename for up, p in zip(uploads, paths)}
+                    bad = [{"filename": names.get(p, p), "error": "the model's output is not finite (NaN/Inf): "
+                                                                  "no probability or decision"} for p in e.paths]
+                    raise ServeError(422, f"cannot predict {', '.join(f['filename'] for f in bad)}: the model's output "
+                                          f"is not finite; nothing was decided", bad) from None
             # the reason may quote the temp file's path: name the upload instead
             failed = [{"filename": up.filename, "error": r["error"].replace(str(p), up.filename)}
                       for up, p, r in zip(uploads, paths, records) if r["error"]]

@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks.progress import ProgressBar
 from omegaconf import DictConfig
 
-__all__ = ["SaveSplit", "build_callbacks"]
+from melanoma.training.guard import NonFiniteLossError
+
+__all__ = ["FiniteModelCheckpoint", "SaveSplit", "build_callbacks"]
+
+log = logging.getLogger(__name__)
+
+
+class FiniteModelCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that ``save_on_exception`` writes nothing when the
+    exception is the NaN/Inf guard's: the weights in memory are the damaged ones, and saving them
+    would overwrite best.ckpt / last.ckpt. (Any other save of non-finite weights is refused by
+    LesionClassifier.on_save_checkpoint.)"""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLossError):
+            if self.save_on_exception:
+                log.warning("not saving a checkpoint on this exception: the weights are not finite; the last "
+                            "good checkpoints in %s are kept", self.dirpath)
+            return
+        super().on_exception(trainer, pl_module, exception)
 
 
 class SaveSplit(Callback):

@@ -40,6 +40,9 @@ class FiniteGuard:
         self._last_loss: tuple[torch.Tensor, int] | None = None
         self._pending: dict | None = None
         self._read_loss: float | None = None  # the loss of the latest verdict read on the host
+        # the first failure, raised again by every later check: a checkpoint written while the
+        # exception unwinds (ModelCheckpoint's save_on_exception) must not find the guard satisfied
+        self.failure: str | None = None
 
     def loss(self, loss: torch.Tensor, batch_idx: int) -> None:
         finite = torch.isfinite(loss.detach())
@@ -73,6 +76,8 @@ class FiniteGuard:
     def check(self) -> None:
         """Read the queued verdict (waiting for it if the GPU is not there yet) and raise on a
         non-finite loss or gradient norm."""
+        if self.failure is not None:
+            raise NonFiniteLossError(self.failure)
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -81,19 +86,21 @@ class FiniteGuard:
         where = f"at epoch {pending['epoch']}, global step {pending['global_step']}"
         if verdict.get("bad_ranks", 0) > 0:
             loss, batch_idx = pending["loss"]
-            raise NonFiniteLossError(
+            self.failure = (
                 f"training loss is not finite ({loss.item()} on this rank) {where}, batch {batch_idx}. "
                 f"The run stopped before writing any checkpoint of that step's weights: the last good "
                 f"one is in the checkpoints folder. Lower the learning rate (model.optimizer.lr / "
                 f"head_lr), use precision 32-true, set trainer.gradient_clip_val, or check the input "
                 f"images."
             )
-        if verdict.get("norm_finite", 1) == 0:
-            raise NonFiniteLossError(
+        elif verdict.get("norm_finite", 1) == 0:
+            self.failure = (
                 f"gradient norm is {pending['norm'].item()} {where}: the run stopped before writing "
                 f"any checkpoint of that step's weights. Lower the learning rate or set "
                 f"trainer.gradient_clip_val."
             )
+        if self.failure is not None:
+            raise NonFiniteLossError(self.failure)
 
     def latest_loss(self) -> float | None:
         """The training loss of the latest optimizer step read on the host (one step late, so no

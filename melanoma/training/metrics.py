@@ -1,9 +1,10 @@
 """The metrics the LightningModule logs per stage (``<stage>/<key>``), as torchmetrics objects so
 their states sync across DDP ranks.
 
-``auroc`` and ``auroc_macro`` mean what they mean in the evaluation report
-(``melanoma.evaluation.metrics``): melanoma-versus-rest, and the macro one-versus-rest average
-over the classes the labels contain.
+``auroc``, ``average_precision``, ``auroc_macro`` and ``bal_acc`` mean what they mean in the
+evaluation report (``melanoma.evaluation.metrics``): melanoma-versus-rest, the macro
+one-versus-rest average over the classes the labels contain, and the mean recall over the
+classes the labels contain (a class absent from the split is skipped, not counted as recall 0).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     BinaryAUROC,
+    BinaryAveragePrecision,
     MulticlassAccuracy,
     MulticlassAUROC,
     MulticlassF1Score,
@@ -21,10 +23,10 @@ from torchmetrics.classification import (
 )
 from torchmetrics.utilities.data import dim_zero_cat
 
-from melanoma.evaluation.metrics import AUROC, AUROC_MACRO
+from melanoma.evaluation.metrics import AUROC, AUROC_MACRO, AVERAGE_PRECISION
 from melanoma.conventions import positive_index
 
-__all__ = ["MacroAUROC", "PositiveClassAUROC", "TRAIN_LOSS_EPOCH", "TRAIN_LOSS_STEP", "stage_metrics"]
+__all__ = ["BalancedAccuracy", "MacroAUROC", "PositiveClassAP", "PositiveClassAUROC", "TRAIN_LOSS_EPOCH", "TRAIN_LOSS_STEP", "stage_metrics"]
 
 #: the training loss as logged: per written step, and the mean over the epoch's images
 TRAIN_LOSS_STEP = "train/loss_step"
@@ -54,6 +56,37 @@ class PositiveClassAUROC(BinaryAUROC):
         return super().compute()
 
 
+class PositiveClassAP(BinaryAveragePrecision):
+    """Average precision of one class against the rest (the step-wise area of the report's
+    ``binary_average_precision``), updated with (N, C) probabilities; NaN without positives."""
+
+    def __init__(self, positive: int, **kwargs):
+        super().__init__(**kwargs)
+        self.positive = int(positive)
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        super().update(probs[:, self.positive], (labels == self.positive).long())
+
+    def compute(self) -> torch.Tensor:
+        target = dim_zero_cat(self.target)
+        if target.numel() == 0 or not bool(target.any()):
+            return _nan(target)
+        return super().compute()
+
+
+class BalancedAccuracy(MulticlassRecall):
+    """Mean recall over the classes present in the labels, as the report's balanced_accuracy;
+    torchmetrics' ``average="macro"`` counts an absent class as recall 0."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        per_class = super().compute()
+        present = (self.tp + self.fn) > 0
+        return per_class[present].mean() if bool(present.any()) else _nan(per_class)
+
+
 class MacroAUROC(MulticlassAUROC):
     """Mean one-versus-rest AUROC over the classes whose AUROC is defined (present in the labels
     and not the only one present); torchmetrics' ``average="macro"`` counts an absent class as 0."""
@@ -75,11 +108,12 @@ def stage_metrics(class_names: Sequence[str]) -> MetricCollection:
     num_classes = len(class_names)
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "bal_acc": MulticlassRecall(num_classes, average="macro"),
+        "bal_acc": BalancedAccuracy(num_classes),
         AUROC_MACRO: MacroAUROC(num_classes),
         "f1": MulticlassF1Score(num_classes, average="macro"),
     }
     pos = positive_index(class_names)
     if pos is not None:
         metrics[AUROC] = PositiveClassAUROC(pos)
+        metrics[AVERAGE_PRECISION] = PositiveClassAP(pos)
     return MetricCollection(metrics)

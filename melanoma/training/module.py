@@ -22,14 +22,14 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from melanoma.models import build_backbone
 from melanoma.models.checkpoint import (META_KEY, CheckpointMeta, HeadRecord, SeenImages, TrainingData,
-                                        preprocessing_from)
+                                        non_finite_tensors, preprocessing_from)
 from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
 from melanoma.models.heads import DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
-from melanoma.training.guard import FiniteGuard
+from melanoma.training.guard import FiniteGuard, NonFiniteLossError
 from melanoma.training.metrics import TRAIN_LOSS_EPOCH, TRAIN_LOSS_STEP, stage_metrics
 
 log = logging.getLogger(__name__)
@@ -392,8 +392,11 @@ class LesionClassifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # scalar metrics only (test/...): the figures, intervals and calibrated numbers are the
-        # report's (melanoma.evaluation.report), written after fit under report/
-        self._eval_step("test", batch, dataloader_idx)
+        # report's (melanoma.evaluation.report), written after fit under report/. At inference
+        # precision (full: melanoma.precision.inference_precision), whatever the training
+        # autocast, so test/... and the report score the same logits.
+        with torch.autocast(self.device.type, enabled=False):
+            self._eval_step("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -595,6 +598,7 @@ class LesionClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.guard.check()  # a non-finite last step stops the run before its weights are written
+        _refuse_non_finite(checkpoint.get("state_dict") or self.state_dict(), self.global_step)
         checkpoint[META_KEY] = self.meta().to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -614,3 +618,15 @@ class LesionClassifier(pl.LightningModule):
         self._sync_head_flags()
         if self._trainable_layers is not None:
             self.set_trainable_layers(self._trainable_layers)
+
+
+def _refuse_non_finite(state_dict: dict, global_step: int) -> None:
+    """Raise instead of letting weights with NaN/Inf reach a checkpoint file (one host read for
+    the whole state dict; checkpoints are written rarely)."""
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteLossError(
+            f"the weights at global step {global_step} are not finite ({len(bad)} tensors, e.g. {bad[:3]}); "
+            f"no checkpoint of them is written and the last good one stays in the checkpoints folder. "
+            f"Lower the learning rate, set trainer.gradient_clip_val or use precision 32-true."
+        )
