@@ -8,16 +8,30 @@ Examples:
     python train.py ckpt_path=runs/train/<stamp>/checkpoints/last.ckpt   # resume
 """
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from melanoma.train import run
+    from melanoma.train import USER_ERRORS, run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("MELANOMA_DEBUG"):
+            raise
+        # a mistake in what was asked (a path, a value, the data): its message, no traceback
+        sys.exit(f"train.py: error: {e}\n(set MELANOMA_DEBUG=1 for a traceback)")
 
 
 if __name__ == "__main__":
+    from melanoma.config import unknown_override_hint
+
+    hint = unknown_override_hint(sys.argv[1:])
+    if hint:
+        sys.exit(f"train.py: {hint}")
     main()

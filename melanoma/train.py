@@ -17,24 +17,38 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from melanoma.config import check_running_config
 from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE
+from melanoma.models.checkpoint import CheckpointError
+from melanoma.models.pretrained import PretrainedWeightsError
 from melanoma.precision import AUTO, resolve_precision
 from melanoma.training.callbacks import SaveSplit, build_callbacks
 from melanoma.training.launch import hydra_ddp_launch, strategy_for
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
 from melanoma.training.module import LesionClassifier
+from melanoma.training.preflight import check_data, check_paths, remove_unused_run_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run"]
+__all__ = ["USER_ERRORS", "run"]
+
+#: errors that mean the run was asked for something that cannot be (a path, a value, the data):
+#: train.py prints their message without a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, PretrainedWeightsError, CheckpointError)
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as ``cfg`` says; return the best ``cfg.optimized_metric``."""
     threads = torch.get_num_threads()
     try:
+        check_running_config(cfg)  # wrong value types, named by key, before any work
         with hydra_ddp_launch(cfg.trainer, Path(cfg.paths.output_dir)):
             return _run(cfg)
+    except BaseException:
+        # a run that failed before training wrote anything leaves no runs/<task>/<stamp> folder
+        if _hydra_run_dir(cfg) and remove_unused_run_dir(_hydra_run_dir(cfg), Path(cfg.paths.log_dir)):
+            log.info("removed the unused run folder %s", _hydra_run_dir(cfg))
+        raise
     finally:
         finish_wandb()
         torch.set_num_threads(threads)  # num_threads is this run's setting, not the process's
@@ -53,7 +67,9 @@ def _run(cfg: DictConfig) -> float | None:
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator))
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
+    check_paths(cfg)  # what is cheap first: paths, then the data, then model and weights
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
+    check_data(dm)
     # model: a partial LesionClassifier (conf/model/vit.yaml); not recursive, so the optimizer and
     # scheduler stay configs that configure_optimizers builds once the trainer is known
     make_module = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
@@ -108,6 +124,16 @@ def _run(cfg: DictConfig) -> float | None:
         return float(best.best_model_score)
     value = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
+
+
+def _hydra_run_dir(cfg: DictConfig) -> Path | None:
+    """This run's folder when Hydra made it for this job (not a folder a caller passed in)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    made = Path(HydraConfig.get().runtime.output_dir)
+    return made if Path(cfg.paths.output_dir).resolve() == made.resolve() else None
 
 
 def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:
