@@ -75,6 +75,7 @@ def cmd_predict(args) -> int:
     predictor = Predictor(
         args.checkpoint, head=args.head, device=args.device, batch_size=args.batch_size,
         tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet, precision=args.precision,
+        announce=False,  # its warnings are printed below, once
     )
     methods = args.attention_method or ["rollout"]
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
@@ -88,8 +89,9 @@ def cmd_predict(args) -> int:
         "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta,
     }
     _write_records(records, args.out, header)
-    if predictor.calibration_warning:
-        print(f"melanoma predict: head {predictor.head!r}: {predictor.calibration_warning}", file=sys.stderr)
+    for warning in (predictor.data_warning, predictor.calibration_warning):
+        if warning:
+            print(f"melanoma predict: WARNING: head {predictor.head!r}: {warning}", file=sys.stderr)
     failed = [r for r in records if r["error"]]
     for r in failed:
         print(f"melanoma predict: cannot read {r['path']}: {r['error']}", file=sys.stderr)

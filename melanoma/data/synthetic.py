@@ -23,6 +23,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from melanoma.conventions import SYNTHETIC_DATASET
+
 from .base import BINARY_CLASSES, LesionDataModule, _plain
 from .dermmel import DermMelDataModule
 
@@ -237,7 +239,7 @@ class SyntheticDataModule(DermMelDataModule):
     by generator version, seed, size and counts, reused when present) and reads it through
     the DermMel loading code."""
 
-    name = "synthetic"
+    name = SYNTHETIC_DATASET
     label_sets = {"binary": BINARY_CLASSES}
     split_setting_keys = (*DermMelDataModule.split_setting_keys, "counts", "generate_size", "generator_seed")
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
-from melanoma.conventions import positive_index
+from melanoma.conventions import SYNTHETIC_DATASET, positive_index
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,15 @@ class HeadRecord:
     def drop_calibration(self, reason: str) -> None:
         self.calibration = self.calibration_tta = None
         self.uncalibrated_reason = reason
+
+    def data_warning(self, name: str) -> str | None:
+        """What a reader of this head's output must know about its training data (a head named
+        `name`, trained on the built-in synthetic lesions), or None."""
+        dataset = self.data.dataset if self.data is not None else name
+        if dataset != SYNTHETIC_DATASET:
+            return None
+        return ("this head was trained on the built-in synthetic lesions (dataset=synthetic), a "
+                "demonstration: its probabilities and decisions say nothing about real skin lesions")
 
 
 @dataclass

@@ -108,6 +108,7 @@ class Predictor:
         self.tta = bool(tta)
         self.calibration, warning = record.calibration_for(self.tta)
         self.calibration_warning = warning
+        self.data_warning = record.data_warning(self.head)  # synthetic training data
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
         self.show_calibrated = bool(calibrated) and self.calibration is not None
