@@ -25,7 +25,7 @@ from melanoma.data.io import ImageReadError, load_rgb
 from melanoma.data.transforms import EvalTransform
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
-from melanoma.explain.overlay import save_head_grid, save_overlay
+from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
 from melanoma.precision import autocast_context, resolve_precision
@@ -41,6 +41,21 @@ def decide(p_melanoma, threshold: float | None) -> list[str | None]:
     if threshold is None:
         return [None] * len(p_melanoma)
     return [MELANOMA_DECISION if p >= threshold else NOT_MELANOMA_DECISION for p in np.asarray(p_melanoma, dtype=np.float64)]
+
+
+def decision_caption(record: dict) -> str:
+    """The decision of one prediction record in words, with the numbers it compares."""
+    p, t, decision = record.get("melanoma_probability"), record.get("threshold"), record.get("decision")
+    if p is None:
+        return f"most probable class {record['predicted_class']} (no melanoma class: no decision)"
+    if decision is None or t is None:
+        return f"p(melanoma) {p:.2f}; no decision (no calibrated operating point)"
+    d = 2  # enough digits that p and t never look equal when they are not
+    while d < 6 and (f"{p:.{d}f}" == f"{t:.{d}f}" and p != t or abs(round(t, d) - t) > 1e-9 and d < 4):
+        d += 1
+    if decision == MELANOMA_DECISION:
+        return f"decision: melanoma (p {p:.{d}f} >= threshold {t:.{d}f})"
+    return f"decision: below the melanoma threshold (p {p:.{d}f} < {t:.{d}f})"
 
 
 def eval_transform_of(pre: Preprocessing) -> EvalTransform:
@@ -285,10 +300,12 @@ class Predictor:
         return records
 
     def _write_maps(self, files: list[Path], image: Image.Image, maps, j: int, methods, rec) -> None:
-        # what the model saw (the whole field of view, squared), at least 224 px so it can be read
-        side = max(self.image_size, 224)
+        # what the model saw (the whole field of view, squared), at least PANEL px so it can be read
+        side = max(self.image_size, PANEL)
         shown = image.resize((side, side), Image.BICUBIC)
-        title = f"{rec['predicted_class']} {max(v for k, v in rec.items() if k.startswith('prob_')):.2f}"
+        decision = decision_caption(rec)
         for m, f in zip(methods, files):
-            save_overlay(f, shown, maps.maps[m][j], title=title)
-        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j])
+            target = f" (gradients of the {rec['predicted_class']} logit)" if m == "grad_rollout" else ""
+            save_overlay(f, shown, maps.maps[m][j], title=f"{METHOD_NAMES.get(m, m)}{target} · {decision}")
+        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j],
+                       title=f"Last-layer attention per head · {decision}")
