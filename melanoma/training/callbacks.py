@@ -6,11 +6,23 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.callbacks.progress import ProgressBar
 from omegaconf import DictConfig
 
-__all__ = ["SaveSplit", "build_callbacks"]
+__all__ = ["ParameterSummary", "SaveSplit", "build_callbacks"]
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without rows for parameter-free containers (the metric
+    collections, confusion matrices and loss trackers): the table lists what trains."""
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        summary = super()._summary(trainer, pl_module)
+        layers = getattr(summary, "_layer_summary", None)
+        if isinstance(layers, dict):
+            summary._layer_summary = {k: v for k, v in layers.items() if v.num_parameters > 0}
+        return summary
 
 
 class SaveSplit(Callback):
