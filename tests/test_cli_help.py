@@ -61,3 +61,15 @@ def test_console_script_help_runs_as_a_process():
     out = subprocess.run([sys.executable, "-m", "melanoma.cli", "evaluate", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "%%" not in out.stdout and "95%" in out.stdout
+
+
+def test_readme_says_how_to_install_cpu_only_torch_and_what_the_default_weighs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    install = text[text.index("## Install"):text.index("## Quick start")]
+    assert "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu" in install
+    assert "6.4 GB" in install and "nvidia" in install.lower()
+    # the two set-up commands stay as they are
+    assert "pip install -e . && python train.py experiment=quickstart" in text
+    assert 'pip install -e ".[test]" && pytest' in text

@@ -18,7 +18,7 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from melanoma.models.checkpoint import Calibration  # noqa: E402
 from melanoma.predict import Predictor  # noqa: E402
@@ -169,6 +169,12 @@ def test_keyboard_upload_order_and_accessibility(two_head_ckpt, browser, tmp_pat
         ActionChains(browser).send_keys(Keys.ENTER).perform()
         ActionChains(browser).send_keys(Keys.SPACE).perform()
         assert browser.execute_script("return window.opened") == 3
+        # a head never calibrated is flagged as such (and one trained on synthetic data as that)
+        Select(browser.find_element(By.ID, "head")).select_by_value("ham10000")
+        warning = browser.find_element(By.ID, "head-warning")
+        assert warning.is_displayed() and "NOT calibrated" in warning.text and "synthetic" not in warning.text
+        Select(browser.find_element(By.ID, "head")).select_by_value("synthetic")
+        assert "synthetic lesions" in warning.text
         # the picker's answer: three files at once; cards keep the upload order
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in photos))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card.done")) == 3)
