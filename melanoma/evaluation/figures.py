@@ -32,7 +32,7 @@ ARGMAX_RULE = "argmax (the most probable class)"
 
 def decision_rule(threshold: float | None) -> str:
     """How the figure's cases were called: at the operating point (with its threshold) or argmax."""
-    return ARGMAX_RULE if threshold is None else f"operating point: melanoma when p(melanoma) >= {threshold:.3g}"
+    return ARGMAX_RULE if threshold is None else f"operating point: melanoma when p(melanoma) >= {threshold:.4g}"
 
 
 def _legend_below(fig: Figure, ax, ncols: int = 2) -> None:
@@ -99,7 +99,7 @@ def confidence_figure(probs, labels, positive_index: int, threshold: float | Non
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("melanoma probability")
     if threshold is not None:
-        ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"operating point threshold {threshold:.3g}")
+        ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"operating point threshold {threshold:.4g}")
         _legend_below(fig, ax)
     ax.set_title(f"melanoma probability per outcome\ndecision: {decision_rule(threshold)}", fontsize=10)
     return fig
@@ -154,7 +154,7 @@ def roc_figure(p_mel, is_mel, operating_threshold: float | None = None, groups=N
     if operating_threshold is not None:
         pt = _at_threshold(p_mel, is_mel, operating_threshold)
         ax.scatter([pt["fpr"]], [pt["sensitivity"]], color="tab:red", zorder=5, clip_on=False,
-                   label=f"operating point p >= {operating_threshold:.3g} (sens {pt['sensitivity']:.2f}, "
+                   label=f"operating point p >= {operating_threshold:.4g} (sens {pt['sensitivity']:.2f}, "
                          f"spec {1 - pt['fpr']:.2f})")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
@@ -177,7 +177,7 @@ def pr_figure(p_mel, is_mel, operating_threshold: float | None = None) -> Figure
     if operating_threshold is not None:
         pt = _at_threshold(p_mel, is_mel, operating_threshold)
         ax.scatter([pt["sensitivity"]], [pt["precision"]], color="tab:red", zorder=5, clip_on=False,
-                   label=f"operating point p >= {operating_threshold:.3g} (recall {pt['sensitivity']:.2f}, "
+                   label=f"operating point p >= {operating_threshold:.4g} (recall {pt['sensitivity']:.2f}, "
                          f"precision {pt['precision']:.2f})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
