@@ -3,6 +3,8 @@ exactly as a training run does (`dataset=ham10000 dataset.root=...`)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 
@@ -157,3 +159,68 @@ def check_running_config(cfg) -> None:
     if errors:
         raise ConfigError("config value(s) of the wrong type: " + "; ".join(errors)
                           + ". Fix them on the command line (or in your conf/local/ file).")
+
+
+# --- before torch and Lightning are imported (train.py) ------------------------------------------
+
+#: dataset classes that generate their data into dataset.root (a missing root is theirs to make);
+#: kept in step with melanoma.data by tests/test_errors_first.py
+GENERATING_DATASETS = frozenset({"melanoma.data.synthetic.SyntheticDataModule"})
+#: what Hydra writes into a run folder before the job starts: nothing of a run
+HYDRA_ONLY = {".hydra"}
+
+
+def check_dataset_root(cfg) -> None:
+    """A dataset.root that does not exist, refused in the first second of `python train.py`
+    (the dataset's own reader checks the layout inside it later, with the download link)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    dataset = cfg.get("dataset") or {}
+    target, root = dataset.get("_target_"), dataset.get("root")
+    if not root or target in GENERATING_DATASETS:
+        return
+    path = Path(os.path.expanduser(str(root)))
+    if not path.exists():
+        name = HydraConfig.get().runtime.choices.get("dataset") if HydraConfig.initialized() else None
+        name = name or str(target).rsplit(".", 1)[-1]
+        raise FileNotFoundError(
+            f"{name}: dataset root {path} does not exist. Set dataset.root to the folder that holds the "
+            f"downloaded data (the layout each dataset expects: README, section Data)")
+
+
+def early_checks(cfg) -> None:
+    """What `python train.py` checks before it imports torch and Lightning: value types, then
+    whether the dataset root exists."""
+    check_running_config(cfg)
+    check_dataset_root(cfg)
+
+
+def hydra_run_dir(cfg) -> Path | None:
+    """This run's folder when Hydra made it for this job (not a folder a caller passed in)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    made = Path(HydraConfig.get().runtime.output_dir)
+    return made if Path(cfg.paths.output_dir).resolve() == made.resolve() else None
+
+
+def remove_unused_run_dir(run_dir: Path, stop_at: Path | None = None) -> bool:
+    """Remove a run folder that holds nothing but Hydra's own files (.hydra/, the job's .log):
+    a run that failed before training leaves no folder behind. Then empty parents up to
+    ``stop_at`` (runs/train, runs). True if removed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return False
+    extra = [p for p in run_dir.iterdir() if p.name not in HYDRA_ONLY and p.suffix != ".log"]
+    if extra:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    stop = Path(stop_at).resolve() if stop_at else None
+    while stop is not None and parent.resolve() != stop.parent and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        if parent.resolve() == stop:
+            break
+        parent = parent.parent
+    return True

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from melanoma.config import check_running_config
+from melanoma.config import hydra_run_dir, remove_unused_run_dir
 from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE
 from melanoma.models.checkpoint import CheckpointError
 from melanoma.models.pretrained import PretrainedWeightsError
@@ -27,7 +27,7 @@ from melanoma.training.launch import hydra_ddp_launch, strategy_for
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
 from melanoma.training.module import LesionClassifier
 from melanoma.training.noise import quiet_third_party
-from melanoma.training.preflight import check_data, check_paths, remove_unused_run_dir
+from melanoma.training.preflight import check_data, check_paths
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,12 @@ def run(cfg: DictConfig) -> float | None:
     threads = torch.get_num_threads()
     last_words: list[str] = []  # the test report: printed after the loggers' own summaries
     try:
-        check_running_config(cfg)  # wrong value types, named by key, before any work
         with hydra_ddp_launch(cfg.trainer, Path(cfg.paths.output_dir)):
             return _run(cfg, last_words)
     except BaseException:
         # a run that failed before training wrote anything leaves no runs/<task>/<stamp> folder
-        if _hydra_run_dir(cfg) and remove_unused_run_dir(_hydra_run_dir(cfg), Path(cfg.paths.log_dir)):
-            log.info("removed the unused run folder %s", _hydra_run_dir(cfg))
+        if hydra_run_dir(cfg) and remove_unused_run_dir(hydra_run_dir(cfg), Path(cfg.paths.log_dir)):
+            log.info("removed the unused run folder %s", hydra_run_dir(cfg))
         raise
     finally:
         finish_wandb()
@@ -141,16 +140,6 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
         return float(best.best_model_score)
     value = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
-
-
-def _hydra_run_dir(cfg: DictConfig) -> Path | None:
-    """This run's folder when Hydra made it for this job (not a folder a caller passed in)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    made = Path(HydraConfig.get().runtime.output_dir)
-    return made if Path(cfg.paths.output_dir).resolve() == made.resolve() else None
 
 
 def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None,

@@ -15,7 +15,8 @@ from melanoma.cli import main
 from melanoma.config import compose_config, config_type_errors, unknown_override_hint
 from melanoma.data.synthetic import SyntheticDataModule
 from melanoma.models.checkpoint import CheckpointError, read_meta
-from melanoma.training.preflight import check_paths, remove_unused_run_dir
+from melanoma.config import GENERATING_DATASETS, remove_unused_run_dir
+from melanoma.training.preflight import check_paths
 
 
 # --- train.py from outside -------------------------------------------------------------------------
@@ -170,3 +171,12 @@ def test_cli_reports_a_text_file_given_as_checkpoint_in_one_line(tmp_path, capsy
 def test_a_real_checkpoint_still_reads(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "t.ckpt", {"synthetic": ["not_melanoma", "melanoma"]})
     assert read_meta(ckpt).active_head == "synthetic"
+
+
+def test_generating_datasets_names_the_synthetic_module():
+    """train.py's first-second root check skips the datasets that make their root: the names
+    it knows (without importing melanoma.data) are the classes'."""
+    assert f"{SyntheticDataModule.__module__}.{SyntheticDataModule.__qualname__}" in GENERATING_DATASETS
+    for target in GENERATING_DATASETS:
+        module, name = target.rsplit(".", 1)
+        assert hasattr(__import__(module, fromlist=[name]), name)

@@ -4,15 +4,11 @@ before any pretrained weights are fetched (a wrong dataset.root fails in seconds
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_paths", "check_data", "remove_unused_run_dir"]
-
-#: what Hydra writes into a run folder before the job starts: nothing of a run
-HYDRA_ONLY = {".hydra"}
+__all__ = ["check_paths", "check_data"]
 
 
 def check_paths(cfg) -> None:
@@ -43,24 +39,3 @@ def check_data(dm) -> None:
 
     for member in (getattr(dm, "members", None) or {dm.name: dm}).values():
         dataset_image_paths(member)
-
-
-def remove_unused_run_dir(run_dir: Path, stop_at: Path | None = None) -> bool:
-    """Remove a run folder that holds nothing but Hydra's own files (.hydra/, the job's .log):
-    a run that failed before training leaves no folder behind. Then empty parents up to
-    ``stop_at`` (runs/train, runs). True if removed."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return False
-    extra = [p for p in run_dir.iterdir() if p.name not in HYDRA_ONLY and p.suffix != ".log"]
-    if extra:
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    parent = run_dir.parent
-    stop = Path(stop_at).resolve() if stop_at else None
-    while stop is not None and parent.resolve() != stop.parent and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        if parent.resolve() == stop:
-            break
-        parent = parent.parent
-    return True
