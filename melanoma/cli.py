@@ -25,6 +25,8 @@ from pathlib import Path
 log = logging.getLogger("melanoma.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: decimals of the numbers `predict` prints on the console
+STDOUT_DIGITS = 4
 
 
 def build_datamodule(overrides: list[str], **forced):
@@ -46,10 +48,11 @@ def _write_records(records: list[dict], out: Path | None, header: dict) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**header, "predictions": records}, indent=2))
         return
-    if out is None:
+    if out is None:  # for reading: probabilities rounded (a --out file keeps full precision)
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows({k: round(v, STDOUT_DIGITS) if isinstance(v, float) else v for k, v in r.items()}
+                         for r in records)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
@@ -75,6 +78,7 @@ def cmd_predict(args) -> int:
     predictor = Predictor(
         args.checkpoint, head=args.head, device=args.device, batch_size=args.batch_size,
         tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet, precision=args.precision,
+        announce=False,  # its warnings are printed below, once
     )
     methods = args.attention_method or ["rollout"]
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
@@ -88,8 +92,9 @@ def cmd_predict(args) -> int:
         "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta, "precision": predictor.precision,
     }
     _write_records(records, args.out, header)
-    if predictor.calibration_warning:
-        print(f"melanoma predict: head {predictor.head!r}: {predictor.calibration_warning}", file=sys.stderr)
+    for warning in (predictor.data_warning, predictor.calibration_warning):
+        if warning:
+            print(f"melanoma predict: WARNING: head {predictor.head!r}: {warning}", file=sys.stderr)
     failed = [r for r in records if r["error"]]
     for r in failed:
         print(f"melanoma predict: cannot read {r['path']}: {r['error']}", file=sys.stderr)
@@ -295,8 +300,34 @@ def _add_keep_overlap(p: argparse.ArgumentParser) -> None:
                         "the report then warns that its numbers are not external")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has a real one and the help text does not say it
+    already (argparse's ArgumentDefaultsHelpFormatter would also print "(default: None)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS
+                and "default" not in text and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+#: `melanoma train` is not a subcommand: training is Hydra's `python train.py` (conf/ overrides)
+TRAIN_POINTER = ("training is not a `melanoma` subcommand: run `python train.py` from the repository "
+                 "(Hydra overrides of conf/), e.g. `python train.py experiment=quickstart` or "
+                 "`python train.py dataset=ham10000 dataset.root=/data/HAM10000`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melanoma", description="Vision Transformers for melanoma classification.")
+    from melanoma import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="melanoma", formatter_class=_HelpFormatter,
+        description="Vision Transformers for melanoma classification: use a trained checkpoint. "
+                    "Training is `python train.py ...` (see README).")
+    parser.add_argument("--version", action="version", version=f"melanoma {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -319,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show raw (uncalibrated) probabilities; the threshold column is mapped onto that "
                         "scale (two-class heads) and decisions stay the calibrated ones")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     _add_precision(p)
     p.set_defaults(func=cmd_predict)
 
@@ -330,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "operating point on val, stores them in the checkpoint and reports test. "
                                    "With --external: every image of a dataset the model never trained on is "
                                    "a test image, the stored calibration is used as it is and the checkpoint "
-                                   "is not changed. Writes metrics.json (with 95%% bootstrap intervals), "
+                                   "is not changed. Writes metrics.json (with 95% bootstrap intervals), "
                                    "predictions.csv and figures.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("overrides", nargs="*", help="Hydra overrides: dataset.root=PATH (and loader settings); "
@@ -339,13 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="head to evaluate (default: the checkpoint's active head)")
     p.add_argument("--external", action="store_true",
                    help="test on a dataset the model never trained on, with the stored calibration")
-    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="the operating point: the lowest threshold whose val sensitivity reaches this")
     _add_keep_overlap(p)
     p.add_argument("--no-calibration", action="store_true",
                    help="store temperature 1 (no calibration) with the operating point fitted on it")
     p.add_argument("--tta", action="store_true",
                    help="8-view TTA; the calibration fitted with it is stored beside the plain one")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -353,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Reads every job of a `python train.py -m ...` folder and writes summary.json, "
                                    "summary.md and figures: per-job metrics and mean +- sd; for k-fold "
                                    "(dataset.fold swept) the pooled out-of-fold validation predictions and the "
-                                   "fold ensemble on the test split, with 95%% bootstrap intervals.")
+                                   "fold ensemble on the test split, with 95% bootstrap intervals.")
     p.add_argument("run_dir", type=Path, metavar="MULTIRUN_DIR")
     p.add_argument("--out", type=Path, help="where to write (default: MULTIRUN_DIR)")
     p.add_argument("--target-sensitivity", type=float, default=0.95,
@@ -365,21 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "calibration map and the operating point at the target sensitivity on it, "
                                    "writes them into a copy of the checkpoint (--out; the input is not "
                                    "changed) and reports the other images: the original, the recalibrated "
-                                   "and an oracle (optimistic) operating point, with 95%% bootstrap intervals.")
+                                   "and an oracle (optimistic) operating point, with 95% bootstrap intervals.")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("overrides", nargs="*", help="dataset=NAME dataset.root=PATH (Hydra overrides, as for training)")
     p.add_argument("--out", type=Path, required=True, help="the recalibrated checkpoint to write")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the site's images used to recalibrate")
     p.add_argument("--seed", type=int, default=0, help="which sample is drawn")
-    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="the recalibrated operating point's sensitivity on the sample")
     p.add_argument("--head", help="default: the checkpoint's active head")
     p.add_argument("--report", type=Path, help="report folder (default: beside --out)")
     _add_keep_overlap(p)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _add_precision(p)
     p.set_defaults(func=cmd_recalibrate)
 
-    p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones")
+    p = sub.add_parser("check-data", parents=[common], help="decode every image of a dataset and list unreadable ones",
+                       description="Builds the dataset described by the overrides (as `python train.py` "
+                                   "would), decodes every image at full size and lists the unreadable ones "
+                                   "(exit status 1 if any). For dataset=joint it also lists images one member "
+                                   "holds out (val/test) that another member trains on, by ISIC id and by content. "
+                                   "With --duplicates it audits near-duplicates instead.")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=ph2 dataset.root=PATH; with "
                    "--duplicates, several datasets: dataset=A dataset.root=X dataset=B dataset.root=Y")
     p.add_argument("--duplicates", action="store_true",
@@ -388,9 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="with --duplicates: the folder to write (default: ./duplicates)")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("export", parents=[common], help="export one head to ONNX, verified with onnxruntime")
+    p = sub.add_parser("export", parents=[common], help="export one head to ONNX, verified with onnxruntime",
+                       description="Writes one head of a checkpoint as an ONNX model (input: normalised "
+                                   "images; output: class probabilities) and a .json sidecar with the class "
+                                   "names, preprocessing and threshold, after checking onnxruntime's output "
+                                   "against torch's on the same input.")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
     p.add_argument("--head", help="default: the checkpoint's active head")
     p.add_argument("--uncalibrated", action="store_true",
                    help="probabilities output without the stored calibration (default: calibrated, as "
@@ -408,17 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port")
     p.add_argument("--head", help="default head (default: the checkpoint's active head); the page can switch")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--max-files", type=int, default=limits.max_files, help="images per request")
     p.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body size")
     p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="pixels per image (decompression bombs)")
     p.set_defaults(func=cmd_serve)
+    for p in sub.choices.values():  # sub-parsers do not inherit the formatter
+        p.formatter_class = _HelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        print(f"melanoma: {TRAIN_POINTER}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -39,3 +39,7 @@ PIL_RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lan
 #: a dataset config's interpolation (augment.interpolation) -> the PIL filter of the eval resize
 CONFIG_TO_PIL_RESAMPLING = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic",
                             "area": "box", "lanczos": "lanczos"}
+
+#: the built-in synthetic dataset's name (its DataModule's and its head's): heads trained on it
+#: are demonstrations, and every place that shows their output says so
+SYNTHETIC_DATASET = "synthetic"

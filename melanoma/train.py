@@ -17,30 +17,48 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from melanoma.config import hydra_run_dir, remove_unused_run_dir
 from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE
+from melanoma.models.checkpoint import CheckpointError
+from melanoma.models.pretrained import PretrainedWeightsError
 from melanoma.precision import AUTO, resolve_precision
 from melanoma.training.callbacks import SaveSplit, build_callbacks
 from melanoma.training.launch import hydra_ddp_launch, strategy_for
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
 from melanoma.training.module import LesionClassifier
+from melanoma.training.noise import quiet_third_party
+from melanoma.training.preflight import check_data, check_paths
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run"]
+__all__ = ["USER_ERRORS", "run"]
+
+#: errors that mean the run was asked for something that cannot be (a path, a value, the data):
+#: train.py prints their message without a traceback
+USER_ERRORS = (FileNotFoundError, ValueError, PretrainedWeightsError, CheckpointError)
 
 
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as ``cfg`` says; return the best ``cfg.optimized_metric``."""
     threads = torch.get_num_threads()
+    last_words: list[str] = []  # the test report: printed after the loggers' own summaries
     try:
         with hydra_ddp_launch(cfg.trainer, Path(cfg.paths.output_dir)):
-            return _run(cfg)
+            return _run(cfg, last_words)
+    except BaseException:
+        # a run that failed before training wrote anything leaves no runs/<task>/<stamp> folder
+        if hydra_run_dir(cfg) and remove_unused_run_dir(hydra_run_dir(cfg), Path(cfg.paths.log_dir)):
+            log.info("removed the unused run folder %s", hydra_run_dir(cfg))
+        raise
     finally:
         finish_wandb()
         torch.set_num_threads(threads)  # num_threads is this run's setting, not the process's
+        for text in last_words:
+            print(text, flush=True)
 
 
-def _run(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
+    quiet_third_party()
     if logging.getLogger().handlers:  # Hydra's; lightning adds its own stderr one: lines twice
         top = logging.getLogger("lightning")
         top.handlers = [h for h in top.handlers if type(h) is not logging.StreamHandler]
@@ -54,7 +72,9 @@ def _run(cfg: DictConfig) -> float | None:
                                                   embed_dim=_model_width(cfg.model))
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
+    check_paths(cfg)  # what is cheap first: paths, then the data, then model and weights
     dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
+    check_data(dm)
     # model: a partial LesionClassifier (conf/model/vit.yaml); not recursive, so the optimizer and
     # scheduler stay configs that configure_optimizers builds once the trainer is known
     make_module = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
@@ -92,25 +112,37 @@ def _run(cfg: DictConfig) -> float | None:
                  and cb.best_model_path), None)
     best_ckpt = best.best_model_path if best else None
     if trainer.is_global_zero:
-        log.info("best checkpoint %s (%s = %s)", best_ckpt, cfg.optimized_metric, best and best.best_model_score)
+        score = None if best is None or best.best_model_score is None else float(best.best_model_score)
+        log.info("best checkpoint %s (%s = %s)", best_ckpt, cfg.optimized_metric,
+                 "n/a" if score is None else f"{score:.4f}")
 
     if cfg.get("test", True):
         # the test loop's scalar metrics (test/...); fast_dev_run writes no checkpoint: test the
         # weights in memory then
-        results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt)
+        # Lightning's table holds argmax metrics on uncalibrated probabilities: beside the calibrated
+        # report it would read as a second, different answer, so it is printed only without one
+        report_follows = bool(cfg.get("evaluate", True) and best_ckpt)
+        if trainer.is_global_zero and not report_follows:
+            log.info("test loop metrics below: at argmax on UNCALIBRATED probabilities (evaluate=false: no "
+                     "calibrated report; `melanoma evaluate CKPT` writes one)")
+        results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt, verbose=not report_follows)
         if trainer.is_global_zero:
             (run_dir / RUN_TEST_METRICS_FILE).parent.mkdir(exist_ok=True)
             # one dict per test loader (joint: per member, keys already name it)
             metrics = {k: float(v) for r in results or [] for k, v in r.items()}
             (run_dir / RUN_TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            if report_follows:
+                log.info("test loop metrics (argmax, uncalibrated) written to %s; the calibrated test report "
+                         "follows", run_dir / RUN_TEST_METRICS_FILE)
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
         wandb_run = wandb if wandb_mode not in (None, "disabled") else None
         if joint:  # each member head on its own member's split, in report/<member>/
             for name in joint:
                 _report(best_ckpt, dm.evaluation_member(name), run_dir / RUN_REPORT_DIR / name, wandb_run,
-                        cfg.get("print_report", False), head=name)
+                        cfg.get("print_report", False), head=name, last_words=last_words)
         else:
-            _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb_run, cfg.get("print_report", False))
+            _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb_run, cfg.get("print_report", False),
+                    last_words=last_words)
 
     if best is not None and best.best_model_score is not None:
         return float(best.best_model_score)
@@ -139,8 +171,10 @@ def _model_width(model_cfg) -> int | None:
     return int(width) if width is not None else PRESETS.get(backbone.get("name"), {}).get("embed_dim")
 
 
-def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None) -> None:
-    """The one test report: calibrate on val, report test with intervals; figures to W&B."""
+def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, head: str | None = None,
+            last_words: list[str] | None = None) -> None:
+    """The one test report: calibrate on val, report test with intervals; figures to W&B. With
+    ``show`` its table goes to ``last_words``, printed when the run (and W&B) has finished."""
     from melanoma.evaluation.report import evaluate_checkpoint, format_metrics
 
     metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment,
@@ -148,5 +182,9 @@ def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, hea
     if show:
         # the test loop's table above is uncalibrated: auroc / average_precision agree with this
         # report, accuracy-type numbers may not (the calibrated map can move the argmax)
-        print(f"Test report ({dm.name}; {ckpt}; written to {out}; calibrated, so its auroc and average_precision "
-              f"equal the test table's above and its argmax metrics may differ)\n{format_metrics(metrics)}", flush=True)
+        text = (f"Test report ({dm.name}; {ckpt}; written to {out}; calibrated, so its auroc and average_precision "
+                f"equal the test table's and its argmax metrics may differ)\n{format_metrics(metrics)}")
+        if last_words is None:
+            print(text, flush=True)
+        else:
+            last_words.append(text)

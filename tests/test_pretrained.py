@@ -225,9 +225,42 @@ def test_hub_name_offline_fails_fast_and_reads_the_hub_cache(tmp_path):
     # refused before timm built (and tried to download into) a model; the cached one is built
     assert out["built_for_small"] == [] and out["built_for_tiny"] == ["deit_tiny_patch16_224"]
     assert "'deit_small_patch16_224'" in out["error"] and "HF_HUB_OFFLINE=1" in out["error"]
-    assert "pass the local file instead: load_pretrained(model, 'path/to/weights.pth')" in out["error"]
+    assert "pass the local file instead: model.pretrained=FILE" in out["error"]
     assert "dl.fbaipublicfiles.com/deit/deit_small_patch16_224" in out["error"]
 
     expected = {k: float(v.double().sum()) for k, v in state.items() if not k.startswith("head.")}
     got = {k: v for k, v in out["tiny_digest"].items() if not k.startswith("head.")}
     assert got == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_unreachable_hub_fails_at_once_naming_the_config_key(monkeypatch):
+    """Not offline, not cached, and no route to the hub: one connection attempt, then one error
+    that names model.pretrained=FILE and HF_HUB_OFFLINE (huggingface_hub would retry for a minute)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    import melanoma.models.pretrained as pretrained
+
+    attempts, built = [], []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(pretrained, "_in_hub_cache", lambda *a: False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a) or None)
+    with pytest.raises(PretrainedWeightsError) as err:
+        load_pretrained(vit_tiny(), "deit_tiny_patch16_224")
+    assert len(attempts) == 1 and attempts[0][1] == pretrained.HUB_PROBE_TIMEOUT_S and built == []
+    text = str(err.value)
+    assert "cannot be reached" in text and "model.pretrained=FILE" in text and "HF_HUB_OFFLINE=1" in text
+    assert "model.pretrained=null" in text
+
+    # behind a proxy the probe cannot judge: timm is asked (here: the fake builds nothing)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert pretrained._hub_unreachable() is None and len(attempts) == 1

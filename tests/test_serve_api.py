@@ -161,3 +161,21 @@ def test_cli_serve_rejects_a_bad_head(two_head_ckpt, capsys):
 def test_limits_have_sane_defaults():
     limits = ServeLimits()
     assert 1 <= limits.max_files <= 64 and 1e6 <= limits.max_bytes <= 1e9 and 1e6 <= limits.max_pixels <= 2e8
+
+
+def test_favicon_and_head_warnings(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
+    heads = client.get("/api/model").json()["heads"]
+    assert "synthetic lesions" in heads["synthetic"]["data_warning"]
+    assert heads["ham10000"]["data_warning"] is None
+    r = client.post("/api/predict", files=[("file", ("a.jpg", lesion_bytes(2), "image/jpeg"))], data={"overlay": "none"})
+    assert "synthetic lesions" in r.json()["data_warning"]
+
+
+def test_rejected_file_reason_names_the_file_not_a_buffer(client):
+    r = client.post("/api/predict", files=[("file", ("notes.png", b"not an image at all", "image/png"))])
+    assert r.status_code == 422
+    (f,) = r.json()["files"]
+    assert f["filename"] == "notes.png" and "not a readable image" in f["error"]
+    assert "BytesIO" not in f["error"] and "0x" not in f["error"] and "notes.png" in f["error"]

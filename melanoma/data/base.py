@@ -58,6 +58,30 @@ def _plain(value):
     return value
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+_capped: set[tuple[int, int]] = set()
+
+
+def cap_workers(requested: int) -> int:
+    """At most one loader worker per available CPU: more only compete with the training process
+    (and torch warns about each loader). Says so once per setting."""
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _capped:
+        _capped.add((requested, cpus))
+        log.info("dataset.num_workers=%d but this machine gives the process %d CPU(s): using %d loader workers",
+                 requested, cpus, cpus)
+    return cpus
+
+
 class LesionImageDataset(Dataset):
     """(image tensor, label) pairs from image files; decoding errors name the file."""
 
@@ -137,7 +161,7 @@ class LesionDataModule(L.LightningDataModule):
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = cap_workers(int(num_workers))
         if label_set not in self.label_sets:
             raise ValueError(
                 f"{self.name}: unknown label_set {label_set!r}; expected one of {sorted(self.label_sets)}"

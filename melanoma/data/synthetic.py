@@ -23,6 +23,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from melanoma.conventions import SYNTHETIC_DATASET
+
 from .base import BINARY_CLASSES, LesionDataModule, _plain
 from .dermmel import DermMelDataModule
 
@@ -237,7 +239,7 @@ class SyntheticDataModule(DermMelDataModule):
     by generator version, seed, size and counts, reused when present) and reads it through
     the DermMel loading code."""
 
-    name = "synthetic"
+    name = SYNTHETIC_DATASET
     label_sets = {"binary": BINARY_CLASSES}
     split_setting_keys = (*DermMelDataModule.split_setting_keys, "counts", "generate_size", "generator_seed")
 
@@ -274,9 +276,9 @@ class SyntheticDataModule(DermMelDataModule):
         final = self.generated_root
         if (final / "DermMel").is_dir():
             return final
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._create_root()
         tmp = self.root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        log.info("generating the synthetic dataset in %s (once; reused afterwards)", final)
+        log.info("generating the synthetic dataset in %s (dataset.root; once, reused afterwards)", final.resolve())
         write_dermmel_layout(tmp, self.counts, self.generate_size, self.generator_seed,
                              masks=self.masks, progress=True)
         try:
@@ -286,6 +288,21 @@ class SyntheticDataModule(DermMelDataModule):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
         return final
+
+    def _create_root(self) -> None:
+        """Make ``root`` when it is missing, if that is plainly what was meant: it lies under the
+        current directory (the default ./data/synthetic) or its parent exists. A root elsewhere
+        whose parent is missing too is most likely a typo: refused, not created."""
+        if self.root.is_dir():
+            return
+        root = self.root.resolve()
+        if not (root.is_relative_to(Path.cwd().resolve()) or root.parent.is_dir()):
+            raise FileNotFoundError(
+                f"synthetic: dataset.root {self.root} does not exist, nor does its parent {root.parent}. "
+                f"The synthetic dataset is generated into dataset.root: create the folder first "
+                f"(mkdir -p {self.root}) or leave dataset.root at its default (./data/synthetic)")
+        log.info("synthetic: creating dataset.root %s to generate the synthetic images in", root)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def prepare_data(self) -> None:
         self.generate()

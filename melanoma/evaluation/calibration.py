@@ -84,7 +84,8 @@ def fit_temperature(logits, labels, max_iter: int = 200, bounds: tuple[float, fl
     if not np.isfinite(temperature) or after > before:
         log.warning("temperature fit did not lower NLL (%.4f -> %.4f, T=%s); keeping T=1", before, after, temperature)
         return 1.0
-    log.info("temperature scaling: T=%.4f, validation NLL %.4f -> %.4f", temperature, before, after)
+    # debug: every candidate and cross-fitted half is one fit; the choice is logged once, below
+    log.debug("temperature scaling: T=%.4f, NLL %.4f -> %.4f", temperature, before, after)
     return temperature
 
 
@@ -234,7 +235,7 @@ def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None 
     best = min(candidates, key=lambda m: (score[m], candidates[m]["parameters"]))
     for m in candidates:
         candidates[m]["score"] = score[m]
-    log.info("calibration candidates (validation NLL / penalised out-of-fold NLL): %s; chose %s",
-             ", ".join(f"{m} {c['nll']:.4f} / {c['score']:.1f}" for m, c in candidates.items()), best)
     t, bias, _ = fits[best]
+    log.info("calibration: chose %s (T=%.3g) among %s (validation NLL / penalised out-of-fold NLL)", best, t,
+             ", ".join(f"{m} {c['nll']:.3f} / {c['score']:.1f}" for m, c in candidates.items()))
     return CalibrationChoice(best, t, bias, candidates)

@@ -252,7 +252,8 @@ def evaluate_checkpoint(
     }
     table = predictions_table(test_rows, [class_names[i] for i in test_labels], test_logits, class_names, probs,
                               class_names, pos, decisions)
-    figures = report_figures(probs, test_labels, class_names, pos, calibration.threshold, uncalibrated_probs=raw_probs)
+    figures = report_figures(probs, test_labels, class_names, pos, calibration.threshold, uncalibrated_probs=raw_probs,
+                             groups=groups)
     _write_val_predictions(out_dir, val_rows, val_labels, val_logits, class_names, pos)
     return _write(out_dir, report, table, figures, wandb_run)
 
@@ -341,7 +342,7 @@ def evaluate_external(
     table = predictions_table(rows, true_names, logits, class_names, probs, names, pos, decisions)
     if mapped:
         table["predicted_label"] = [names[int(c)] for c in head_called]
-    figures = report_figures(probs, labels, names, pos, threshold)
+    figures = report_figures(probs, labels, names, pos, threshold, groups=rows["group"].to_numpy())
     return _write(out_dir, report, table, figures, wandb_run)
 
 

@@ -276,7 +276,7 @@ def kfold_summary(jobs: list[Job], out_dir: Path, target_sensitivity: float = TA
 def _oof_roc_figure(oof: pd.DataFrame, p_mel, is_mel, pos, class_names):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    fig = Figure(figsize=(5.5, 6.5), layout="constrained")
     ax = fig.subplots()
     for job, rows in oof.groupby("fold_job", sort=False):
         y = (rows["true_label"] == class_names[pos]).to_numpy()
@@ -288,8 +288,10 @@ def _oof_roc_figure(oof: pd.DataFrame, p_mel, is_mel, pos, class_names):
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("melanoma vs rest, out-of-fold validation")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("melanoma vs rest, out-of-fold validation\n(every threshold: no decision rule applied)", fontsize=10)
+    from .figures import _legend_below
+
+    _legend_below(fig, ax, ncols=1)
     return fig
 
 

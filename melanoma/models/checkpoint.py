@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from melanoma.conventions import CONFIG_TO_PIL_RESAMPLING, PIL_RESAMPLING_NAMES
-from melanoma.conventions import positive_index
+from melanoma.conventions import SYNTHETIC_DATASET, positive_index
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,15 @@ class HeadRecord:
         self.calibration = self.calibration_tta = None
         self.uncalibrated_reason = reason
 
+    def data_warning(self, name: str) -> str | None:
+        """What a reader of this head's output must know about its training data (a head named
+        `name`, trained on the built-in synthetic lesions), or None."""
+        dataset = self.data.dataset if self.data is not None else name
+        if dataset != SYNTHETIC_DATASET:
+            return None
+        return ("this head was trained on the built-in synthetic lesions (dataset=synthetic), a "
+                "demonstration: its probabilities and decisions say nothing about real skin lesions")
+
 
 @dataclass
 class CheckpointMeta:
@@ -444,9 +453,52 @@ def softmax(z) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+#: what the train.py side of a file that is not a checkpoint should be used as
+_AS_PRETRAINED = "as pretrained backbone weights for training, pass it as model.pretrained=FILE"
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What a file is when torch.save did not write it (ONNX, text, safetensors, empty), read
+    from its first bytes; None for a torch file (a zip archive or a legacy pickle)."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "an empty file"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and b"onnx" in head.lower()):
+        return ("an ONNX model (as `melanoma export` writes): run it with onnxruntime, and give "
+                "`melanoma` the .ckpt it was exported from")
+    if len(head) > 8 and head[8:10] == b'{"':
+        return f"a safetensors weights file (tensors without the melanoma metadata); {_AS_PRETRAINED}"
+    if b"\x00" not in head:
+        try:
+            first = head.decode("utf-8").strip().splitlines()[0][:60]
+            return f"a text file (it starts {first!r})"
+        except (UnicodeDecodeError, IndexError):
+            pass
+    return f"not a file torch.save writes (it starts with bytes {head[:8]!r})"
+
+
+def _describe(ckpt) -> str:
+    """What a loaded object is, for a file that holds no melanoma metadata."""
+    if isinstance(ckpt, dict):
+        inner = ckpt.get("model") if isinstance(ckpt.get("model"), dict) else ckpt
+        if inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return (f"a plain state dict of {len(inner)} tensors (e.g. {next(iter(inner))!r}), weights "
+                    f"without the melanoma metadata; {_AS_PRETRAINED}")
+        keys = sorted(map(str, ckpt))
+        return f"found {keys[:12]}{' ...' if len(keys) > 12 else ''}"
+    return f"found {type(ckpt).__name__}"
+
+
 def _load_dict(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    what = _not_a_torch_file(path)
+    if what:
+        raise CheckpointError(f"{path} is not a melanoma checkpoint: it is {what}. Expected a .ckpt "
+                              f"written by `python train.py` (runs/train/<stamp>/checkpoints/)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -455,10 +507,10 @@ def _load_dict(path: Path, map_location="cpu") -> dict:
             f"Checkpoints must contain only tensors and plain Python values."
         ) from e
     if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
-        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        found = _describe(ckpt)
         raise CheckpointError(
             f"{path} is not a melanoma checkpoint: expected a dict with 'state_dict' and '{META_KEY}' "
-            f"(written by training or melanoma.models.checkpoint.save_checkpoint), found {found}"
+            f"(written by training or melanoma.models.checkpoint.save_checkpoint); {found}"
         )
     return ckpt
 

@@ -102,14 +102,22 @@ def _hub_state_dict(name: str) -> dict[str, torch.Tensor]:
         return PretrainedWeightsError(
             f"could not fetch pretrained weights for {name!r} through timm / the Hugging Face hub: "
             f"{reason}\nTo use weights without network, download the checkpoint on a machine that "
-            f"has it{hint} and pass the local file instead: load_pretrained(model, "
-            f"'path/to/weights.pth') (accepted: {ACCEPTED}); or copy a Hugging Face cache "
-            f"(HF_HOME) that holds {name!r}."
+            f"has it{hint} and pass the local file instead: model.pretrained=FILE on the train.py "
+            f"command line (in Python: load_pretrained(backbone, FILE); accepted: {ACCEPTED}); or "
+            f"copy a Hugging Face cache (HF_HOME) that holds {name!r}; or train from scratch with "
+            f"model.pretrained=null. Set HF_HUB_OFFLINE=1 to skip every network look-up."
         )
 
+    cached = cfg is not None and cfg.hf_hub_id and _in_hub_cache(cfg.hf_hub_id, cfg.hf_hub_filename)
     # Offline and not cached: say so at once, before timm spends seconds building the model.
-    if offline and cfg is not None and cfg.hf_hub_id and not _in_hub_cache(cfg.hf_hub_id, cfg.hf_hub_filename):
+    if offline and cfg is not None and cfg.hf_hub_id and not cached:
         raise fail(f"HF_HUB_OFFLINE=1 and {cfg.hf_hub_id!r} is not in the local hub cache")
+    # Not cached and the hub unreachable: huggingface_hub would retry for a minute, each warning
+    # printed twice, before failing the same way. One connection attempt says it in seconds.
+    if not offline and not cached:
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise fail(f"{unreachable}, and {name!r} is not in the local hub cache")
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types; all mean "not here"
@@ -124,6 +132,33 @@ def _hub_offline() -> bool:
         return bool(constants.HF_HUB_OFFLINE)
     except ImportError:
         return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+#: seconds one connection attempt to the hub may take before it counts as unreachable
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (no DNS, refused, timed out), or None when a
+    TCP connection opens, or when a proxy is configured (the proxy decides; we cannot probe it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"the hub ({host}:{port}) cannot be reached ({type(e).__name__}: {e})"
+    return None
 
 
 def _in_hub_cache(repo_id: str, filename: str | None) -> bool:

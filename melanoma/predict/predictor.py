@@ -26,7 +26,7 @@ from melanoma.data.transforms import EvalTransform
 from melanoma.data.workers import worker_context
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
-from melanoma.explain.overlay import save_head_grid, save_overlay
+from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
 from melanoma.precision import autocast_context, inference_precision
@@ -63,6 +63,21 @@ def decide(p_melanoma, threshold: float | None) -> list[str | None]:
     if threshold is None:
         return [None] * len(p_melanoma)
     return [MELANOMA_DECISION if p >= threshold else NOT_MELANOMA_DECISION for p in np.asarray(p_melanoma, dtype=np.float64)]
+
+
+def decision_caption(record: dict) -> str:
+    """The decision of one prediction record in words, with the numbers it compares."""
+    p, t, decision = record.get("melanoma_probability"), record.get("threshold"), record.get("decision")
+    if p is None:
+        return f"most probable class {record['predicted_class']} (no melanoma class: no decision)"
+    if decision is None or t is None:
+        return f"p(melanoma) {p:.2f}; no decision (no calibrated operating point)"
+    d = 2  # enough digits that p and t never look equal when they are not
+    while d < 6 and (f"{p:.{d}f}" == f"{t:.{d}f}" and p != t or abs(round(t, d) - t) > 1e-9 and d < 4):
+        d += 1
+    if decision == MELANOMA_DECISION:
+        return f"decision: melanoma (p {p:.{d}f} >= threshold {t:.{d}f})"
+    return f"decision: below the melanoma threshold (p {p:.{d}f} < {t:.{d}f})"
 
 
 def eval_transform_of(pre: Preprocessing) -> EvalTransform:
@@ -136,6 +151,7 @@ class Predictor:
                 f"its calibration and threshold were fitted on {fitted_at} logits and these are {self.precision}: "
                 f"probabilities near the threshold may decide differently (use --precision {fitted_at})")]))
         self.calibration_warning = warning
+        self.data_warning = record.data_warning(self.head)  # synthetic training data
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
         self.show_calibrated = bool(calibrated) and self.calibration is not None
@@ -318,10 +334,12 @@ class Predictor:
         return records
 
     def _write_maps(self, files: list[Path], image: Image.Image, maps, j: int, methods, rec) -> None:
-        # what the model saw (the whole field of view, squared), at least 224 px so it can be read
-        side = max(self.image_size, 224)
+        # what the model saw (the whole field of view, squared), at least PANEL px so it can be read
+        side = max(self.image_size, PANEL)
         shown = image.resize((side, side), Image.BICUBIC)
-        title = f"{rec['predicted_class']} {max(v for k, v in rec.items() if k.startswith('prob_')):.2f}"
+        decision = decision_caption(rec)
         for m, f in zip(methods, files):
-            save_overlay(f, shown, maps.maps[m][j], title=title)
-        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j])
+            target = f" (gradients of the {rec['predicted_class']} logit)" if m == "grad_rollout" else ""
+            save_overlay(f, shown, maps.maps[m][j], title=f"{METHOD_NAMES.get(m, m)}{target} · {decision}")
+        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j],
+                       title=f"Last-layer attention per head · {decision}")

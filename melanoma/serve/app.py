@@ -64,6 +64,10 @@ def create_app(checkpoint: str | os.PathLike, head: str | None = None, device: s
     def page():
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():  # browsers ask for it whatever the page links
+        return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

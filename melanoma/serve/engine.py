@@ -11,6 +11,7 @@ import base64
 import io
 import logging
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ HEADS_OVERLAY = "heads"  # last-layer attention per head: Predictor's `<stem>_he
 NO_OVERLAY = "none"
 OVERLAY_METHODS = ("rollout", "grad_rollout", "last_layer", HEADS_OVERLAY, NO_OVERLAY)
 DEFAULT_OVERLAY = "rollout"
+IN_MEMORY_FILE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 # record fields that name files in the request's temp dir: replaced by `filename` / `overlay_png`
 SERVER_ONLY_FIELDS = ("path", "attention")
 
@@ -98,8 +100,10 @@ class ModelService:
                 too_large.append({"filename": up.filename, "error": f"too many pixels to decode ({e})"})
                 continue
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                # PIL names the in-memory buffer (<_io.BytesIO object at 0x...>): name the file
+                reason = IN_MEMORY_FILE.sub(up.filename, f"{type(e).__name__}: {e}")
                 unreadable.append({"filename": up.filename,
-                                   "error": f"not a readable image ({type(e).__name__}: {e}); "
+                                   "error": f"not a readable image ({reason}); "
                                             f"send a JPEG, PNG, BMP or TIFF photograph"})
                 continue
             if width * height > self.limits.max_pixels:
@@ -151,6 +155,7 @@ class ModelService:
             # the record these predictions used (the TTA one with TTA, when fitted), and why not
             "calibration": calibration_summary(predictor.calibration),
             "calibration_warning": predictor.calibration_warning,
+            "data_warning": predictor.data_warning,
             "predictions": predictions,
         }
 

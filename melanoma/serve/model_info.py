@@ -28,6 +28,7 @@ def describe_model(meta: CheckpointMeta) -> dict:
             "calibration": calibration_summary(cal),
             "calibration_tta": calibration_summary(rec.calibration_tta),
             "trained_on": None if rec.data is None else rec.data.dataset,
+            "data_warning": rec.data_warning(name),
         }
     return {
         "backbone": meta.backbone,

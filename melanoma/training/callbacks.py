@@ -7,13 +7,13 @@ from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary
 from lightning.pytorch.callbacks.progress import ProgressBar
 from omegaconf import DictConfig
 
 from melanoma.training.guard import NonFiniteLossError
 
-__all__ = ["FiniteModelCheckpoint", "SaveSplit", "build_callbacks"]
+__all__ = ["FiniteModelCheckpoint", "ParameterSummary", "SaveSplit", "build_callbacks"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,18 @@ class FiniteModelCheckpoint(ModelCheckpoint):
                             "good checkpoints in %s are kept", self.dirpath)
             return
         super().on_exception(trainer, pl_module, exception)
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary without rows for parameter-free containers (the metric
+    collections, confusion matrices and loss trackers): the table lists what trains."""
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        summary = super()._summary(trainer, pl_module)
+        layers = getattr(summary, "_layer_summary", None)
+        if isinstance(layers, dict):
+            summary._layer_summary = {k: v for k, v in layers.items() if v.num_parameters > 0}
+        return summary
 
 
 class SaveSplit(Callback):

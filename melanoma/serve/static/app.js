@@ -1,5 +1,10 @@
 // The page for `melanoma serve`: one request per image, so each card fills in (or shows its
 // error) on its own. Everything it shows comes from /api/model and /api/predict.
+//
+// The one decision: the calibrated melanoma probability against the head's threshold. The page
+// words it so that the two cannot be read against each other ("Below the melanoma threshold
+// (0.98)" in a neutral colour; never a green "benign"), and the class probabilities are listed
+// as they are, without marking the largest one as if it decided.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -20,7 +25,19 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function pct(p) { return (100 * p).toFixed(1) + "%"; }
+function pct(p, digits = 1) { return (100 * p).toFixed(digits) + "%"; }
+
+// a probability and a threshold on one scale, with the digits the threshold needs (0.98, 0.999;
+// at most 4) and more where the two would otherwise look equal without being equal
+function pair(p, t) {
+  let d = 2;
+  while (d < 4 && Math.abs(Number(Number(t).toFixed(d)) - t) > 1e-9) d++;
+  for (; d <= 6; d++) {
+    const a = Number(p).toFixed(d), b = Number(t).toFixed(d);
+    if (a !== b || p === t) return [a, b];
+  }
+  return [Number(p).toFixed(6), Number(t).toFixed(6)];
+}
 
 function showPageError(message) {
   const box = $("page-error");
@@ -28,17 +45,29 @@ function showPageError(message) {
   box.hidden = !message;
 }
 
+// what a reader must know before reading this head's numbers: synthetic data, no calibration
+function headWarnings(head) {
+  const out = [];
+  if (head.data_warning) out.push(head.data_warning);
+  if (!head.calibrated) out.push(`this head is NOT calibrated${head.uncalibrated_reason ? ": " + head.uncalibrated_reason : ""}`);
+  return out;
+}
+
 function describeHead() {
   const head = model.heads[$("head").value];
   const op = head.operating_point;
   const cal = head.calibration;
   const parts = [`${model.backbone || "ViT"}, ${model.image_size} px`, `classes: ${head.class_names.join(", ")}`];
+  if (head.trained_on) parts.push(`trained on ${head.trained_on}`);
   parts.push(cal && cal.temperature !== undefined ? `calibrated (temperature ${Number(cal.temperature).toFixed(2)})`
-    : `NOT calibrated${head.uncalibrated_reason ? ": " + head.uncalibrated_reason : ""}`);
+    : "NOT calibrated");
   parts.push(op ? `operating point ${Number(op.threshold).toFixed(3)}` +
-    (op.target_sensitivity !== undefined ? ` for ${pct(op.target_sensitivity)} target sensitivity` : "")
+    (op.target_sensitivity !== undefined && op.target_sensitivity !== null ? ` for ${pct(op.target_sensitivity)} target sensitivity` : "")
     : "no operating point stored (run melanoma evaluate)");
   $("model-line").textContent = parts.join(" · ");
+  const warnings = headWarnings(head);
+  $("head-warning").textContent = warnings.length ? "Caution: " + warnings.join("; ") + "." : "";
+  $("head-warning").hidden = !warnings.length;
 }
 
 async function loadModel() {
@@ -77,35 +106,46 @@ function errorText(body, status) {
 function decisionBlock(result, rec) {
   const block = el("div");
   if (rec.melanoma_probability === undefined || rec.melanoma_probability === null) {
-    block.append(el("div", { class: "prob" }, rec.predicted_class, el("small", {}, "predicted class")));
+    block.append(el("div", { class: "prob" }, rec.predicted_class, el("small", {}, "most probable class")));
     block.append(el("p", { class: "why" }, "This head has no melanoma class: no melanoma decision."));
     return block;
   }
-  block.append(el("div", { class: "prob" }, pct(rec.melanoma_probability), el("small", {}, "melanoma probability (calibrated)")));
-  const decision = rec.decision || "none";
-  const label = { melanoma: "Melanoma", not_melanoma: "Not melanoma", none: "No decision" }[decision] || decision;
-  block.append(el("span", { class: `decision ${decision}` }, label));
-  let why;
-  if (rec.threshold === null || rec.threshold === undefined) {
+  const p = rec.melanoma_probability, t = rec.threshold;
+  const calibrated = Boolean(result.calibration);
+  block.append(el("div", { class: "prob" }, pct(p),
+    el("small", {}, calibrated ? "melanoma probability (calibrated)" : "melanoma probability (NOT calibrated)")));
+  const decision = t === null || t === undefined ? "none" : (rec.decision || "none");
+  let label, why;
+  if (decision === "none") {
+    label = "No decision";
     why = "No operating point is stored for this head, so no decision is made (run melanoma evaluate).";
   } else {
-    why = `Melanoma when the probability is at least ${Number(rec.threshold).toFixed(3)}`;
-    why += result.target_sensitivity !== null && result.target_sensitivity !== undefined
-      ? `: the operating point chosen for ${pct(result.target_sensitivity)} sensitivity on validation data.`
-      : ".";
+    const [ps, ts] = pair(p, t);
+    label = decision === "melanoma" ? `At or above the melanoma threshold (${ts})` : `Below the melanoma threshold (${ts})`;
+    const op = result.target_sensitivity !== null && result.target_sensitivity !== undefined
+      ? `, the operating point chosen for ${pct(result.target_sensitivity)} sensitivity on validation data` : "";
+    why = `The decision compares the melanoma probability ${ps} with the threshold ${ts}${op}. `;
+    if (decision !== "melanoma" && p >= 0.5) {
+      why += `Although above 0.5, ${ps} is below this threshold: this is not a finding of "benign".`;
+    } else if (decision !== "melanoma") {
+      why += "Below the threshold is not a finding of \"benign\".";
+    } else {
+      why += "At or above it, this head flags the lesion as melanoma.";
+    }
   }
+  block.append(el("span", { class: `decision ${decision}` }, label));
   block.append(el("p", { class: "why" }, why));
   return block;
 }
 
 function classTable(result, rec) {
-  const table = el("table", { class: "classes" });
+  const table = el("table", { class: "classes" },
+    el("caption", {}, "Probability of each class (the decision above uses the melanoma probability and the threshold only)"));
   for (const name of result.class_names) {
     const p = rec[`prob_${name}`];
     const bar = el("span");
     bar.style.width = pct(p);
-    table.append(el("tr", { class: name === rec.predicted_class ? "top" : "" },
-      el("td", {}, name), el("td", {}, pct(p)), el("td", { class: "bar" }, bar)));
+    table.append(el("tr", {}, el("td", {}, name), el("td", {}, pct(p)), el("td", { class: "bar", "aria-hidden": "true" }, bar)));
   }
   return table;
 }
@@ -114,21 +154,29 @@ function otherFields(result, rec) {
   const classes = new Set(result.class_names.map((c) => `prob_${c}`));
   const rows = Object.entries(rec).filter(([k]) => !SHOWN.has(k) && !classes.has(k));
   const details = el("details", {}, el("summary", {}, "all fields"));
-  const extra = { head: result.head, tta: result.tta, calibration: JSON.stringify(result.calibration) };
+  const extra = { head: result.head, tta: result.tta, predicted_class: rec.predicted_class,
+                  calibration: JSON.stringify(result.calibration) };
   for (const [k, v] of [...Object.entries(extra), ...rows]) {
     details.append(el("div", {}, `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`));
   }
   return details;
 }
 
-async function predictOne(file) {
-  const photo = el("img", { class: "photo", alt: file.name });
+function newCard(file) {
+  const photo = el("img", { class: "photo", alt: `uploaded image ${file.name}` });
+  const photoFigure = el("figure", {}, photo, el("figcaption", {}, "uploaded image"));
+  // a file the browser cannot show (not an image, TIFF): a line of text, not a broken-image icon
+  photo.addEventListener("error", () => photoFigure.replaceChildren(el("p", { class: "muted noimg" }, "(the browser cannot display this file)")));
   photo.src = URL.createObjectURL(file);
-  const images = el("div", { class: "images" }, el("figure", {}, photo, el("figcaption", {}, "uploaded image")));
+  const images = el("div", { class: "images" }, photoFigure);
   const numbers = el("div", { class: "numbers" }, el("p", { class: "pending" }, "Predicting…"));
-  const card = el("article", { class: "card" }, el("h2", {}, file.name), el("div", { class: "body" }, numbers, images));
-  $("results").prepend(card);
+  const card = el("article", { class: "card", "aria-label": file.name },
+    el("h2", {}, file.name), el("div", { class: "body" }, numbers, images));
+  return { card, numbers, images, photoFigure };
+}
 
+async function predictOne(file, parts) {
+  const { card, numbers, images, photoFigure } = parts;
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("head", $("head").value);
@@ -141,7 +189,8 @@ async function predictOne(file) {
     body = await r.json().catch(() => null);
     if (!r.ok) throw new Error(errorText(body, status));
   } catch (e) {
-    numbers.replaceChildren(el("p", { class: "error" }, `Cannot predict this image: ${e.message}`));
+    numbers.replaceChildren(el("p", { class: "error" }, el("strong", {}, "Not predicted: "), e.message));
+    photoFigure.remove();
     card.classList.add("failed");
     return;
   }
@@ -151,7 +200,9 @@ async function predictOne(file) {
     overlay.src = `data:image/png;base64,${rec.overlay_png}`;
     images.append(el("figure", {}, overlay, el("figcaption", {}, `${OVERLAY_LABELS[body.overlay] || body.overlay}: where the model looked`)));
   }
-  numbers.replaceChildren(decisionBlock(body, rec), classTable(body, rec), otherFields(body, rec));
+  const warnings = [body.data_warning, body.calibration_warning].filter(Boolean);
+  const caution = warnings.length ? [el("p", { class: "caution" }, "Caution: " + warnings.join("; ") + ".")] : [];
+  numbers.replaceChildren(...caution, decisionBlock(body, rec), classTable(body, rec), otherFields(body, rec));
   card.classList.add("done");
 }
 
@@ -160,12 +211,26 @@ function handleFiles(files) {
   if (!model) { showPageError("The model is not loaded yet; reload the page."); return; }
   const list = Array.from(files);
   if (!list.length) { showPageError("No files were dropped: drop image files, not folders or links."); return; }
-  for (const f of list) predictOne(f);
+  // cards in upload order, each filled in when its own answer comes
+  const parts = list.map(newCard);
+  for (const p of parts) $("results").append(p.card);
+  parts[0].card.scrollIntoView({ block: "nearest" });
+  list.forEach((f, i) => predictOne(f, parts[i]));
 }
+
+function openPicker() { $("files").click(); }
 
 function setupDrop() {
   const drop = $("drop");
   $("files").addEventListener("change", (e) => { handleFiles(e.target.files); e.target.value = ""; });
+  $("choose").addEventListener("click", openPicker);
+  // Enter or Space on the focused drop zone opens the file picker (keys on the button inside
+  // it are the button's own)
+  drop.addEventListener("keydown", (e) => {
+    if (e.target !== drop || (e.key !== "Enter" && e.key !== " ")) return;
+    e.preventDefault();
+    openPicker();
+  });
   for (const type of ["dragenter", "dragover"]) {
     drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
   }
