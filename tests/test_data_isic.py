@@ -227,8 +227,10 @@ def planted():
 
 def test_cross_dataset_overlap_finds_planted_shared_ids():
     found = cross_dataset_overlap(planted())
-    assert list(found.columns) == ["image_id", "held_out_dataset", "held_out_split", "train_dataset"]
-    assert set(map(tuple, found.to_numpy())) == {
+    assert list(found.columns) == ["image_id", "held_out_dataset", "held_out_split", "train_dataset", "train_path",
+                                   "match"]
+    assert (found["match"] == "id").all()  # no fingerprints given: ids only
+    assert set(map(tuple, found.iloc[:, :4].to_numpy())) == {
         ("ISIC_0000001", "isic", "val", "ham10000"),
         ("ISIC_0000002", "ham10000", "test", "isic"),
         ("ISIC_0000003", "ham10000", "val", "dermmel"),

@@ -319,10 +319,11 @@ class LesionDataModule(L.LightningDataModule):
 
     def move_to_train(self, names) -> None:
         """File names (basenames) that go to train wherever the split put them: images an
-        init_from lineage trained on must not be tested on. Apply before setup()."""
-        if self.table is not None:
-            raise RuntimeError(f"{self.name}: move_to_train must come before setup()")
-        self.moved_to_train = tuple(sorted(set(names)))
+        init_from lineage trained on must not be tested on. Takes effect at the next setup()."""
+        names = tuple(sorted(set(names)))
+        if self.table is not None and names != self.moved_to_train:
+            self.table = None  # set up already (a preflight check): the next setup() splits again
+        self.moved_to_train = names
 
     def held_out_seen_by(self, seen_records) -> list[str]:
         """File names of this dataset's val/test images that ``seen_records`` (SeenImages the

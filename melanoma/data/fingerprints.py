@@ -116,7 +116,11 @@ def fingerprint_files(paths: Sequence[str | os.PathLike], root: str | os.PathLik
     todo = []
     for i, (p, rel) in enumerate(zip(paths, rels)):
         hit = cached.get(rel)
-        if hit is not None and hit[:2] == _stat(p):
+        try:
+            fresh = hit is not None and hit[:2] == _stat(p)
+        except OSError:
+            fresh = False  # missing: fingerprint_image below names it
+        if fresh:
             out[i] = hit[2]
         else:
             todo.append(i)
@@ -133,7 +137,8 @@ def fingerprint_files(paths: Sequence[str | os.PathLike], root: str | os.PathLik
                 continue
             size, mtime = _stat(paths[i])
             cached[rels[i]] = (size, mtime, out[i])
-        _write_cache(cache_file, cached)
+        if cached:
+            _write_cache(cache_file, cached)
     return out
 
 
