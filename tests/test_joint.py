@@ -102,13 +102,19 @@ def _joint_dm(ham_root, second: str, second_root, **kw) -> JointDataModule:
         pin_memory=False, persistent_workers=False, **kw)
 
 
-def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tiny_dermmel, tmp_path):
+def _held_out_and_dermmel_copy(ham_root, tiny_dermmel, tmp_path, split: str):
+    """A HAM10000 image the joint run holds out in `split`, and a copy of the DermMel tree to
+    plant it in."""
     ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
     ham.setup()
-    held_out = ham.split_table("test")["path"].iloc[0]
-    # plant the HAM10000 test image in DermMel's training folder, under its ISIC name
     dermmel = tmp_path / "dermmel"
     shutil.copytree(tiny_dermmel, dermmel)
+    return ham.split_table(split)["path"].iloc[0], dermmel
+
+
+def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tiny_dermmel, tmp_path):
+    held_out, dermmel = _held_out_and_dermmel_copy(ham_root, tiny_dermmel, tmp_path, "test")
+    # plant the HAM10000 test image in DermMel's training folder, under its ISIC name
     planted = dermmel / "DermMel" / "train_sep" / "Melanoma" / f"{image_id(held_out)}.jpeg"
     shutil.copy(held_out, planted)
 
@@ -135,11 +141,7 @@ def test_overlap_across_members_is_reported_and_dropped_from_train(ham_root, tin
 def test_a_renamed_flipped_copy_is_found_by_content_and_dropped_from_train(ham_root, tiny_dermmel, tmp_path):
     from PIL import Image, ImageOps
 
-    ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
-    ham.setup()
-    held_out = ham.split_table("test")["path"].iloc[0]
-    dermmel = tmp_path / "dermmel"
-    shutil.copytree(tiny_dermmel, dermmel)
+    held_out, dermmel = _held_out_and_dermmel_copy(ham_root, tiny_dermmel, tmp_path, "test")
     planted = dermmel / "DermMel" / "train_sep" / "Melanoma" / "AUG_0_999.jpeg"  # DermMel's naming
     ImageOps.mirror(Image.open(held_out)).resize((80, 60)).save(planted, quality=90)
     dm = _joint_dm(ham_root, "dermmel", dermmel)
@@ -151,11 +153,7 @@ def test_a_renamed_flipped_copy_is_found_by_content_and_dropped_from_train(ham_r
 
 
 def test_check_data_on_a_joint_config_reports_the_overlap(ham_root, tiny_dermmel, tmp_path, capsys):
-    ham = _joint_dm(ham_root, "dermmel", tiny_dermmel).members["ham10000"]
-    ham.setup()
-    held_out = ham.split_table("val")["path"].iloc[0]
-    dermmel = tmp_path / "dermmel"
-    shutil.copytree(tiny_dermmel, dermmel)
+    held_out, dermmel = _held_out_and_dermmel_copy(ham_root, tiny_dermmel, tmp_path, "val")
     shutil.copy(held_out, dermmel / "DermMel" / "train_sep" / "NotMelanoma" / f"{image_id(held_out)}.jpg")
     args = ["check-data", "dataset=joint", "dataset.members=[ham10000,dermmel]", "dataset.image_size=32",
             f"+dataset.member_overrides.ham10000.root={ham_root}", f"+dataset.member_overrides.dermmel.root={dermmel}",
