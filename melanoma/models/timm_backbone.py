@@ -105,12 +105,61 @@ class TimmBackbone(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
 
+    # --- where the model looked (melanoma.explain) -----------------------------------------------
+
+    def _attention_modules(self) -> list[nn.Module]:
+        """timm ViT attention modules (with the explicit softmax path), in forward order."""
+        blocks = getattr(self.net, "blocks", None)
+        if blocks is None or not hasattr(self.net, "patch_embed"):
+            return []
+        found = [getattr(b, "attn", None) for b in blocks]
+        ok = all(m is not None and hasattr(m, "fused_attn") and hasattr(m, "attn_drop") for m in found)
+        return found if ok and found else []
+
+    @property
+    def reads_attention(self) -> bool:
+        """Whether attention maps (rollout...) can be read: timm ViTs yes, CNNs no (Grad-CAM)."""
+        return bool(self._attention_modules())
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.net.patch_embed.grid_size)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.net, "num_prefix_tokens", 1))
+
+    def gradcam_layer(self) -> nn.Module:
+        """The last feature stage (timm's feature_info), whose activations Grad-CAM weighs."""
+        info = getattr(self.net, "feature_info", None)
+        if not info:
+            raise ValueError(f"timm's {self.name} lists no feature stages (feature_info): no layer for Grad-CAM")
+        return self.net.get_submodule(info[-1]["module"])
+
+    # --- forward ---------------------------------------------------------------------------------
+
     def forward_features(self, x: torch.Tensor, return_attention: bool = False, frozen_prefix: int = 0):
-        if return_attention:
-            raise NotImplementedError(
-                f"attention maps of a timm backbone ({self.name}) are not read here; use the explain "
-                f"methods for its family (melanoma.explain)")
-        return self.net.forward_features(x)
+        """timm's features; with ``return_attention`` (timm ViTs) also each block's attention
+        weights (B, heads, N, N), read from the explicit softmax path for this one call."""
+        if not return_attention:
+            return self.net.forward_features(x)
+        modules = self._attention_modules()
+        if not modules:
+            raise ValueError(f"timm's {self.name} has no attention weights to read (a CNN): use Grad-CAM "
+                             f"(--attention-method gradcam)")
+        attentions: list[torch.Tensor] = []
+        handles = [m.attn_drop.register_forward_hook(lambda _m, _i, out: attentions.append(out)) for m in modules]
+        fused = [m.fused_attn for m in modules]
+        try:
+            for m in modules:
+                m.fused_attn = False
+            tokens = self.net.forward_features(x)
+        finally:
+            for m, f in zip(modules, fused):
+                m.fused_attn = f
+            for h in handles:
+                h.remove()
+        return tokens, attentions
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.net.forward_head(features, pre_logits=True)

@@ -9,7 +9,7 @@
 
 const $ = (id) => document.getElementById(id);
 const OVERLAY_LABELS = {
-  rollout: "Attention rollout", grad_rollout: "Gradient-weighted rollout",
+  rollout: "Attention rollout", grad_rollout: "Gradient-weighted rollout", gradcam: "Grad-CAM (CNN)",
   last_layer: "Last layer (mean of heads)", heads: "Last layer, per head", none: "No overlay",
 };
 // record fields drawn in their own place; any other field is listed under "all fields"
