@@ -190,6 +190,8 @@ def test_train_unfreeze_resume_calibrate_predict_export(kind, weights, tiny_derm
     # calibrate (evaluate rebuilds the split from the checkpoint alone), predict, export
     assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "report")]) == 0
     calibrated = read_meta(ckpt).heads["dermmel"].calibration
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["backbone"] == {"family": "timm", "name": name, "weights": meta.weights}
     assert calibrated is not None and calibrated.threshold is not None
     assert main(["predict", str(ckpt), str(tiny_dermmel / "DermMel" / "valid"), "--out", str(tmp_path / "p.csv")]) == 0
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
@@ -211,3 +213,31 @@ def _agrees_with_onnxruntime(ckpt, onnx_path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     sidecar = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())
     assert sidecar["image_size"] == size
+
+
+def test_provenance_in_api_model_report_and_onnx_sidecar(weights, tmp_path):
+    """The weights' file name, sha256 and stated licence reach /api/model, the report and the
+    ONNX sidecar from the checkpoint alone."""
+    import hashlib
+
+    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.predict.export import export_onnx
+    from melanoma.serve.model_info import describe_model
+
+    file = weights[0]
+    record = weights_provenance(file, "CC-BY-NC-4.0")
+    model = build_classifier("resnet10t", {}, {"d": ["not_melanoma", "melanoma"]}, family="timm")
+    ckpt = save_classifier_checkpoint(tmp_path / "m.ckpt", model, "resnet10t", {}, image_size=32, family="timm",
+                                      weights=record)
+    expected = {"family": "timm", "name": "resnet10t",
+                "weights": {"source": "file", "name": file.name, "license": "CC-BY-NC-4.0",
+                            "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}}
+    assert describe_model(read_meta(ckpt))["backbone_record"] == expected
+    sidecar = export_onnx(ckpt, tmp_path / "m.onnx")
+    assert sidecar["backbone"] == expected
+    assert json.loads((tmp_path / "m.onnx.json").read_text())["backbone"] == expected
+    # an older checkpoint (no family, no weights record) reads as our ViT with provenance unknown
+    from helpers import tiny_checkpoint
+
+    old = read_meta(tiny_checkpoint(tmp_path / "old.ckpt", {"d": ["a", "melanoma"]}))
+    assert old.backbone_record() == {"family": "vit", "name": "vit_tiny", "weights": None}

@@ -319,6 +319,15 @@ class CheckpointMeta:
     #: {"source": "file"|"hub"|"init_from"|None, "name", "sha256", "license"}; None: not recorded
     weights: dict | None = None
 
+    # --- provenance ----------------------------------------------------------------------------
+    def backbone_record(self) -> dict:
+        """What the backbone is and where its weights came from, as users read it (/api/model,
+        the report's metrics.json, the ONNX sidecar): family, name, and the weights' source (file
+        name and sha256, or hub name; ``init_from`` with the lineage's record), licence as stated.
+        ``weights`` None: not recorded (a checkpoint written before it was)."""
+        return {"family": self.backbone_family, "name": self.backbone,
+                "weights": None if self.weights is None else dict(self.weights)}
+
     # --- heads ---------------------------------------------------------------------------------
     def choose_head(self, head: str | None = None) -> str:
         """`head` if given, else the active head; a clear error naming the heads otherwise."""
