@@ -21,7 +21,7 @@ from melanoma.models import build_backbone
 from melanoma.models.checkpoint import read_meta
 from melanoma.models.classifier import Classifier
 from melanoma.models.pretrained import PretrainedWeightsError, load_pretrained, weights_provenance
-from melanoma.models.timm_backbone import TimmBackbone, TimmGroupingError, _layer_map
+from melanoma.models.timm_backbone import TimmGroupingError, _layer_map, timm_data_config
 from melanoma.training import optim
 
 VIT = "vit_tiny_patch16_224"
@@ -127,10 +127,12 @@ def test_train_py_resnet18_as_written_then_predict_and_export(tiny_dermmel, tmp_
     """`python train.py model=timm model.backbone.name=resnet18 model.pretrained=null
     callbacks=unfreezing ...`, then `melanoma predict` and `melanoma export --format onnx`."""
     run_dir = tmp_path / "run"
-    run_train_py(["model=timm", "model.backbone.name=resnet18", "model.pretrained=null", "callbacks=unfreezing",
+    proc = run_train_py(["model=timm", "model.backbone.name=resnet18", "model.pretrained=null", "callbacks=unfreezing",
                   "dataset=dermmel", "logger=csv", "callbacks.unfreezing.warmup_steps=0",
                   *tiny_dataset_overrides(tiny_dermmel), *tiny_trainer_overrides(3), "test=false",
                   f"paths.output_dir={run_dir}"], cwd=tmp_path)
+    # frozen layers' batch norms stay in eval mode on purpose: Lightning's warning about it is filtered
+    assert "in eval mode at the start of training" not in proc.stderr + proc.stdout
     import pandas as pd
 
     m = pd.read_csv(run_dir / "csv" / "metrics.csv")
@@ -241,3 +243,16 @@ def test_provenance_in_api_model_report_and_onnx_sidecar(weights, tmp_path):
 
     old = read_meta(tiny_checkpoint(tmp_path / "old.ckpt", {"d": ["a", "melanoma"]}))
     assert old.backbone_record() == {"family": "vit", "name": "vit_tiny", "weights": None}
+
+
+def test_a_timm_hub_name_offline_says_what_to_do(monkeypatch):
+    """model.pretrained=<timm name>: fetched through the hub; offline and not cached, the error
+    says so and names the alternatives (a local file, null)."""
+    import melanoma.models.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "_hub_offline", lambda: True)
+    monkeypatch.setattr(pretrained, "_in_hub_cache", lambda repo, filename: False)
+    with pytest.raises(PretrainedWeightsError, match="(?s)not in the local hub cache.*model.pretrained=FILE"):
+        load_pretrained(build_backbone("resnet10t", family="timm"), "resnet10t.c3_in1k")
+    assert timm_data_config("resnet10t.c3_in1k")["input_size"] == list(
+        timm.models.get_pretrained_cfg("resnet10t.c3_in1k").input_size)
