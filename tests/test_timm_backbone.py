@@ -123,12 +123,15 @@ def test_frozen_batch_norms_keep_their_statistics():
 
 # --- through train.py, predict, evaluate and export --------------------------------------------
 
-def test_train_py_resnet18_as_written_then_predict_and_export(tiny_dermmel, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["resnet18", VIT])
+def test_train_py_as_written_then_predict_and_export(name, tiny_dermmel, tmp_path, capsys):
     """`python train.py model=timm model.backbone.name=resnet18 model.pretrained=null
-    callbacks=unfreezing ...`, then `melanoma predict` and `melanoma export --format onnx`."""
+    callbacks=unfreezing ...`, then `melanoma predict` and `melanoma export --format onnx`; the
+    same for a small timm ViT."""
     run_dir = tmp_path / "run"
-    proc = run_train_py(["model=timm", "model.backbone.name=resnet18", "model.pretrained=null", "callbacks=unfreezing",
-                  "dataset=dermmel", "logger=csv", "callbacks.unfreezing.warmup_steps=0",
+    shrink = [f"model.backbone.kwargs.{k}={v}" for k, v in VIT_KW.items() if k != "img_size"] if name == VIT else []
+    proc = run_train_py(["model=timm", f"model.backbone.name={name}", "model.pretrained=null", "callbacks=unfreezing",
+                  *shrink, "dataset=dermmel", "logger=csv", "callbacks.unfreezing.warmup_steps=0",
                   *tiny_dataset_overrides(tiny_dermmel), *tiny_trainer_overrides(3), "test=false",
                   f"paths.output_dir={run_dir}"], cwd=tmp_path)
     # frozen layers' batch norms stay in eval mode on purpose: Lightning's warning about it is filtered
@@ -137,12 +140,13 @@ def test_train_py_resnet18_as_written_then_predict_and_export(tiny_dermmel, tmp_
 
     m = pd.read_csv(run_dir / "csv" / "metrics.csv")
     counts = m["trainable_params"].dropna().tolist()
-    assert len(counts) == 3 and counts[0] < counts[1] < counts[2]  # head only, then block7, then block6
+    assert len(counts) == 3 and counts[0] < counts[1] < counts[2]  # head only, then the top block, then the next
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     meta = read_meta(ckpt)
-    assert (meta.backbone_family, meta.backbone) == ("timm", "resnet18")
+    assert (meta.backbone_family, meta.backbone) == ("timm", name)
     assert meta.weights == {"source": None, "name": None, "sha256": None, "license": None}
-    assert meta.preprocessing.mean == pytest.approx(timm.models.get_pretrained_cfg("resnet18").mean)
+    # mean/std from timm's pretrained config (ImageNet's for resnet18, 0.5s for the ViT)
+    assert meta.preprocessing.mean == pytest.approx(timm.models.get_pretrained_cfg(name).mean)
 
     images = tiny_dermmel / "DermMel" / "test"
     out = tmp_path / "pred.csv"
