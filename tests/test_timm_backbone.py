@@ -260,3 +260,20 @@ def test_a_timm_hub_name_offline_says_what_to_do(monkeypatch):
         load_pretrained(build_backbone("resnet10t", family="timm"), "resnet10t.c3_in1k")
     assert timm_data_config("resnet10t.c3_in1k")["input_size"] == list(
         timm.models.get_pretrained_cfg("resnet10t.c3_in1k").input_size)
+
+
+def test_compile_a_timm_backbone_in_place():
+    """model.compile=true with a timm backbone: its stages compile in place, the state dict keeps
+    plain keys and the features are unchanged (eager backend: no C++ compiler needed)."""
+    from melanoma.models.compile import compile_backbone, is_compiled
+
+    torch.manual_seed(0)
+    cnn = build_backbone("resnet10t", family="timm").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = cnn(x)
+    keys = list(cnn.state_dict())
+    compile_backbone(cnn, backend="eager")
+    assert is_compiled(cnn.net.layer1) and list(cnn.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(cnn(x), before)
