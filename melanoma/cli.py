@@ -80,7 +80,7 @@ def cmd_predict(args) -> int:
         tta=args.tta, calibrated=not args.uncalibrated, progress=not args.quiet, precision=args.precision,
         announce=False,  # its warnings are printed below, once
     )
-    methods = args.attention_method or ["rollout"]
+    methods = args.attention_method or None  # None: the backbone's default (rollout for ViTs, gradcam for CNNs)
     records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
     header = {
         "checkpoint": str(args.checkpoint), "head": predictor.head, "class_names": predictor.class_names,
@@ -321,6 +321,7 @@ TRAIN_POINTER = ("training is not a `melanoma` subcommand: run `python train.py`
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from melanoma.conventions import ALL_MAP_METHODS  # torch-free: --help stays fast
     from melanoma import __version__
 
     parser = argparse.ArgumentParser(
@@ -342,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="which dataset head to use (default: the checkpoint's active head)")
     p.add_argument("--out", type=Path, help="results .csv or .json (default: CSV on stdout)")
     p.add_argument("--attention", type=Path, metavar="DIR", help="write attention-map PNGs into DIR")
-    p.add_argument("--attention-method", action="append", choices=["rollout", "grad_rollout", "last_layer"],
-                   help="map(s) drawn with --attention (repeatable; default rollout). The per-head "
-                        "grid of the last layer is always written")
+    p.add_argument("--attention-method", action="append", choices=list(ALL_MAP_METHODS),
+                   help="map(s) drawn with --attention (repeatable); they follow the backbone: rollout "
+                        "(default), grad_rollout, last_layer for ViTs (ours and timm's; the per-head grid of "
+                        "the last layer is always written), gradcam (default) for CNNs")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--uncalibrated", action="store_true",
                    help="show raw (uncalibrated) probabilities; the threshold column is mapped onto that "

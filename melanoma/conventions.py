@@ -43,3 +43,10 @@ CONFIG_TO_PIL_RESAMPLING = {"nearest": "nearest", "bilinear": "bilinear", "bicub
 #: the built-in synthetic dataset's name (its DataModule's and its head's): heads trained on it
 #: are demonstrations, and every place that shows their output says so
 SYNTHETIC_DATASET = "synthetic"
+
+#: the maps of where a model looked (melanoma.explain), by backbone kind: attention maps where
+#: attention weights can be read (ViTs), Grad-CAM for CNNs; `--attention-method` and the web page
+#: offer the ones the checkpoint's backbone has
+ATTENTION_MAP_METHODS = ("last_layer", "rollout", "grad_rollout")
+CNN_MAP_METHODS = ("gradcam",)
+ALL_MAP_METHODS = (*ATTENTION_MAP_METHODS, *CNN_MAP_METHODS)

@@ -70,6 +70,7 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
     with open_dict(cfg):  # Lightning knows no "auto": the config stored with the run says what ran
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator),
                                                   embed_dim=_model_width(cfg.model))
+        _fill_timm_normalisation(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     check_paths(cfg)  # what is cheap first: paths, then the data, then model and weights
@@ -160,6 +161,30 @@ def _keep_seen_out_of_evaluation(dm, seen) -> None:
             log.warning("%s: %d val/test image(s) were seen by the init_from checkpoint's lineage (by id or "
                         "content); moved to train so they are never tested on", name, len(moved))
         member.move_to_train(moved)
+
+
+def _fill_timm_normalisation(cfg: DictConfig) -> None:
+    """model=timm with model.mean/std null: the normalisation of timm's pretrained config (of the
+    model.pretrained hub name when it is one, else of the architecture's default weights)."""
+    model = cfg.model
+    backbone = model.get("backbone") or {}
+    if backbone.get("family") != "timm" or (model.get("mean") is not None and model.get("std") is not None):
+        return
+    from melanoma.models.timm_backbone import timm_data_config
+
+    pretrained = model.get("pretrained")
+    name = pretrained if pretrained and not Path(str(pretrained)).is_file() else backbone.get("name")
+    data = timm_data_config(str(name))
+    if model.get("mean") is None:
+        model.mean = data["mean"]
+    if model.get("std") is None:
+        model.std = data["std"]
+    interpolation = (cfg.dataset.get("augment") or {}).get("interpolation")
+    log.info("model=timm: mean %s, std %s from timm's pretrained config of %s", list(model.mean), list(model.std), name)
+    if interpolation and interpolation != data["interpolation"]:
+        log.info("timm's %s was pretrained with %s resizing; this run resizes with %s "
+                 "(dataset.augment.interpolation=%s to match)", name, data["interpolation"], interpolation,
+                 data["interpolation"])
 
 
 def _model_width(model_cfg) -> int | None:

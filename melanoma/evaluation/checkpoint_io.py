@@ -22,9 +22,10 @@ from melanoma.models.classifier import Classifier
 from melanoma.models.heads import DatasetHeads, LinearHead
 
 
-def build_classifier(backbone: str, backbone_kwargs: dict, heads: dict[str, Sequence[str]]) -> Classifier:
+def build_classifier(backbone: str, backbone_kwargs: dict, heads: dict[str, Sequence[str]],
+                     family: str = "vit") -> Classifier:
     """A Classifier with a linear head per dataset name -> class names."""
-    vit = build_backbone(backbone, **backbone_kwargs)
+    vit = build_backbone(backbone, family=family, **backbone_kwargs)
     dataset_heads = DatasetHeads()
     for name, class_names in heads.items():
         dataset_heads.add(name, LinearHead(vit.embed_dim, list(class_names)))
@@ -52,6 +53,8 @@ def save_classifier_checkpoint(
     config: dict | None = None,
     calibration: Mapping[str, Calibration] | None = None,
     data: Mapping[str, TrainingData] | None = None,
+    family: str = "vit",
+    weights: dict | None = None,
 ) -> Path:
     """calibration / data: per head name, its calibration record / training data."""
     calibration, data = dict(calibration or {}), dict(data or {})
@@ -61,5 +64,6 @@ def save_classifier_checkpoint(
         backbone=backbone, backbone_kwargs=dict(backbone_kwargs), heads=heads,
         active_head=active_head or next(iter(heads)),
         preprocessing=preprocessing_from(image_size, mean, std, interpolation), config=dict(config or {}),
+        backbone_family=family, weights=weights,
     )
     return save_checkpoint(path, model.state_dict(), meta)

@@ -237,6 +237,7 @@ def evaluate_checkpoint(
     })
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "test", "external": False,
+        "backbone": meta.backbone_record(),
         "class_names": class_names, "positive_class": class_names[pos] if pos is not None else None,
         "tta": bool(tta), "precision": predictor.precision, "temperature": calibration.temperature, "bias": list(calibration.bias),
         "calibration": calibration.method, "calibration_candidates": candidates,
@@ -331,6 +332,7 @@ def evaluate_external(
             metrics[key], metrics["ci95"][key] = by_argmax[key], by_argmax["ci95"][key]
     report = {
         "checkpoint": str(ckpt_path), "dataset": datamodule.name, "head": head, "split": "all", "external": True,
+        "backbone": predictor.meta.backbone_record(),
         "class_names": names, "head_class_names": class_names, "dataset_class_names": data_names,
         "labels_mapped_to_melanoma_vs_rest": mapped, "positive_class": names[pos] if pos is not None else None,
         "tta": bool(tta), "precision": predictor.precision, "calibrated": predictor.calibrated,

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-METHODS = ("last_layer", "rollout", "grad_rollout")
+from melanoma.conventions import ATTENTION_MAP_METHODS as METHODS
 
 
 def _check(attentions: Sequence[torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ METHOD_NAMES = {
     "rollout": "Attention rollout",
     "grad_rollout": "Gradient-weighted rollout",
     "last_layer": "Last-layer attention (mean of heads)",
+    "gradcam": "Grad-CAM",
 }
 
 

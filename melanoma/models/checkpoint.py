@@ -8,7 +8,9 @@ A checkpoint file is a dict (Lightning's, or one written by ``save_checkpoint``)
 
 ``CheckpointMeta`` holds everything needed to use the weights without a config file or dataset:
 
-- the backbone (preset name and keyword arguments);
+- the backbone: its family (``vit``, our DeiT-configured ViT, or ``timm``), name and keyword
+  arguments, and where its initial weights came from (``weights``: a file's name and sha256 or a
+  hub name, and the licence the user stated; None when trained from random weights);
 - per head: its spec (class names and the positive class with them), its calibration records
   (one fitted without and one with test-time augmentation), and a description of the data it
   was trained on (dataset, label set, every setting that determines the split, and the split's
@@ -311,6 +313,20 @@ class CheckpointMeta:
     seen: list[SeenImages] | None = None
     #: this model's run id (names its own records in ``seen``)
     model_id: str = ""
+    #: the backbone family (melanoma.models.FAMILIES); checkpoints written before it are ``vit``
+    backbone_family: str = "vit"
+    #: provenance of the backbone's initial weights (melanoma.models.pretrained.weights_provenance):
+    #: {"source": "file"|"hub"|"init_from"|None, "name", "sha256", "license"}; None: not recorded
+    weights: dict | None = None
+
+    # --- provenance ----------------------------------------------------------------------------
+    def backbone_record(self) -> dict:
+        """What the backbone is and where its weights came from, as users read it (/api/model,
+        the report's metrics.json, the ONNX sidecar): family, name, and the weights' source (file
+        name and sha256, or hub name; ``init_from`` with the lineage's record), licence as stated.
+        ``weights`` None: not recorded (a checkpoint written before it was)."""
+        return {"family": self.backbone_family, "name": self.backbone,
+                "weights": None if self.weights is None else dict(self.weights)}
 
     # --- heads ---------------------------------------------------------------------------------
     def choose_head(self, head: str | None = None) -> str:
@@ -340,7 +356,8 @@ class CheckpointMeta:
 
         return {
             "version": self.version,
-            "backbone": {"name": self.backbone, "kwargs": dict(self.backbone_kwargs)},
+            "backbone": {"family": self.backbone_family, "name": self.backbone, "kwargs": dict(self.backbone_kwargs),
+                         "weights": None if self.weights is None else dict(self.weights)},
             "heads": {
                 name: {
                     "spec": dict(rec.spec),
@@ -389,6 +406,8 @@ class CheckpointMeta:
             config=dict(d.get("config") or {}), version=version,
             seen=None if d.get("seen") is None else [SeenImages.from_dict(r) for r in d["seen"]],
             model_id=str(d.get("model_id") or ""),
+            backbone_family=str(d["backbone"].get("family") or "vit"),
+            weights=None if d["backbone"].get("weights") is None else dict(d["backbone"]["weights"]),
         )
 
     @classmethod

@@ -17,13 +17,14 @@ from melanoma.models import build_backbone
 from melanoma.models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
 from melanoma.models.heads import DatasetHeads
 from melanoma.models.pretrained import state_dict_mismatch
+from melanoma.models.timm_backbone import TimmBackbone
 from melanoma.models.vit import VisionTransformer
 
 __all__ = ["CheckpointError", "Classifier"]
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: VisionTransformer, heads: DatasetHeads):
+    def __init__(self, backbone: VisionTransformer | TimmBackbone, heads: DatasetHeads):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
@@ -52,7 +53,7 @@ class Classifier(nn.Module):
     @classmethod
     def from_meta(cls, meta: CheckpointMeta) -> Classifier:
         """An untrained network of the shape the metadata describes."""
-        return cls(build_backbone(meta.backbone, **meta.backbone_kwargs), DatasetHeads.from_specs(meta.head_specs()))
+        return cls(build_backbone(meta.backbone, family=meta.backbone_family, **meta.backbone_kwargs), DatasetHeads.from_specs(meta.head_specs()))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location="cpu") -> tuple[Classifier, CheckpointMeta]:
@@ -63,7 +64,7 @@ class Classifier(nn.Module):
         if problems:
             raise CheckpointError(
                 f"{path}: its weights do not match the model its metadata describes (backbone "
-                f"{meta.backbone} {meta.backbone_kwargs}, heads {list(meta.heads)}): {problems}"
+                f"{meta.backbone_family} {meta.backbone} {meta.backbone_kwargs}, heads {list(meta.heads)}): {problems}"
             )
         model.load_state_dict(state, strict=True)
         if isinstance(map_location, (str, torch.device)):

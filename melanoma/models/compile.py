@@ -29,12 +29,17 @@ DEFAULT_BACKEND = "inductor"
 
 
 def compile_backbone(backbone: nn.Module, backend=DEFAULT_BACKEND, **options) -> nn.Module:
-    """Compile ``backbone``'s blocks, patch embedding and final norm in place; returns ``backbone``.
+    """Compile ``backbone``'s blocks, patch embedding and final norm in place (a timm backbone:
+    its top-level stages); returns ``backbone``.
 
     ``backend``: anything ``torch.compile`` accepts ("inductor", "aot_eager", "eager", a callable).
     ``options``: further ``torch.compile`` arguments (mode, fullgraph, dynamic, ...).
     """
-    parts = [*getattr(backbone, "blocks", []), getattr(backbone, "patch_embed", None), getattr(backbone, "norm", None)]
+    if getattr(backbone, "family", None) == "timm":
+        # a timm model (melanoma.models.timm_backbone): its top-level stages that hold weights
+        parts = [m for m in backbone.net.children() if next(m.parameters(), None) is not None]
+    else:
+        parts = [*getattr(backbone, "blocks", []), getattr(backbone, "patch_embed", None), getattr(backbone, "norm", None)]
     parts = [p for p in parts if p is not None]
     if not parts:
         raise ValueError(f"expected a VisionTransformer with blocks, patch_embed and norm; "

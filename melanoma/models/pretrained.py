@@ -9,6 +9,7 @@ grid differs from the checkpoint's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from melanoma.models.vit import VisionTransformer
 
 __all__ = ["PretrainedWeightsError", "load_pretrained", "read_state_dict", "resample_pos_embed",
-           "state_dict_mismatch"]
+           "state_dict_mismatch", "weights_provenance"]
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +195,48 @@ def resample_pos_embed(
     return torch.cat([prefix, grid], dim=1)
 
 
-def load_pretrained(model: VisionTransformer, source: str | Path) -> VisionTransformer:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_provenance(source: str | Path | None, license: str | None = None) -> dict:
+    """Where a backbone's initial weights came from, as the checkpoint records it: a local file's
+    name and sha256, or the hub name timm fetched; None source: random initialisation."""
+    record = {"source": None, "name": None, "sha256": None, "license": license}
+    if source is None:
+        return record
+    path = Path(source)
+    if path.is_file():
+        return record | {"source": "file", "name": path.name, "sha256": _sha256(path)}
+    return record | {"source": "hub", "name": str(source)}
+
+
+def _read_source(source: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    path = Path(source)
+    if path.is_file():
+        return read_state_dict(path), str(path)
+    if path.suffix.lower() in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
+        # Looks like a file name: do not send a typo to the hub as a model name.
+        raise PretrainedWeightsError(f"pretrained weights file not found: {path}")
+    return _hub_state_dict(str(source)), f"timm:{source}"
+
+
+def load_pretrained(model, source: str | Path):
     """Load pretrained backbone weights into ``model`` in place and return it.
 
     ``source`` is a local ``.pth``/``.pt``/``.bin``/``.safetensors`` file, or, when it is not an
     existing file, a timm model name (e.g. ``"deit_base_patch16_224"``) fetched through timm and
-    the Hugging Face hub cache. ``head.*`` is dropped; everything else must match exactly.
+    the Hugging Face hub cache. The ImageNet classifier is dropped (``head.*`` for our ViT, the
+    timm model's own classifier for a timm backbone); everything else must match exactly.
     """
-    path = Path(source)
-    if path.is_file():
-        state, where = read_state_dict(path), str(path)
-    elif path.suffix.lower() in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES:
-        # Looks like a file name: do not send a typo to the hub as a model name.
-        raise PretrainedWeightsError(f"pretrained weights file not found: {path}")
-    else:
-        state, where = _hub_state_dict(str(source)), f"timm:{source}"
+    state, where = _read_source(source)
+    if not isinstance(model, VisionTransformer):  # a timm backbone (melanoma.models.timm_backbone)
+        model.load_timm_state_dict(state, where)
+        return model
 
     state = {k: v for k, v in state.items() if not k.startswith(DROPPED_PREFIXES)}
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:

@@ -188,6 +188,8 @@ class VisionTransformer(nn.Module):
     """ViT with a class token; ``forward_features`` returns all tokens after the final ``norm``."""
 
     num_prefix_tokens = 1
+    #: attention weights can be read (melanoma.explain: rollout and friends)
+    reads_attention = True
 
     def __init__(
         self,

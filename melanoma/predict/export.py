@@ -101,6 +101,7 @@ def export_onnx(
     sidecar = {
         "checkpoint": str(checkpoint),
         "head": head,
+        "backbone": meta.backbone_record(),
         "class_names": record.class_names,
         "positive_index": pos,
         "image_size": size,

@@ -26,6 +26,7 @@ from melanoma.data.transforms import EvalTransform
 from melanoma.data.workers import worker_context
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
+from melanoma.explain.gradcam import GRADCAM, check_methods, compute_gradcam_maps, default_method
 from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
@@ -267,7 +268,7 @@ class Predictor:
         self,
         paths: Sequence[str | os.PathLike],
         attention_dir: str | os.PathLike | None = None,
-        attention_methods: Iterable[str] = ("rollout",),
+        attention_methods: Iterable[str] | None = None,
     ) -> list[dict]:
         """One record per path, in order. Unreadable files get a record whose `error` says why
         (and a line in the log) while the rest are predicted; non-finite outputs stop it
@@ -275,7 +276,11 @@ class Predictor:
         `<stem>_<method>.png` (image | heat map | overlay) per method and `<stem>_heads.png`
         (last-layer attention per head) for every image."""
         paths = [Path(p) for p in paths]
-        methods = tuple(dict.fromkeys(attention_methods))
+        backbone = self.model.backbone
+        # the maps the backbone offers: attention maps for ViTs (rollout by default), Grad-CAM for CNNs
+        methods = tuple(dict.fromkeys(attention_methods or (default_method(backbone),)))
+        check_methods(backbone, methods)
+        reads_attention = getattr(backbone, "reads_attention", False)
         if attention_dir is not None:
             attention_dir = Path(attention_dir)
             attention_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +303,9 @@ class Predictor:
             if good:
                 x = torch.stack([loaded[i][0] for i in good]).to(self.device)
                 maps = None
-                if attention_dir is not None:
+                if attention_dir is not None and not reads_attention:
+                    maps = compute_gradcam_maps(self._forward, x, backbone.gradcam_layer())
+                elif attention_dir is not None:
                     maps = compute_attention_maps(
                         self._forward, x, self.model.backbone.grid_size,
                         num_prefix_tokens=self.model.backbone.num_prefix_tokens,
@@ -315,7 +322,9 @@ class Predictor:
                         n = used_stems.get(stem, 0)
                         used_stems[stem] = n + 1
                         stem = stem if n == 0 else f"{stem}__{n + 1}"  # two folders may hold the same file name
-                        files = [attention_dir / f"{stem}_{m}.png" for m in methods] + [attention_dir / f"{stem}_heads.png"]
+                        files = [attention_dir / f"{stem}_{m}.png" for m in methods]
+                        if maps.last_layer_heads is not None:
+                            files.append(attention_dir / f"{stem}_heads.png")
                         rec["attention"] = ";".join(str(f) for f in files)
                         pending.append(writer.submit(self._write_maps, files, loaded[i][1], maps, j, methods, rec))
                     chunk_records[i] = rec
@@ -339,7 +348,8 @@ class Predictor:
         shown = image.resize((side, side), Image.BICUBIC)
         decision = decision_caption(rec)
         for m, f in zip(methods, files):
-            target = f" (gradients of the {rec['predicted_class']} logit)" if m == "grad_rollout" else ""
+            target = f" (gradients of the {rec['predicted_class']} logit)" if m in ("grad_rollout", GRADCAM) else ""
             save_overlay(f, shown, maps.maps[m][j], title=f"{METHOD_NAMES.get(m, m)}{target} · {decision}")
-        save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j],
-                       title=f"Last-layer attention per head · {decision}")
+        if maps.last_layer_heads is not None:
+            save_head_grid(files[-1], shown, maps.last_layer_heads[j], maps.maps["last_layer"][j],
+                           title=f"Last-layer attention per head · {decision}")

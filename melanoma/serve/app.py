@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from melanoma.serve.engine import DEFAULT_OVERLAY, OVERLAY_METHODS, ModelService, ServeError, Upload
+from melanoma.serve.engine import ModelService, ServeError, Upload
 from melanoma.serve.limits import ServeLimits
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ def create_app(checkpoint: str | os.PathLike, head: str | None = None, device: s
 
     @app.get("/api/model")
     def model():
-        return {**service.model, "default_head": service.default_head, "overlay_methods": list(OVERLAY_METHODS),
-                "default_overlay": DEFAULT_OVERLAY,
+        return {**service.model, "default_head": service.default_head, "overlay_methods": list(service.overlay_methods),
+                "default_overlay": service.default_overlay,
                 "limits": {"max_files": service.limits.max_files, "max_bytes": service.limits.max_bytes,
                            "max_pixels": service.limits.max_pixels}}
 
@@ -56,7 +56,7 @@ def create_app(checkpoint: str | os.PathLike, head: str | None = None, device: s
         uploads, options = await read_upload_form(request, service.limits)
         result = await run_in_threadpool(
             service.predict, uploads, head=options.get("head") or None,
-            tta=parse_bool("tta", options.get("tta", "")), overlay=options.get("overlay") or DEFAULT_OVERLAY,
+            tta=parse_bool("tta", options.get("tta", "")), overlay=options.get("overlay") or service.default_overlay,
         )
         return result
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from melanoma.explain.gradcam import default_method, methods_for
 from melanoma.predict import NonFiniteOutputError, Predictor
 from melanoma.serve.limits import ServeLimits
 from melanoma.serve.model_info import calibration_summary, describe_model
@@ -27,8 +28,18 @@ log = logging.getLogger(__name__)
 
 HEADS_OVERLAY = "heads"  # last-layer attention per head: Predictor's `<stem>_heads.png`
 NO_OVERLAY = "none"
+#: the overlays of a ViT checkpoint (a CNN's: ``gradcam`` and ``none``; ``ModelService.overlay_methods``)
 OVERLAY_METHODS = ("rollout", "grad_rollout", "last_layer", HEADS_OVERLAY, NO_OVERLAY)
 DEFAULT_OVERLAY = "rollout"
+
+
+def overlays_for(backbone) -> tuple[str, ...]:
+    """The overlays the web page offers for a backbone: its map methods (melanoma.explain), the
+    per-head grid where attention weights are read, and none."""
+    methods = methods_for(backbone)
+    if getattr(backbone, "reads_attention", False):
+        return OVERLAY_METHODS
+    return (*methods, NO_OVERLAY)
 IN_MEMORY_FILE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 # record fields that name files in the request's temp dir: replaced by `filename` / `overlay_png`
 SERVER_ONLY_FIELDS = ("path", "attention")
@@ -64,6 +75,8 @@ class ModelService:
         default = self._predictor(head, False)
         self.default_head = default.head
         self.model = describe_model(default.meta)
+        self.overlay_methods = overlays_for(default.model.backbone)
+        self.default_overlay = default_method(default.model.backbone)
 
     def _predictor(self, head: str | None, tta: bool) -> Predictor:
         if (head, tta) in self.predictors:
@@ -76,8 +89,9 @@ class ModelService:
         head = head or self.default_head
         if head not in self.model["heads"]:
             raise ServeError(400, f"no head named {head!r} in this checkpoint; choose one of {list(self.model['heads'])}")
-        if overlay not in OVERLAY_METHODS:
-            raise ServeError(400, f"unknown overlay {overlay!r}; choose one of {list(OVERLAY_METHODS)}")
+        if overlay not in self.overlay_methods:
+            raise ServeError(400, f"unknown overlay {overlay!r} for this checkpoint's backbone; choose one of "
+                                  f"{list(self.overlay_methods)}")
         return head
 
     def check_uploads(self, uploads: list[Upload]) -> None:
@@ -117,7 +131,8 @@ class ModelService:
             raise ServeError(status, f"cannot predict {names}: see the reason per file", unreadable + too_large)
 
     def predict(self, uploads: list[Upload], head: str | None = None, tta: bool = False,
-                overlay: str = DEFAULT_OVERLAY) -> dict:
+                overlay: str | None = None) -> dict:
+        overlay = overlay or self.default_overlay
         head = self.check_options(head, overlay)
         self.check_uploads(uploads)
         with tempfile.TemporaryDirectory(prefix="melanoma-serve-") as tmp:

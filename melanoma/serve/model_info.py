@@ -32,6 +32,8 @@ def describe_model(meta: CheckpointMeta) -> dict:
         }
     return {
         "backbone": meta.backbone,
+        # family, name and the weights' source and licence (the checkpoint's provenance record)
+        "backbone_record": meta.backbone_record(),
         "active_head": meta.active_head,
         "image_size": meta.preprocessing.image_size,
         "preprocessing": dataclasses.asdict(meta.preprocessing),

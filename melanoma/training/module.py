@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from melanoma.models import build_backbone
+from melanoma.models import FAMILY_VIT, build_backbone
 from melanoma.models.checkpoint import (META_KEY, CheckpointMeta, HeadRecord, SeenImages, TrainingData,
                                         non_finite_tensors, preprocessing_from)
 from melanoma.models.classifier import Classifier, state_dict_mismatch
@@ -104,14 +104,19 @@ class LesionClassifier(pl.LightningModule):
         compile_backend: str = DEFAULT_BACKEND,
         mixup: Mapping | None = None,
         joint_heads: Mapping[str, Sequence[str]] | None = None,
+        weights_license: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         backbone = dict(backbone)
         self.backbone_name = backbone["name"]
+        self.backbone_family = str(backbone.get("family") or FAMILY_VIT)
         # None: the preset's value (conf/model/vit.yaml leaves the DeiT dims to models/vit.py)
         self.backbone_kwargs = {k: v for k, v in dict(backbone.get("kwargs") or {}).items() if v is not None}
-        vit = build_backbone(self.backbone_name, **self.backbone_kwargs)
+        vit = build_backbone(self.backbone_name, family=self.backbone_family, **self.backbone_kwargs)
+        # where the initial weights came from (set by load_initial_weights; kept through resume)
+        self.weights_license = weights_license
+        self.weights: dict | None = None
         head_cfg = dict(head or {"type": "linear"})
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
         heads = DatasetHeads()
@@ -229,6 +234,8 @@ class LesionClassifier(pl.LightningModule):
         for name in self._training_heads():
             self.model.heads[name].requires_grad_(layers is None or "head" in layers)
         self._frozen_prefix = backbone.frozen_prefix(self._trainable_layers)
+        # a timm CNN keeps the batch norms of frozen layers in eval mode (TimmBackbone.train)
+        backbone.train(backbone.training)
 
     def trainable_parameter_count(self) -> int:
         return optim.trainable_parameter_count(self.model.parameters())
@@ -479,10 +486,15 @@ class LesionClassifier(pl.LightningModule):
                          init_from, pretrained)
             self._init_from_checkpoint(init_from)
         elif pretrained:
-            from melanoma.models.pretrained import load_pretrained
+            from melanoma.models.pretrained import load_pretrained, weights_provenance
 
             load_pretrained(self.model.backbone, pretrained)
+            self.weights = weights_provenance(pretrained, self.weights_license)
             log.info("backbone initialised from %s", pretrained)
+        else:
+            from melanoma.models.pretrained import weights_provenance
+
+            self.weights = weights_provenance(None, self.weights_license)
 
     def _init_from_checkpoint(self, path: str | Path) -> None:
         source, meta = Classifier.from_checkpoint(path, map_location="cpu")
@@ -495,6 +507,10 @@ class LesionClassifier(pl.LightningModule):
                 f"dataset.image_size=...)."
             )
         self.model.backbone.load_state_dict(source.backbone.state_dict(), strict=True)
+        # the backbone's weights descend from the init_from checkpoint's
+        self.weights = {"source": "init_from", "name": Path(path).name, "sha256": None,
+                        "license": self.weights_license or (meta.weights or {}).get("license"),
+                        "from": meta.weights}
         for name, head in source.heads.items():
             if name in self._training_heads():
                 if head.spec() == self.model.heads[name].spec():
@@ -594,6 +610,7 @@ class LesionClassifier(pl.LightningModule):
             active_head=self.active_head, preprocessing=self.preprocessing,
             config=dict(self.hparams.get("config") or {}),
             seen=self.inherited_seen + self._seen(), model_id=self.model_id,
+            backbone_family=self.backbone_family, weights=self.weights,
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -613,6 +630,8 @@ class LesionClassifier(pl.LightningModule):
         self.head_records = dict(meta.heads)
         if meta.model_id:  # a resumed run stays the same model: its own records keep their id
             self.model_id = meta.model_id
+        if meta.weights is not None:  # resume never reloads pretrained weights: keep their record
+            self.weights = meta.weights
         self.inherited_seen = [r for r in meta.seen or [] if r.model != self.model_id]
         self._own_seen = [r for r in meta.seen or [] if r.model == self.model_id]
         self._sync_head_flags()

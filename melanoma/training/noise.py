@@ -15,6 +15,9 @@ HARMLESS_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # only the summary's size estimate assumes 32 bits; training runs at the configured precision
     r"Precision .* is not supported by the model summary",
+    # model=timm with frozen layers: their batch norms are kept in eval mode on purpose, so that a
+    # frozen layer keeps its running statistics too (melanoma.models.timm_backbone.TimmBackbone.train)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
 )
 #: Lightning info lines dropped (substrings)
 HARMLESS_LOG_LINES = (

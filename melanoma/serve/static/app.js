@@ -9,7 +9,7 @@
 
 const $ = (id) => document.getElementById(id);
 const OVERLAY_LABELS = {
-  rollout: "Attention rollout", grad_rollout: "Gradient-weighted rollout",
+  rollout: "Attention rollout", grad_rollout: "Gradient-weighted rollout", gradcam: "Grad-CAM (CNN)",
   last_layer: "Last layer (mean of heads)", heads: "Last layer, per head", none: "No overlay",
 };
 // record fields drawn in their own place; any other field is listed under "all fields"
@@ -58,6 +58,10 @@ function describeHead() {
   const op = head.operating_point;
   const cal = head.calibration;
   const parts = [`${model.backbone || "ViT"}, ${model.image_size} px`, `classes: ${head.class_names.join(", ")}`];
+  const rec = model.backbone_record || {};
+  if (rec.family === "timm") parts[0] = `timm ${parts[0]}`;
+  const w = rec.weights;
+  if (w && w.source) parts.push(`initial weights: ${w.name} (${w.source}${w.license ? `, licence ${w.license}` : ""})`);
   if (head.trained_on) parts.push(`trained on ${head.trained_on}`);
   parts.push(cal && cal.temperature !== undefined ? `calibrated (temperature ${Number(cal.temperature).toFixed(2)})`
     : "NOT calibrated");
