@@ -68,14 +68,19 @@ def test_single_ddp_run_relaunches_into_one_run_folder_with_identical_params(tin
     assert not torch.equal(p0["backbone.blocks.0.attn.qkv.weight"], start["backbone.blocks.0.attn.qkv.weight"])
 
 
-def test_ddp_non_finite_loss_on_one_rank_stops_both_before_a_bad_checkpoint(tiny_dermmel, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["+callbacks.model_checkpoint.save_on_exception=true",
+                                        "+callbacks.last_checkpoint.save_on_exception=true"]],
+                         ids=["default", "save_on_exception"])
+def test_ddp_non_finite_loss_on_one_rank_stops_both_before_a_bad_checkpoint(tiny_dermmel, tmp_path, extra):
     """Rank 1's head turns NaN before step 1; the guard reads each step's verdict one step late,
     summed over the ranks, so both processes stop at the same point (no rank left waiting in an
-    all-reduce: the run ends well within the timeout) and no checkpoint holds the bad step."""
+    all-reduce: the run ends well within the timeout) and no checkpoint holds the bad step, also
+    when the checkpoint callbacks save on exceptions."""
     import math
 
     run_dir = tmp_path / "run"
     proc = run_train_py([*tiny_overrides(tiny_dermmel, max_epochs=2, batch_size=4), "trainer.devices=2", "test=false",
+                         *extra,
                          "callbacks.last_checkpoint.every_n_train_steps=1",
                          "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
                          f"+callbacks.rec.out_dir={tmp_path / 'rec'}", "+callbacks.rec.nan_at_step=1",
@@ -87,6 +92,7 @@ def test_ddp_non_finite_loss_on_one_rank_stops_both_before_a_bad_checkpoint(tiny
     assert last["global_step"] == 1
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert math.isfinite(last["state_dict"]["model.heads.dermmel.fc.bias"].sum())
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) in (["last.ckpt"], ["best.ckpt", "last.ckpt"])
 
 
 def test_kill9_mid_epoch_then_resume_reaches_same_step_and_stage(tiny_dermmel, tmp_path):

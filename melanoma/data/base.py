@@ -12,19 +12,18 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler
 
 from melanoma.conventions import BINARY_CLASSES, positive_index
 
 from .cache import CACHE_FORMATS, build_cache, build_eval_cache, default_cache_size
+from .dataset import LesionImageDataset, _seed_worker_augmentations
 from .fingerprints import fingerprint_files, match, near_duplicate_pairs
-from .io import load_rgb
 from .overlap import image_id, seen_id
 from .samplers import BalancedDistributedSampler, EvalDistributedSampler
 from .splits import carve_missing_splits
@@ -80,41 +79,6 @@ def cap_workers(requested: int) -> int:
         log.info("dataset.num_workers=%d but this machine gives the process %d CPU(s): using %d loader workers",
                  requested, cpus, cpus)
     return cpus
-
-
-class LesionImageDataset(Dataset):
-    """(image tensor, label) pairs from image files; decoding errors name the file."""
-
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: ImageTransform,
-                 decode_size: int | None = None):
-        # A numpy string array, not a list of str objects: forked workers touching Python
-        # objects copy their pages (refcounts), numpy buffers stay shared.
-        self.paths = np.asarray([str(p) for p in paths])
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.transform = transform
-        self.decode_size = decode_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        path = self.paths[i]
-        if path.endswith(".npy"):  # pre-resized cache entry: a raw HxWx3 uint8 array
-            img = np.load(path)
-        else:
-            img = load_rgb(path, target_size=self.decode_size)
-        return self.transform(img), int(self.labels[i])
-
-
-def _seed_worker_augmentations(worker_id: int) -> None:
-    # Albumentations keeps its own RNG, created once in the parent; forked workers would all
-    # replay the same augmentation sequence. Reseed it from the per-worker, per-epoch torch seed.
-    info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(info.seed % 2**32)
-    # Workers are processes already; OpenCV's own thread pool per worker only oversubscribes.
-    cv2.setNumThreads(1)
 
 
 class LesionDataModule(L.LightningDataModule):

@@ -7,7 +7,7 @@ waits on a futex until someone kills the run. Training forks its loader workers 
 threads ran, and so does `melanoma evaluate`.
 
 ``forkserver`` (the default start method from Python 3.14 on) forks workers from a small server
-process that started clean and single-threaded; it imports this package once (the preload below),
+process that started clean and single-threaded; it imports the workers' code once (the preload below),
 so each worker starts in milliseconds instead of importing torch again like ``spawn``. Platforms
 without it (Windows, and macOS where it is not the default) use ``spawn``.
 """
@@ -20,8 +20,9 @@ from multiprocessing.context import BaseContext
 __all__ = ["WORKER_START_METHOD", "worker_context"]
 
 WORKER_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-# imported once by the fork server, before it forks any worker (torch, OpenCV, albumentations)
-_FORKSERVER_PRELOAD = ["melanoma.data.base"]
+# imported once by the fork server, before it forks any worker: what workers run (torch, OpenCV,
+# albumentations), without the DataModule's Lightning
+_FORKSERVER_PRELOAD = ["melanoma.data.dataset"]
 
 
 def worker_context(num_workers: int) -> BaseContext | None:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from melanoma.data.dataset import ImagePathDataset
 from melanoma.data.io import ImageReadError, load_rgb
 from melanoma.data.transforms import EvalTransform
 from melanoma.data.workers import worker_context
@@ -89,18 +90,6 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     """The one way an image file becomes the model's RGB input picture (full decode, EXIF
     orientation applied; no draft decoding, so an outside consumer can reproduce it)."""
     return load_rgb(path)
-
-
-class _PathDataset(Dataset):
-    def __init__(self, paths: Sequence[str], transform: EvalTransform):
-        self.paths = np.asarray([str(p) for p in paths])
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(read_image(self.paths[i]))
 
 
 def _safe_stem(path: Path) -> str:
@@ -220,7 +209,7 @@ class Predictor:
         """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
         (loader workers for speed). An unreadable file raises ImageReadError naming it, non-finite
         outputs NonFiniteOutputError naming the images."""
-        loader = DataLoader(_PathDataset(paths, self.transform), batch_size=self.batch_size,
+        loader = DataLoader(ImagePathDataset(paths, self.transform), batch_size=self.batch_size,
                             num_workers=num_workers, shuffle=False,
                             multiprocessing_context=worker_context(num_workers))
         out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
