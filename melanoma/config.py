@@ -27,8 +27,16 @@ def compose_config(overrides: list[str]):
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"expected Hydra overrides like dataset=ham10000 or dataset.root=PATH, got {bad}")
+    hint = unknown_override_hint(list(overrides), directory)
+    if hint:
+        raise ValueError(hint)
     with initialize_config_dir(config_dir=str(directory), version_base="1.3", job_name="melanoma_cli"):
-        return compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=list(overrides))
+        groups = [o for o in overrides if (directory / o.lstrip("+~").split("=", 1)[0].split("@", 1)[0]).is_dir()]
+        errors = config_type_errors(compose(config_name="train", overrides=groups), cfg)
+    if errors:
+        raise ConfigError("config value(s) of the wrong type: " + "; ".join(errors))
+    return cfg
 
 
 # --- mistakes caught before a run starts -------------------------------------------------------
