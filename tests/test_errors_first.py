@@ -56,7 +56,10 @@ def test_unknown_override_hint():
     assert "did you mean 'model.optimizer.lr'?" in unknown_override_hint(["model.optimzer.lr=1e-4"])
     fine = ["-m", "dataset=ham10000", "dataset.root=/x", "+anything=1", "model/optimizer=sgd", "ema=on",
             "experiment=quickstart", "hydra.run.dir=x", "trainer.max_epochs=2", "model.backbone.kwargs.depth=2",
-            "print_report=true", "~logger", "hparams_search=optuna", "dataset.augment.scale=[0.5,1]"]
+            "print_report=true", "~logger", "hparams_search=optuna", "dataset.augment.scale=[0.5,1]",
+            # Hydra's own keys (DDP relaunch, sweepers) and a global-package group config's keys
+            "hydra.mode=RUN", "hydra.output_subdir=null", "hydra.sweeper.n_trials=2",
+            "dataset.members=[ham10000,ph2]", "dataset.mix=uniform"]
     assert unknown_override_hint(fine) is None
 
 
