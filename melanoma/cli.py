@@ -25,7 +25,7 @@ from pathlib import Path
 log = logging.getLogger("melanoma.cli")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-#: decimals of the numbers `predict` prints on the console
+#: decimals of the numbers `predict` prints on a terminal
 STDOUT_DIGITS = 4
 
 
@@ -48,11 +48,13 @@ def _write_records(records: list[dict], out: Path | None, header: dict) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**header, "predictions": records}, indent=2))
         return
-    if out is None:  # for reading: probabilities rounded (a --out file keeps full precision)
+    if out is None:
         writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: round(v, STDOUT_DIGITS) if isinstance(v, float) else v for k, v in r.items()}
-                         for r in records)
+        if sys.stdout.isatty():  # for reading: rounded (a pipe, like an --out file, keeps full precision)
+            records = [{k: round(v, STDOUT_DIGITS) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in records]
+        writer.writerows(records)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:

@@ -27,8 +27,16 @@ def compose_config(overrides: list[str]):
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ValueError(f"expected Hydra overrides like dataset=ham10000 or dataset.root=PATH, got {bad}")
+    hint = unknown_override_hint(list(overrides), directory)
+    if hint:
+        raise ValueError(hint)
     with initialize_config_dir(config_dir=str(directory), version_base="1.3", job_name="melanoma_cli"):
-        return compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=list(overrides))
+        groups = [o for o in overrides if (directory / o.lstrip("+~").split("=", 1)[0].split("@", 1)[0]).is_dir()]
+        errors = config_type_errors(compose(config_name="train", overrides=groups), cfg)
+    if errors:
+        raise ConfigError("config value(s) of the wrong type: " + "; ".join(errors))
+    return cfg
 
 
 # --- mistakes caught before a run starts -------------------------------------------------------
@@ -56,6 +64,11 @@ def _known_keys(directory: Path) -> tuple[set[str], dict[str, set[str]]]:
             found, is_global = _yaml_keys(path)
             if is_global:
                 top |= found
+                if group.name in found:  # `# @package _global_` with a `dataset:` block (joint)
+                    from omegaconf import OmegaConf
+
+                    nested = OmegaConf.load(path).get(group.name)
+                    keys |= set(nested.keys()) if hasattr(nested, "keys") else set()
             elif path.parent == group:
                 keys |= found
         keys |= {p.name for p in group.iterdir() if p.is_dir()}  # nested groups (dataset/augment)
@@ -75,6 +88,8 @@ def unknown_override_hint(overrides: list[str], directory: Path | None = None) -
             continue  # options (-m, --cfg job) and additions
         key = item.lstrip("~").split("=", 1)[0].split("@", 1)[0]
         parts = key.replace("/", ".").split(".")
+        if parts[0] == "hydra":
+            continue  # Hydra's own config (hydra.mode, hydra.sweeper.*): Hydra checks it
         if parts[0] not in top:
             close = difflib.get_close_matches(parts[0], sorted(top), n=1)
             problems.append(f"{key!r}: no config key or group {parts[0]!r}"

@@ -2,15 +2,13 @@
 and label files) is checked before a model is built or pretrained weights are fetched; a run that
 fails before training leaves no run folder; a file that is not a melanoma checkpoint says what it is."""
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import REPO_ROOT, run_train_py, tiny_checkpoint
+from helpers import compose_cfg, run_train_py, tiny_checkpoint
 from melanoma.cli import main
 from melanoma.config import compose_config, config_type_errors, unknown_override_hint
 from melanoma.data.synthetic import SyntheticDataModule
@@ -58,15 +56,18 @@ def test_unknown_override_hint():
     assert "did you mean 'model.optimizer.lr'?" in unknown_override_hint(["model.optimzer.lr=1e-4"])
     fine = ["-m", "dataset=ham10000", "dataset.root=/x", "+anything=1", "model/optimizer=sgd", "ema=on",
             "experiment=quickstart", "hydra.run.dir=x", "trainer.max_epochs=2", "model.backbone.kwargs.depth=2",
-            "print_report=true", "~logger", "hparams_search=optuna", "dataset.augment.scale=[0.5,1]"]
+            "print_report=true", "~logger", "hparams_search=optuna", "dataset.augment.scale=[0.5,1]",
+            # Hydra's own keys (DDP relaunch, sweepers) and a global-package group config's keys
+            "hydra.mode=RUN", "hydra.output_subdir=null", "hydra.sweeper.n_trials=2",
+            "dataset.members=[ham10000,ph2]", "dataset.mix=uniform"]
     assert unknown_override_hint(fine) is None
 
 
 def test_config_type_errors_name_the_key():
     defaults = compose_config(["dataset=ham10000"])
-    bad = compose_config(["dataset=ham10000", "model.optimizer.lr=abc", "dataset.pin_memory=maybe",
-                          "trainer.max_epochs=ten", "dataset.num_workers=2", "trainer.devices=auto",
-                          "trainer.fast_dev_run=3", "dataset.root=/x"])
+    bad = compose_cfg(["dataset=ham10000", "model.optimizer.lr=abc", "dataset.pin_memory=maybe",
+                       "trainer.max_epochs=ten", "dataset.num_workers=2", "trainer.devices=auto",
+                       "trainer.fast_dev_run=3", "dataset.root=/x"], Path("unused"))
     assert config_type_errors(defaults, bad) == [
         "dataset.pin_memory='maybe': expected true or false (default true)",
         "model.optimizer.lr='abc': expected a number (default 5e-05)",
@@ -180,3 +181,10 @@ def test_generating_datasets_names_the_synthetic_module():
     for target in GENERATING_DATASETS:
         module, name = target.rsplit(".", 1)
         assert hasattr(__import__(module, fromlist=[name]), name)
+
+
+def test_cli_overrides_get_did_you_mean_and_type_errors(capsys):
+    assert main(["check-data", "datset=ph2", "-q"]) == 2
+    assert "did you mean 'dataset'?" in capsys.readouterr().err
+    assert main(["check-data", "dataset=ph2", "dataset.batch_size=many", "-q"]) == 2
+    assert "dataset.batch_size='many': expected a number (default 16)" in capsys.readouterr().err

@@ -5,6 +5,7 @@ known-harmless third-party noise filtered, numbers rounded for reading (files ke
 import csv
 import io
 import logging
+import sys
 import warnings
 
 import pytest
@@ -91,10 +92,15 @@ def test_model_summary_lists_only_modules_with_parameters():
     assert summary.layer_names == ["lin"] and summary.total_parameters == 8
 
 
-def test_predict_rounds_on_the_console_and_keeps_full_precision_in_files(tmp_path, capsys, caplog):
+def test_predict_rounds_on_a_terminal_and_keeps_full_precision_in_files_and_pipes(tmp_path, capsys, caplog,
+                                                                                 monkeypatch):
     ckpt = tiny_checkpoint(tmp_path / "t.ckpt", {"synthetic": SYNTHETIC})
     image = tmp_path / "a.jpg"
     image.write_bytes(lesion_bytes(0))
+    assert main(["predict", str(ckpt), str(image), "-q"]) == 0  # a pipe: full precision
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(row["prob_melanoma"].split(".")[1]) > STDOUT_DIGITS
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal
     with caplog.at_level(logging.WARNING):
         assert main(["predict", str(ckpt), str(image), "-q"]) == 0
     captured = capsys.readouterr()
