@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from melanoma.conventions import BINARY_CLASSES, positive_index
+from melanoma.metadata import MetadataSchema, parse_fields
 
 from .cache import CACHE_FORMATS, build_cache, build_eval_cache, default_cache_size
 from .fingerprints import fingerprint_files, match, near_duplicate_pairs
@@ -83,16 +84,18 @@ def cap_workers(requested: int) -> int:
 
 
 class LesionImageDataset(Dataset):
-    """(image tensor, label) pairs from image files; decoding errors name the file."""
+    """(image tensor, label) pairs from image files; decoding errors name the file. With
+    ``metadata`` (an (N, D) array, melanoma.metadata) each item is ((image, metadata), label)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: ImageTransform,
-                 decode_size: int | None = None):
+                 decode_size: int | None = None, metadata: np.ndarray | None = None):
         # A numpy string array, not a list of str objects: forked workers touching Python
         # objects copy their pages (refcounts), numpy buffers stay shared.
         self.paths = np.asarray([str(p) for p in paths])
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.decode_size = decode_size
+        self.metadata = None if metadata is None else np.asarray(metadata, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,6 +106,8 @@ class LesionImageDataset(Dataset):
             img = np.load(path)
         else:
             img = load_rgb(path, target_size=self.decode_size)
+        if self.metadata is not None:
+            return (self.transform(img), torch.from_numpy(self.metadata[i])), int(self.labels[i])
         return self.transform(img), int(self.labels[i])
 
 
@@ -153,6 +158,7 @@ class LesionDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         eval_batch_size: int | None = None,
         group_duplicates: bool = True,
+        metadata: Sequence[str] | None = None,
     ):
         super().__init__()
         if root is None or str(root) == "":
@@ -208,6 +214,9 @@ class LesionDataModule(L.LightningDataModule):
         #: file names that leave val/test for train (seen by an init_from lineage; see move_to_train)
         self.moved_to_train: tuple[str, ...] = ()
         self.duplicate_groups_joined = 0
+        #: patient metadata given with each image (dataset.metadata; melanoma.metadata), or None
+        fields = parse_fields(_plain(metadata))
+        self.metadata_schema: MetadataSchema | None = MetadataSchema(fields) if fields else None
 
     # --- what a subclass provides -------------------------------------------------------
     def build_table(self) -> pd.DataFrame:
@@ -364,10 +373,31 @@ class LesionDataModule(L.LightningDataModule):
         if self.cache_dir is not None:
             self._build_caches(table)
         self.table = table
+        if self.metadata_schema is not None:
+            self._check_metadata_columns(table)
         counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
         if self._world()[1] == 0:  # one summary per run, not one per DDP rank
             log.info("%s (%s): %d images\n%s", self.name, self.label_set, len(table),
                      counts.rename(columns=dict(enumerate(self.class_names))).to_string())
+
+    def _check_metadata_columns(self, table: pd.DataFrame) -> None:
+        """Every asked-for field is a column of this dataset; says how many values are missing."""
+        absent = [f for f in self.metadata_schema.fields if f not in table.columns]
+        if absent:
+            raise ValueError(
+                f"{self.name}: dataset.metadata asks for {list(self.metadata_schema.fields)} but this dataset has no "
+                f"{absent} column(s) (it has {[c for c in table.columns if c not in TABLE_COLUMNS]}). Leave "
+                f"dataset.metadata empty for it, or use a dataset that records them (HAM10000, ISIC 2017/2019/2020)."
+            )
+        vectors = self.metadata_schema.encode_table(table)  # an unreadable value fails here, not in a worker
+        missing = self.metadata_schema.missing_counts(vectors)
+        if self._world()[1] == 0:
+            log.info("%s: metadata %s; missing values (kept, encoded as missing): %s of %d images",
+                     self.name, list(self.metadata_schema.fields), missing, len(table))
+
+    def metadata_vectors(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """(N, D) encoded metadata of these table rows, or None without dataset.metadata."""
+        return None if self.metadata_schema is None else self.metadata_schema.encode_table(rows)
 
     def _require_table(self) -> pd.DataFrame:
         if self.table is None:
@@ -483,11 +513,13 @@ class LesionDataModule(L.LightningDataModule):
             # Evaluation sees exactly what `melanoma predict` sees for the same file: a full decode
             # (no JPEG draft scaling) and the eval resize, or those very pixels from the cache.
             paths = [self._eval_cached.get(p, p) for p in rows["path"]]
-            return LesionImageDataset(paths, rows["label"].to_numpy(), transform, decode_size=None)
+            return LesionImageDataset(paths, rows["label"].to_numpy(), transform, decode_size=None,
+                                      metadata=self.metadata_vectors(rows))
         paths = [self._cached.get(p, p) for p in rows["path"]]
         # Cached files are already small; the originals may be decoded at reduced JPEG scale.
         return LesionImageDataset(paths, rows["label"].to_numpy(), transform,
-                                  decode_size=None if self._cached else self.image_size)
+                                  decode_size=None if self._cached else self.image_size,
+                                  metadata=self.metadata_vectors(rows))
 
     def _loader(self, split: str, train: bool, shard: bool = True) -> DataLoader:
         ds = self.dataset(split, train)
