@@ -104,3 +104,15 @@ def test_a_dataset_without_metadata_columns_says_so(tmp_path):
     dm = DermMelDataModule(tmp_path / "d", image_size=16, num_workers=0, metadata=["age"])
     with pytest.raises(ValueError, match="no \\['age'\\] column"):
         dm.setup()
+
+
+def test_a_last_training_batch_of_one_is_left_out_with_metadata(tmp_path):
+    """BatchNorm in the metadata branch cannot train on one image."""
+    root, meta = _ham_with_gaps(tmp_path)
+    dm = HAM10000DataModule(root, image_size=32, num_workers=0, metadata=["age", "sex", "site"])
+    dm.setup()
+    n = len(dm.split_table("train"))
+    dm.batch_size = n - 1
+    assert [len(y) for _, y in dm.train_dataloader()] == [n - 1]
+    dm.metadata_schema = None
+    assert [len(y) for _, y in dm.train_dataloader()] == [n - 1, 1]

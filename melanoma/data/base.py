@@ -544,6 +544,9 @@ class LesionDataModule(L.LightningDataModule):
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
             generator=generator,
             multiprocessing_context=worker_context(self.num_workers),
+            # the metadata branch's BatchNorm cannot train on a batch of one image: such a last
+            # batch (a different image each shuffled epoch) is left out
+            drop_last=bool(train and self.metadata_schema is not None and len(ds) % self.batch_size == 1),
         )
 
     def train_dataloader(self) -> DataLoader:
