@@ -204,3 +204,60 @@ class MetadataSchema:
         """Per field, how many of these encoded vectors have it missing."""
         cols = self.columns()
         return {f: int(vectors[:, cols.index(f"{f}_missing")].sum()) for f in self.fields}
+
+
+def read_metadata_table(path, images: Sequence, fields: Sequence[str]) -> tuple[list[dict | None], list[str]]:
+    """Per image, its record from a CSV table (``melanoma predict --metadata table.csv``): a column
+    ``image`` holding the file name or path, and a column per field (canonical or a dataset's own
+    name). Returns (records in ``images`` order, None where the table has no row; notes to show).
+    An image matches a row by its path, else by its file name; a file name listed twice is an
+    error. Columns that are neither ``image`` nor a field are ignored and named in the notes."""
+    import os
+
+    import pandas as pd
+
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "image" not in table.columns:
+        raise ValueError(f"{path}: no column 'image' (found {list(table.columns)}); expected a column image with each "
+                         f"file's name or path, plus a column per field {list(fields)}")
+    rename, ignored = {}, []
+    for col in table.columns:
+        key = col.strip().lower()
+        if col == "image":
+            continue
+        if ALIASES.get(key) in fields and ALIASES[key] not in rename.values():
+            rename[col] = ALIASES[key]
+        else:
+            ignored.append(col + (f" ({LEAKING[key]})" if key in LEAKING else ""))
+    table = table.rename(columns=rename)
+    notes = []
+    if ignored:
+        notes.append(f"{path}: columns not used: {', '.join(ignored)}")
+    absent = [f for f in fields if f not in table.columns]
+    if absent:
+        notes.append(f"{path}: no column for {absent}: those values are scored as missing for every image")
+    by_path, by_name = {}, {}
+    for row in table.to_dict("records"):
+        image = str(row["image"]).strip()
+        record = {f: row.get(f) for f in fields}
+        by_path[os.path.normpath(os.path.abspath(image))] = record
+        name = os.path.basename(image)
+        by_name[name] = None if name in by_name else record  # None: listed twice, ambiguous
+    records: list[dict | None] = []
+    unmatched = []
+    for img in images:
+        full = os.path.normpath(os.path.abspath(str(img)))
+        rec = by_path.get(full)
+        if rec is None:
+            name = os.path.basename(str(img))
+            if name in by_name and by_name[name] is None:
+                raise ValueError(f"{path}: the file name {name!r} is listed more than once; give its path in the "
+                                 f"image column to say which row is {img}")
+            rec = by_name.get(name)
+        if rec is None:
+            unmatched.append(str(img))
+        records.append(rec)
+    if unmatched:
+        shown = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        notes.append(f"{len(unmatched)} image(s) have no row in {path}: scored with every value missing ({shown})")
+    return records, notes

@@ -158,6 +158,7 @@ class Predictor:
                 f"probabilities near the threshold may decide differently (use --precision {fitted_at})")]))
         self.calibration_warning = warning
         self.data_warning = record.data_warning(self.head)  # synthetic training data
+        self.announce = bool(announce)
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
         self.show_calibrated = bool(calibrated) and self.calibration is not None
@@ -379,8 +380,9 @@ class Predictor:
                 self.metadata_tensor(np.zeros((1, 1)), 1)  # raises: this head takes no metadata
             return None, None
         if metadata is None:
-            log.warning("head %r takes patient metadata %s and none was given: every value is scored as missing "
-                        "(pass --metadata table.csv)", self.head, list(self.metadata_schema.fields))
+            if self.announce:
+                log.warning("head %r takes patient metadata %s and none was given: every value is scored as "
+                            "missing (pass --metadata table.csv)", self.head, list(self.metadata_schema.fields))
             metadata = [None] * n
         if len(metadata) != n:
             raise ValueError(f"{len(metadata)} metadata records for {n} images; expected one per image")
