@@ -113,3 +113,17 @@ def test_train_py_with_metadata_and_fusion_trains_reports_and_records_the_schema
     schema = meta.heads["ham10000"].metadata_schema
     assert schema["fields"] == ["age", "sex", "site"] and schema["encodings"]["age"]["scale"] == 100.0
     assert model.heads["ham10000"].fusion == "concat"
+
+
+def test_joint_member_without_metadata_scores_through_the_missing_indicators():
+    module = LesionClassifier(BACKBONE, "ham10000", ["not_melanoma", "melanoma"], image_size=16, fusion="metablock",
+                              metadata_schema=SCHEMA.to_dict(), joint_heads={"ham10000": ["not_melanoma", "melanoma"],
+                                                                             "ph2": ["a", "b", "melanoma"]})
+    module.eval()
+    x, m, _ = planted(4, seed=3)
+    assert module.model.heads["ph2"].fusion == "metablock"
+    with torch.no_grad():
+        alone = module._logits(x, "ph2")  # a PH2 batch carries images only
+        missing = module._logits([x, torch.from_numpy(SCHEMA.encode(None, 4))], "ph2")
+        given = module._logits([x, m], "ph2")
+    assert alone.shape == (4, 3) and torch.equal(alone, missing) and not torch.allclose(alone, given)

@@ -129,6 +129,10 @@ def test_serve_form_fields_agree_with_predict(fused, tmp_path):
             assert got["decision"] == rows[p.name]["decision"] and got["metadata_missing"] == ""
         bad = client.post("/api/predict", files=files, data={"overlay": "none", "age": ["1", "2", "3"]})
         assert bad.status_code == 400 and "one per image" in bad.text
+        # the page learns from /api/model which inputs to show
+        assert client.get("/api/model").json()["heads"]["ham10000"]["metadata"]["fields"] == ["age", "sex", "site"]
+        page = client.get("/").text
+        assert all(f'id="{f}"' in page for f in ("age", "sex", "site"))
 
 
 def test_external_dataset_without_metadata_is_scored_all_missing(fused, ph2_flat_root, tmp_path, caplog):
@@ -146,3 +150,16 @@ def test_a_checkpoint_without_metadata_refuses_a_table(two_head_ckpt, fused, tmp
     _, folder, table = fused
     assert main(["predict", str(two_head_ckpt), str(folder), "--metadata", str(table), "-q"]) != 0
     assert "trained on images alone" in capsys.readouterr().err
+
+
+def test_tta_views_share_the_metadata(fused):
+    from melanoma.predict.tta import DIHEDRAL_VIEWS, dihedral_view
+
+    ckpt, folder, _ = fused
+    predictor = Predictor(ckpt, tta=True, progress=False)
+    x = torch.stack([predictor.transform(_image(p)) for p in sorted(folder.iterdir())[:3]])
+    m = predictor.metadata_schema.encode([{"age": 70, "sex": "male", "site": "back"}, {}, {"sex": "female"}])
+    with torch.no_grad():
+        want = sum(predictor.model(dihedral_view(x, k, f), predictor.head, metadata=torch.from_numpy(m))
+                   for k, f in DIHEDRAL_VIEWS) / len(DIHEDRAL_VIEWS)
+    torch.testing.assert_close(predictor.logits(x, m), want)
