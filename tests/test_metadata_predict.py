@@ -163,3 +163,15 @@ def test_tta_views_share_the_metadata(fused):
         want = sum(predictor.model(dihedral_view(x, k, f), predictor.head, metadata=torch.from_numpy(m))
                    for k, f in DIHEDRAL_VIEWS) / len(DIHEDRAL_VIEWS)
     torch.testing.assert_close(predictor.logits(x, m), want)
+
+
+def test_attention_maps_of_a_fused_head_use_the_same_metadata(fused, tmp_path):
+    ckpt, folder, table = fused
+    paths = sorted(folder.iterdir())[:2]
+    args = ["predict", ckpt, *map(str, paths), "--metadata", str(table), "-q"]
+    assert main([*args, "--out", str(tmp_path / "plain.csv")]) == 0
+    assert main([*args, "--out", str(tmp_path / "maps.csv"), "--attention", str(tmp_path / "maps")]) == 0
+    plain, maps = _read(tmp_path / "plain.csv"), _read(tmp_path / "maps.csv")
+    for name in plain:
+        assert float(maps[name]["melanoma_probability"]) == pytest.approx(float(plain[name]["melanoma_probability"]), abs=1e-6)
+    assert len(list((tmp_path / "maps").glob("*_rollout.png"))) == 2
