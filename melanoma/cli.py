@@ -83,7 +83,19 @@ def cmd_predict(args) -> int:
         announce=False,  # its warnings are printed below, once
     )
     methods = args.attention_method or None  # None: the backbone's default (rollout for ViTs, gradcam for CNNs)
-    records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods)
+    metadata, notes = None, []
+    if args.metadata is not None:
+        from melanoma.metadata import read_metadata_table
+
+        if predictor.metadata_schema is None:
+            raise ValueError(f"--metadata: head {predictor.head!r} of {args.checkpoint} was trained on images alone "
+                             f"and takes no patient metadata; leave out --metadata")
+        metadata, notes = read_metadata_table(args.metadata, paths, predictor.metadata_schema.fields)
+    elif predictor.metadata_schema is not None:
+        notes = [f"head {predictor.head!r} takes patient metadata {list(predictor.metadata_schema.fields)} and no "
+                 f"--metadata table was given: every value is scored as missing"]
+    records = predictor.predict_paths(paths, attention_dir=args.attention, attention_methods=methods,
+                                      metadata=metadata)
     header = {
         "checkpoint": str(args.checkpoint), "head": predictor.head, "class_names": predictor.class_names,
         "calibrated": predictor.calibrated, "temperature": predictor.temperature, "threshold": predictor.threshold,
@@ -93,7 +105,15 @@ def cmd_predict(args) -> int:
             "fitted_on": predictor.calibration.fitted_on},
         "target_sensitivity": predictor.target_sensitivity, "tta": predictor.tta, "precision": predictor.precision,
     }
+    if predictor.metadata_schema is not None:
+        header["metadata"] = predictor.metadata_schema.to_dict()
     _write_records(records, args.out, header)
+    for note in notes:
+        print(f"melanoma predict: metadata: {note}", file=sys.stderr)
+    if predictor.metadata_schema is not None:
+        counts = {f: sum(f in (r.get("metadata_missing") or "").split(";") for r in records if not r["error"])
+                  for f in predictor.metadata_schema.fields}
+        print(f"melanoma predict: metadata values missing (scored as missing), per field: {counts}", file=sys.stderr)
     for warning in (predictor.data_warning, predictor.calibration_warning):
         if warning:
             print(f"melanoma predict: WARNING: head {predictor.head!r}: {warning}", file=sys.stderr)
@@ -355,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "scale (two-class heads) and decisions stay the calibrated ones")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--metadata", type=Path, metavar="TABLE.csv",
+                   help="patient metadata for a checkpoint trained with it (model.fusion): a column image (file "
+                        "name or path) and a column per field (age, sex, site); a missing row or value is scored "
+                        "as missing and said so")
     _add_precision(p)
     p.set_defaults(func=cmd_predict)
 

@@ -38,6 +38,14 @@ __all__ = ["USER_ERRORS", "run"]
 USER_ERRORS = (FileNotFoundError, ValueError, PretrainedWeightsError, CheckpointError)
 
 
+def _metadata_schema(dm) -> dict | None:
+    """The datamodule's patient-metadata schema record (dataset.metadata), or a joint member's."""
+    schema = getattr(dm, "metadata_schema", None)
+    for member in getattr(dm, "members", {}).values():
+        schema = schema or getattr(member, "metadata_schema", None)
+    return None if schema is None else schema.to_dict()
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train, test and report as ``cfg`` says; return the best ``cfg.optimized_metric``."""
     threads = torch.get_num_threads()
@@ -85,6 +93,7 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
         dataset_name=first, class_names=list(joint[first] if joint else dm.class_names),
         image_size=dm.image_size, interpolation=dm.augment["interpolation"], config=resolved,
         **({"joint_heads": joint} if joint else {}),
+        metadata_schema=_metadata_schema(dm),
     )
     if cfg.get("ckpt_path"):
         log.info("resuming from %s (pretrained / init_from weights are not reloaded)", cfg.ckpt_path)

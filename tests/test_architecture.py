@@ -2,6 +2,7 @@
 lower floors (or its own package), so no two packages can import each other:
 
     0  conventions, config, precision     labels, positive class, normalisation; composing conf/
+       metadata                           patient metadata fields and their encoding
     1  models, data, explain               the ground rooms: each imports only floor 0
     2  predict                             Predictor, TTA, export: everything that runs a checkpoint
     3  evaluation                          metrics, calibration, reports (uses predict)
@@ -15,7 +16,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "melanoma"
 FLOORS = {
-    "conventions": 0, "config": 0, "precision": 0,
+    "conventions": 0, "config": 0, "precision": 0, "metadata": 0,
     "models": 1, "data": 1, "explain": 1,
     "predict": 2,
     "evaluation": 3,

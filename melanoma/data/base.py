@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from melanoma.conventions import BINARY_CLASSES, positive_index
+from melanoma.metadata import MetadataSchema, parse_fields
 
 from .cache import CACHE_FORMATS, build_cache, build_eval_cache, default_cache_size
 from .dataset import LesionImageDataset, _seed_worker_augmentations
@@ -117,6 +118,7 @@ class LesionDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         eval_batch_size: int | None = None,
         group_duplicates: bool = True,
+        metadata: Sequence[str] | None = None,
     ):
         super().__init__()
         if root is None or str(root) == "":
@@ -172,6 +174,9 @@ class LesionDataModule(L.LightningDataModule):
         #: file names that leave val/test for train (seen by an init_from lineage; see move_to_train)
         self.moved_to_train: tuple[str, ...] = ()
         self.duplicate_groups_joined = 0
+        #: patient metadata given with each image (dataset.metadata; melanoma.metadata), or None
+        fields = parse_fields(_plain(metadata))
+        self.metadata_schema: MetadataSchema | None = MetadataSchema(fields) if fields else None
 
     # --- what a subclass provides -------------------------------------------------------
     def build_table(self) -> pd.DataFrame:
@@ -328,10 +333,31 @@ class LesionDataModule(L.LightningDataModule):
         if self.cache_dir is not None:
             self._build_caches(table)
         self.table = table
+        if self.metadata_schema is not None:
+            self._check_metadata_columns(table)
         counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
         if self._world()[1] == 0:  # one summary per run, not one per DDP rank
             log.info("%s (%s): %d images\n%s", self.name, self.label_set, len(table),
                      counts.rename(columns=dict(enumerate(self.class_names))).to_string())
+
+    def _check_metadata_columns(self, table: pd.DataFrame) -> None:
+        """Every asked-for field is a column of this dataset; says how many values are missing."""
+        absent = [f for f in self.metadata_schema.fields if f not in table.columns]
+        if absent:
+            raise ValueError(
+                f"{self.name}: dataset.metadata asks for {list(self.metadata_schema.fields)} but this dataset has no "
+                f"{absent} column(s) (it has {[c for c in table.columns if c not in TABLE_COLUMNS]}). Leave "
+                f"dataset.metadata empty for it, or use a dataset that records them (HAM10000, ISIC 2017/2019/2020)."
+            )
+        vectors = self.metadata_schema.encode_table(table)  # an unreadable value fails here, not in a worker
+        missing = self.metadata_schema.missing_counts(vectors)
+        if self._world()[1] == 0:
+            log.info("%s: metadata %s; missing values (kept, encoded as missing): %s of %d images",
+                     self.name, list(self.metadata_schema.fields), missing, len(table))
+
+    def metadata_vectors(self, rows: pd.DataFrame) -> np.ndarray | None:
+        """(N, D) encoded metadata of these table rows, or None without dataset.metadata."""
+        return None if self.metadata_schema is None else self.metadata_schema.encode_table(rows)
 
     def _require_table(self) -> pd.DataFrame:
         if self.table is None:
@@ -447,11 +473,13 @@ class LesionDataModule(L.LightningDataModule):
             # Evaluation sees exactly what `melanoma predict` sees for the same file: a full decode
             # (no JPEG draft scaling) and the eval resize, or those very pixels from the cache.
             paths = [self._eval_cached.get(p, p) for p in rows["path"]]
-            return LesionImageDataset(paths, rows["label"].to_numpy(), transform, decode_size=None)
+            return LesionImageDataset(paths, rows["label"].to_numpy(), transform, decode_size=None,
+                                      metadata=self.metadata_vectors(rows))
         paths = [self._cached.get(p, p) for p in rows["path"]]
         # Cached files are already small; the originals may be decoded at reduced JPEG scale.
         return LesionImageDataset(paths, rows["label"].to_numpy(), transform,
-                                  decode_size=None if self._cached else self.image_size)
+                                  decode_size=None if self._cached else self.image_size,
+                                  metadata=self.metadata_vectors(rows))
 
     def _loader(self, split: str, train: bool, shard: bool = True) -> DataLoader:
         ds = self.dataset(split, train)
@@ -476,6 +504,9 @@ class LesionDataModule(L.LightningDataModule):
             worker_init_fn=_seed_worker_augmentations if self.num_workers > 0 else None,
             generator=generator,
             multiprocessing_context=worker_context(self.num_workers),
+            # the metadata branch's BatchNorm cannot train on a batch of one image: such a last
+            # batch (a different image each shuffled epoch) is left out
+            drop_last=bool(train and self.metadata_schema is not None and len(ds) % self.batch_size == 1),
         )
 
     def train_dataloader(self) -> DataLoader:

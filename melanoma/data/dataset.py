@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .io import load_rgb
@@ -21,16 +22,18 @@ __all__ = ["ImagePathDataset", "LesionImageDataset"]
 
 
 class LesionImageDataset(Dataset):
-    """(image tensor, label) pairs from image files; decoding errors name the file."""
+    """(image tensor, label) pairs from image files; decoding errors name the file. With
+    ``metadata`` (an (N, D) array, melanoma.metadata) each item is ((image, metadata), label)."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: ImageTransform,
-                 decode_size: int | None = None):
+                 decode_size: int | None = None, metadata: np.ndarray | None = None):
         # A numpy string array, not a list of str objects: forked workers touching Python
         # objects copy their pages (refcounts), numpy buffers stay shared.
         self.paths = np.asarray([str(p) for p in paths])
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.decode_size = decode_size
+        self.metadata = None if metadata is None else np.asarray(metadata, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -41,6 +44,8 @@ class LesionImageDataset(Dataset):
             img = np.load(path)
         else:
             img = load_rgb(path, target_size=self.decode_size)
+        if self.metadata is not None:
+            return (self.transform(img), torch.from_numpy(self.metadata[i])), int(self.labels[i])
         return self.transform(img), int(self.labels[i])
 
 
@@ -56,14 +61,17 @@ def _seed_worker_augmentations(worker_id: int) -> None:
 
 
 class ImagePathDataset(Dataset):
-    """Image files -> eval tensors, in order (``melanoma.predict``: full decode, EXIF applied)."""
+    """Image files -> eval tensors, in order (``melanoma.predict``: full decode, EXIF applied);
+    with ``metadata`` ((N, D) encoded, melanoma.metadata) each item is (image, metadata)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform: EvalTransform):
+    def __init__(self, paths: Sequence[str | os.PathLike], transform: EvalTransform, metadata: np.ndarray | None = None):
         self.paths = np.asarray([str(p) for p in paths])
         self.transform = transform
+        self.metadata = None if metadata is None else np.asarray(metadata, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return self.transform(load_rgb(self.paths[i]))
+        image = self.transform(load_rgb(self.paths[i]))
+        return image if self.metadata is None else (image, torch.from_numpy(self.metadata[i]))

@@ -79,7 +79,13 @@ class HAM10000DataModule(LesionDataModule):
             labels = (meta["dx"] == "mel").astype(int)
         else:
             labels = meta["dx"].map({d: i for i, d in enumerate(DX)})
-        return pd.DataFrame({"path": paths, "label": labels, "group": meta["lesion_id"].str.strip()})
+        table = pd.DataFrame({"path": paths, "label": labels, "group": meta["lesion_id"].str.strip()})
+        # patient metadata under the canonical names (melanoma.metadata); dx_type is never kept:
+        # it gives the label away
+        for own, field in (("age", "age"), ("sex", "sex"), ("localization", "site")):
+            if own in meta.columns:
+                table[field] = pd.to_numeric(meta[own], errors="coerce").to_numpy() if field == "age" else meta[own].to_numpy()
+        return table
 
 
 __all__ = ["DX", "HAM10000DataModule"]

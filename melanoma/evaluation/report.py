@@ -76,7 +76,25 @@ def _logits(predictor: Predictor, rows: pd.DataFrame, datamodule, split: str) ->
         )
     # the original files, not a training cache: exactly what `melanoma predict` would read
     return predictor.logits_of_paths(rows["path"].tolist(), num_workers=datamodule.num_workers,
-                                     desc=f"evaluate {split}").astype(np.float64)
+                                     desc=f"evaluate {split}",
+                                     metadata=_metadata(predictor, rows, datamodule, split)).astype(np.float64)
+
+
+def _metadata(predictor: Predictor, rows: pd.DataFrame, datamodule, split: str) -> np.ndarray | None:
+    """The rows' encoded patient metadata for a head that fuses it (the head's own schema): a
+    dataset without those columns (an external set such as PH2) is scored with every value
+    missing, and says so."""
+    schema = predictor.metadata_schema
+    if schema is None:
+        return None
+    present = [f for f in schema.fields if f in rows.columns]
+    if not present:
+        log.warning("%s has no patient metadata %s: its %s images are scored with every value missing",
+                    datamodule.name, list(schema.fields), split)
+    vectors = schema.encode_table(rows)
+    log.info("%s %s: metadata missing (scored as missing) %s of %d images", datamodule.name, split,
+             schema.missing_counts(vectors), len(rows))
+    return vectors
 
 
 def predictions_table(rows: pd.DataFrame, true_names, logits, head_classes, probs, class_names, pos, decisions) -> pd.DataFrame:

@@ -262,6 +262,12 @@ class HeadRecord:
         return list(self.spec["class_names"])
 
     @property
+    def metadata_schema(self) -> dict | None:
+        """The patient-metadata schema this head was trained with (fields, encodings, scaling,
+        encoded columns: melanoma.metadata), or None for a head on images alone."""
+        return dict(self.spec["metadata"]) if self.spec.get("type") == "fusion" else None
+
+    @property
     def positive_index(self) -> int | None:
         return positive_index(self.class_names)
 

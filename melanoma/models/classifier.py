@@ -39,16 +39,29 @@ class Classifier(nn.Module):
         return self.heads[name]
 
     def forward(
-        self, x: torch.Tensor, head: str, return_attention: bool = False, frozen_prefix: int = 0
+        self, x: torch.Tensor, head: str, return_attention: bool = False, frozen_prefix: int = 0,
+        metadata: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits of ``head``; ``frozen_prefix`` backbone stages run without autograd (training
-        with frozen layers, see ``VisionTransformer.frozen_prefix``)."""
+        with frozen layers, see ``VisionTransformer.frozen_prefix``). ``metadata``: the encoded
+        patient metadata for a fusion head (None: all missing); a plain head refuses it."""
         classifier = self._head(head)
+        if getattr(classifier, "takes_metadata", False):
+            def classify(f):
+                return classifier(f, metadata)
+        elif metadata is not None:
+            raise ValueError(f"head {head!r} was trained on images alone (no model.fusion): it takes no metadata")
+        else:
+            classify = classifier
         if return_attention:
             tokens, attentions = self.backbone.forward_features(x, return_attention=True)
-            return classifier(self.backbone.forward_head(tokens, pre_logits=True)), attentions
+            return classify(self.backbone.forward_head(tokens, pre_logits=True)), attentions
         tokens = self.backbone.forward_features(x, frozen_prefix=frozen_prefix)
-        return classifier(self.backbone.forward_head(tokens, pre_logits=True))
+        return classify(self.backbone.forward_head(tokens, pre_logits=True))
+
+    def metadata_schema(self, head: str) -> dict | None:
+        """The metadata schema record of ``head`` (melanoma.metadata), or None for an image-only head."""
+        return dict(self._head(head).metadata) if getattr(self._head(head), "takes_metadata", False) else None
 
     @classmethod
     def from_meta(cls, meta: CheckpointMeta) -> Classifier:

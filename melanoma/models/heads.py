@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DatasetHeads", "LinearHead", "MLPHead", "build_head"]
+__all__ = ["DatasetHeads", "FusionHead", "LinearHead", "MLPHead", "build_head"]
 
 
 
@@ -79,7 +79,100 @@ class MLPHead(nn.Module):
                 "hidden_features": self.hidden_features, "dropout": self.dropout}
 
 
-HEAD_TYPES = {"linear": LinearHead, "mlp": MLPHead}
+class MetadataBranch(nn.Module):
+    """The metadata MLP of ISIC 2020's winners: Linear-BatchNorm-SiLU-Dropout per layer."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int], dropout: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_features, int(width)), nn.BatchNorm1d(int(width)), nn.SiLU(), nn.Dropout(dropout)]
+            in_features = int(width)
+        self.layers = nn.Sequential(*layers)
+        self.out_features = in_features
+
+    def forward(self, m: torch.Tensor) -> torch.Tensor:
+        return self.layers(m)
+
+
+class MetaBlock(nn.Module):
+    """MetaBlock (Pacheco & Krohling 2021): the metadata scale and shift the image features,
+    ``sigmoid(tanh(features * f(m)) + g(m))``, f and g each Linear + BatchNorm."""
+
+    def __init__(self, in_features: int, metadata_features: int):
+        super().__init__()
+        self.scale = nn.Sequential(nn.Linear(metadata_features, in_features), nn.BatchNorm1d(in_features))
+        self.shift = nn.Sequential(nn.Linear(metadata_features, in_features), nn.BatchNorm1d(in_features))
+        self.out_features = in_features
+
+    def forward(self, features: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.tanh(features * self.scale(m)) + self.shift(m))
+
+
+#: ``model.fusion`` kinds a FusionHead builds (``none`` is a plain head)
+FUSION_KINDS = ("concat", "metablock")
+
+
+class FusionHead(nn.Module):
+    """Image features fused with patient metadata, then a plain head (``head``: a linear or mlp
+    spec, built with the fused width). ``metadata`` is the schema record
+    (``melanoma.metadata.MetadataSchema.to_dict``): the checkpoint alone says how to encode inputs.
+    ``concat``: a metadata branch (``metadata_hidden`` widths) concatenated with the features;
+    ``metablock``: MetaBlock gating of the features. Called without metadata, every field is
+    missing (the schema's missing vector): a joint-training member or an image scored alone."""
+
+    takes_metadata = True
+
+    def __init__(self, in_features: int, class_names: Sequence[str], fusion: str, metadata: Mapping,
+                 head: Mapping | None = None, metadata_hidden: Sequence[int] = (512, 128),
+                 metadata_dropout: float = 0.3):
+        super().__init__()
+        if fusion not in FUSION_KINDS:
+            raise ValueError(f"model.fusion must be one of none, {', '.join(FUSION_KINDS)}; got {fusion!r}")
+        self.class_names = _check_class_names(class_names)
+        self.in_features = int(in_features)
+        self.fusion = fusion
+        self.metadata = dict(metadata)
+        columns = list(self.metadata["columns"])
+        self.metadata_features = len(columns)
+        missing = [1.0 if c.endswith("_missing") else 0.0 for c in columns]
+        self.register_buffer("missing_vector", torch.tensor(missing), persistent=False)
+        self.metadata_hidden = [int(w) for w in metadata_hidden]
+        self.metadata_dropout = float(metadata_dropout)
+        if fusion == "concat":
+            self.branch = MetadataBranch(self.metadata_features, self.metadata_hidden, self.metadata_dropout)
+            fused = self.in_features + self.branch.out_features
+        else:
+            self.branch = MetaBlock(self.in_features, self.metadata_features)
+            fused = self.in_features
+        inner = dict(head or {"type": "linear"})
+        inner.update(in_features=fused, class_names=list(self.class_names))
+        self.head = build_head(inner)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def forward(self, features: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        if metadata is None:
+            metadata = self.missing_vector.expand(features.shape[0], -1)
+        if metadata.shape[-1] != self.metadata_features:
+            raise ValueError(f"metadata has {metadata.shape[-1]} entries per image; this head was trained with "
+                             f"{self.metadata_features} ({self.metadata['columns']})")
+        metadata = metadata.to(features.dtype)
+        if self.fusion == "concat":
+            return self.head(torch.cat([features, self.branch(metadata)], dim=-1))
+        return self.head(self.branch(features, metadata))
+
+    def spec(self) -> dict:
+        inner = self.head.spec()
+        inner.pop("in_features"), inner.pop("class_names")
+        return {"type": "fusion", "in_features": self.in_features, "class_names": list(self.class_names),
+                "fusion": self.fusion, "metadata": dict(self.metadata), "head": inner,
+                "metadata_hidden": list(self.metadata_hidden), "metadata_dropout": self.metadata_dropout}
+
+
+HEAD_TYPES = {"linear": LinearHead, "mlp": MLPHead, "fusion": FusionHead}
 
 
 def build_head(spec: Mapping) -> nn.Module:

@@ -44,8 +44,8 @@ class HeadModel(nn.Module):
         self.register_buffer("temperature", torch.tensor(cal.temperature), persistent=False)
         self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x, self.head)
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x, self.head, metadata=metadata)
         return logits, torch.softmax(logits / self.temperature + self.bias, dim=1)
 
 
@@ -77,19 +77,33 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     example = torch.randn(check_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    # a head that fuses patient metadata takes it as a second input, `metadata` (melanoma.metadata)
+    schema = record.metadata_schema
+    width = 0 if schema is None else len(schema["columns"])
+
+    def inputs(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+        if schema is None:
+            return (x,)
+        return (x, torch.rand(len(x), width, generator=torch.Generator().manual_seed(seed)).round())
+
+    def feeds(args: tuple[torch.Tensor, ...]) -> dict:
+        return dict(zip(["image", "metadata"], (a.numpy() for a in args)))
+
+    example_in = inputs(example, 0)
     with torch.no_grad(), warnings.catch_warnings():
         # the legacy exporter is chosen on purpose (dynamo=False); its deprecation notice and the
         # tracer's note on the patch-size check (a constant for a fixed-size model) are noise
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            wrapped, (example,), str(out),
+            wrapped, example_in, str(out),
             dynamo=False,  # the TorchScript-based exporter: no onnxscript needed, dynamic batch works
-            input_names=["image"], output_names=["logits", "probabilities"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+            input_names=["image", "metadata"][:len(example_in)], output_names=["logits", "probabilities"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"},
+                          **({"metadata": {0: "batch"}} if schema is not None else {})},
             opset_version=ONNX_OPSET,
         )
-        expected = [t.numpy() for t in wrapped(example)]
+        expected = [t.numpy() for t in wrapped(*example_in)]
 
     pos = record.positive_index
     threshold = None
@@ -122,6 +136,12 @@ def export_onnx(
                     "probabilities": "(batch, classes), softmax of the calibrated logits" if calibration is not None
                     else "(batch, classes), softmax of the raw logits (uncalibrated)"},
     }
+    if schema is not None:
+        sidecar["metadata"] = dict(schema)
+        sidecar["inputs"]["metadata"] = (f"float32 (batch, {width}): per image the entries {schema['columns']}; age / "
+                                         f"{schema['encodings'].get('age', {}).get('scale')}, one-hot sex and site "
+                                         f"(see metadata.encodings), 1 in <field>_missing (and 0 elsewhere in that "
+                                         f"field) for a value not recorded")
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
     for key, value in sidecar.items():
@@ -131,12 +151,12 @@ def export_onnx(
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     # a second batch size too: the batch axis must really be dynamic
-    other = torch.randn(check_batch + 1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    other = inputs(torch.randn(check_batch + 1, 3, size, size, generator=torch.Generator().manual_seed(1)), 1)
     with torch.no_grad():
-        other_expected = [t.numpy() for t in wrapped(other)]
+        other_expected = [t.numpy() for t in wrapped(*other)]
     diff = 0.0
-    for x, want in ((example, expected), (other, other_expected)):
-        got = session.run(["logits", "probabilities"], {"image": x.numpy()})
+    for x, want in ((example_in, expected), (other, other_expected)):
+        got = session.run(["logits", "probabilities"], feeds(x))
         if not all(np.isfinite(a).all() for a in (*got, *want)):
             out.unlink(missing_ok=True)
             raise ExportError(

@@ -29,6 +29,7 @@ from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.gradcam import GRADCAM, check_methods, compute_gradcam_maps, default_method
 from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
+from melanoma.metadata import MetadataSchema
 from melanoma.models.checkpoint import Preprocessing, softmax
 from melanoma.models.classifier import Classifier
 from melanoma.precision import autocast_context, inference_precision
@@ -133,6 +134,9 @@ class Predictor:
         record = self.meta.heads[self.head]
         self.class_names = record.class_names
         self.positive_index = record.positive_index
+        #: the head's patient-metadata schema (melanoma.metadata), or None: the image alone
+        schema = record.metadata_schema
+        self.metadata_schema = None if schema is None else MetadataSchema.from_dict(schema)
         self.tta = bool(tta)
         self.calibration, warning = record.calibration_for(self.tta)
         fitted_at = None if self.calibration is None else self.calibration.precision
@@ -142,6 +146,7 @@ class Predictor:
                 f"probabilities near the threshold may decide differently (use --precision {fitted_at})")]))
         self.calibration_warning = warning
         self.data_warning = record.data_warning(self.head)  # synthetic training data
+        self.announce = bool(announce)
         if warning and announce:
             log.warning("head %r of %s: %s", self.head, checkpoint, warning)
         self.show_calibrated = bool(calibrated) and self.calibration is not None
@@ -179,15 +184,35 @@ class Predictor:
         return None if self.calibration is None else self.calibration.target_sensitivity
 
     # --- tensors ----------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, return_attention: bool = False):
+    def _forward(self, x: torch.Tensor, return_attention: bool = False, metadata: torch.Tensor | None = None):
         with autocast_context(self.precision, self.device):
-            return self.model(x, self.head, return_attention=return_attention)
+            return self.model(x, self.head, return_attention=return_attention, metadata=metadata)
+
+    def metadata_tensor(self, metadata, n: int) -> torch.Tensor | None:
+        """Encoded metadata (N, D) for a batch of ``n`` images: ``metadata`` as given (an array or
+        tensor), or all values missing when None; None for a head on images alone (which refuses
+        metadata given to it)."""
+        if self.metadata_schema is None:
+            if metadata is not None:
+                raise ValueError(f"head {self.head!r} of {self.checkpoint} was trained on images alone: it takes no "
+                                 f"patient metadata (leave out --metadata)")
+            return None
+        if metadata is None:
+            metadata = self.metadata_schema.encode(None, n)
+        return torch.as_tensor(np.asarray(metadata, dtype=np.float32)).to(self.device)
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated logits (B, C) of a normalised batch, with TTA if enabled."""
+    def logits(self, x: torch.Tensor, metadata=None) -> torch.Tensor:
+        """Uncalibrated logits (B, C) of a normalised batch, with TTA if enabled (the metadata is
+        the same for every view). ``metadata``: (B, D) encoded (melanoma.metadata); None is all
+        missing for a fusion head."""
         x = x.to(self.device)
-        return tta_logits(self._forward, x) if self.tta else self._forward(x)
+        m = self.metadata_tensor(metadata, len(x))
+
+        def forward(v):
+            return self._forward(v, metadata=m)
+
+        return tta_logits(forward, x) if self.tta else forward(x)
 
     def calibrated_probabilities(self, logits) -> np.ndarray:
         logits = np.asarray(torch.as_tensor(logits).float().cpu(), dtype=np.float64)
@@ -205,15 +230,18 @@ class Predictor:
         return decide(p, self.calibration.threshold)
 
     def logits_of_paths(self, paths: Sequence[str | os.PathLike], num_workers: int = 0,
-                        desc: str = "predict") -> np.ndarray:
+                        desc: str = "predict", metadata: np.ndarray | None = None) -> np.ndarray:
         """Raw logits (N, C) of image files, in order, through the exact eval preprocessing
-        (loader workers for speed). An unreadable file raises ImageReadError naming it, non-finite
+        (loader workers for speed). ``metadata``: (N, D) encoded patient metadata for a fusion head
+        (None: all missing). An unreadable file raises ImageReadError naming it, non-finite
         outputs NonFiniteOutputError naming the images."""
-        loader = DataLoader(ImagePathDataset(paths, self.transform), batch_size=self.batch_size,
+        if metadata is not None or self.metadata_schema is not None:
+            metadata = self.metadata_tensor(metadata, len(paths)).cpu().numpy()
+        loader = DataLoader(ImagePathDataset(paths, self.transform, metadata), batch_size=self.batch_size,
                             num_workers=num_workers, shuffle=False,
                             multiprocessing_context=worker_context(num_workers))
-        out = [self.logits(x).float().cpu() for x in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                                          disable=not self.progress)]
+        batches = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.progress)
+        out = [(self.logits(*b) if isinstance(b, (list, tuple)) else self.logits(b)).float().cpu() for b in batches]
         logits = torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)), dtype=np.float32)
         check_finite(logits, paths)
         return logits
@@ -258,13 +286,17 @@ class Predictor:
         paths: Sequence[str | os.PathLike],
         attention_dir: str | os.PathLike | None = None,
         attention_methods: Iterable[str] | None = None,
+        metadata: Sequence[dict | None] | None = None,
     ) -> list[dict]:
         """One record per path, in order. Unreadable files get a record whose `error` says why
         (and a line in the log) while the rest are predicted; non-finite outputs stop it
         (NonFiniteOutputError naming the images). With `attention_dir`, writes
         `<stem>_<method>.png` (image | heat map | overlay) per method and `<stem>_heads.png`
-        (last-layer attention per head) for every image."""
+        (last-layer attention per head) for every image. ``metadata``: per path, its patient
+        record (field -> value; None or an absent field is missing) for a fusion head; each record
+        then says which fields were missing (``metadata_missing``)."""
         paths = [Path(p) for p in paths]
+        encoded, missing = self.encode_metadata(metadata, len(paths))
         backbone = self.model.backbone
         # the maps the backbone offers: attention maps for ViTs (rollout by default), Grad-CAM for CNNs
         methods = tuple(dict.fromkeys(attention_methods or (default_method(backbone),)))
@@ -291,21 +323,26 @@ class Predictor:
                     chunk_records[i] = self.error_record(chunk[i], reason)
             if good:
                 x = torch.stack([loaded[i][0] for i in good]).to(self.device)
+                m = None if encoded is None else encoded[[start + i for i in good]]
                 maps = None
+                m_t = self.metadata_tensor(m, len(good)) if attention_dir is not None else None
                 if attention_dir is not None and not reads_attention:
-                    maps = compute_gradcam_maps(self._forward, x, backbone.gradcam_layer())
+                    maps = compute_gradcam_maps(lambda v: self._forward(v, metadata=m_t), x, backbone.gradcam_layer())
                 elif attention_dir is not None:
                     maps = compute_attention_maps(
-                        self._forward, x, self.model.backbone.grid_size,
+                        lambda v, return_attention=False: self._forward(v, return_attention, metadata=m_t),
+                        x, self.model.backbone.grid_size,
                         num_prefix_tokens=self.model.backbone.num_prefix_tokens,
                         methods=tuple(dict.fromkeys(("last_layer", *methods))),
                     )
                 # with attention maps (and no TTA) the same forward pass gives the logits
-                logits = torch.from_numpy(maps.logits) if maps is not None and not self.tta else self.logits(x)
+                logits = torch.from_numpy(maps.logits) if maps is not None and not self.tta else self.logits(x, m)
                 check_finite(logits, [chunk[i] for i in good])
                 batch_records = self.records([chunk[i] for i in good], logits)
                 for j, i in enumerate(good):
                     rec = batch_records[j]
+                    if missing is not None:
+                        rec["metadata_missing"] = ";".join(missing[start + i])
                     if maps is not None:
                         stem = _safe_stem(chunk[i])
                         n = used_stems.get(stem, 0)
@@ -330,6 +367,23 @@ class Predictor:
                 r.setdefault("attention", None)
         bar.close()
         return records
+
+    def encode_metadata(self, metadata: Sequence[dict | None] | None, n: int):
+        """(encoded (N, D) or None, per image the missing fields or None) of per-image records.
+        A fusion head scored without any metadata says so once: every value is then missing."""
+        if self.metadata_schema is None:
+            if metadata is not None:
+                self.metadata_tensor(np.zeros((1, 1)), 1)  # raises: this head takes no metadata
+            return None, None
+        if metadata is None:
+            if self.announce:
+                log.warning("head %r takes patient metadata %s and none was given: every value is scored as "
+                            "missing (pass --metadata table.csv)", self.head, list(self.metadata_schema.fields))
+            metadata = [None] * n
+        if len(metadata) != n:
+            raise ValueError(f"{len(metadata)} metadata records for {n} images; expected one per image")
+        rows = [self.metadata_schema.encode_row(r or {}) for r in metadata]
+        return np.stack([v for v, _ in rows]) if rows else None, [miss for _, miss in rows]
 
     def _write_maps(self, files: list[Path], image: Image.Image, maps, j: int, methods, rec) -> None:
         # what the model saw (the whole field of view, squared), at least PANEL px so it can be read

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 FILE_FIELD = "file"
 OPTION_FIELDS = ("head", "tta", "overlay")
+#: patient-metadata form fields (melanoma.metadata.FIELDS): one value for every image, or one per image in order
+METADATA_FIELDS = ("age", "sex", "site")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
@@ -57,6 +59,7 @@ def create_app(checkpoint: str | os.PathLike, head: str | None = None, device: s
         result = await run_in_threadpool(
             service.predict, uploads, head=options.get("head") or None,
             tta=parse_bool("tta", options.get("tta", "")), overlay=options.get("overlay") or service.default_overlay,
+            metadata=options.get("metadata"),
         )
         return result
 
@@ -99,7 +102,7 @@ async def read_upload_form(request: Request, limits: ServeLimits) -> tuple[list[
         raise ServeError(400, f"malformed multipart body ({getattr(e, 'detail', e)}); send images as "
                               f"multipart/form-data fields named {FILE_FIELD!r}") from None
     try:
-        unknown = sorted(set(form.keys()) - {FILE_FIELD, *OPTION_FIELDS})
+        unknown = sorted(set(form.keys()) - {FILE_FIELD, *OPTION_FIELDS, *METADATA_FIELDS})
         if unknown:
             raise ServeError(400, f"unknown form field(s) {unknown}; expected {FILE_FIELD!r} (one per image) "
                                   f"and options {list(OPTION_FIELDS)}")
@@ -112,6 +115,9 @@ async def read_upload_form(request: Request, limits: ServeLimits) -> tuple[list[
             value = form.get(name)
             if isinstance(value, str):
                 options[name] = value
+        metadata = {f: [v for v in form.getlist(f) if isinstance(v, str)] for f in METADATA_FIELDS if f in form}
+        if metadata:
+            options["metadata"] = metadata
     finally:
         await form.close()
     return uploads, options

@@ -130,8 +130,34 @@ class ModelService:
             names = ", ".join(f["filename"] for f in unreadable + too_large)
             raise ServeError(status, f"cannot predict {names}: see the reason per file", unreadable + too_large)
 
+    def per_image_metadata(self, predictor: Predictor, metadata: dict[str, list[str]] | None,
+                           n: int) -> list[dict] | None:
+        """Form fields age/sex/site (one value for all images, or one per image) as per-image
+        records for a head that fuses metadata; None (no fields) scores every value as missing."""
+        if not metadata:
+            return None
+        if predictor.metadata_schema is None:
+            raise ServeError(400, f"head {predictor.head!r} was trained on images alone: it takes no patient metadata "
+                                  f"(leave out the fields {sorted(metadata)})")
+        records: list[dict] = [{} for _ in range(n)]
+        for field, values in metadata.items():
+            if field not in predictor.metadata_schema.fields:
+                raise ServeError(400, f"head {predictor.head!r} takes metadata {list(predictor.metadata_schema.fields)}, "
+                                      f"not {field!r}")
+            if len(values) not in (1, n):
+                raise ServeError(400, f"field {field!r} has {len(values)} values for {n} images: give one (for every "
+                                      f"image) or one per image, in the order of the files")
+            for i in range(n):
+                records[i][field] = values[0] if len(values) == 1 else values[i]
+        for i, r in enumerate(records):
+            try:
+                predictor.metadata_schema.encode_row(r)
+            except ValueError as e:
+                raise ServeError(400, f"image {i + 1}: {e}") from None
+        return records
+
     def predict(self, uploads: list[Upload], head: str | None = None, tta: bool = False,
-                overlay: str | None = None) -> dict:
+                overlay: str | None = None, metadata: dict[str, list[str]] | None = None) -> dict:
         overlay = overlay or self.default_overlay
         head = self.check_options(head, overlay)
         self.check_uploads(uploads)
@@ -146,7 +172,8 @@ class ModelService:
             with self._lock:
                 predictor = self._predictor(head, tta)
                 try:
-                    records = predictor.predict_paths(paths, attention_dir=maps_dir, attention_methods=methods)
+                    records = predictor.predict_paths(paths, attention_dir=maps_dir, attention_methods=methods,
+                                                      metadata=self.per_image_metadata(predictor, metadata, len(paths)))
                 except NonFiniteOutputError as e:
                     names = {str(p): up.filename for up, p in zip(uploads, paths)}
                     bad = [{"filename": names.get(p, p), "error": "the model's output is not finite (NaN/Inf): "
@@ -171,6 +198,7 @@ class ModelService:
             "calibration": calibration_summary(predictor.calibration),
             "calibration_warning": predictor.calibration_warning,
             "data_warning": predictor.data_warning,
+            **({"metadata": predictor.metadata_schema.to_dict()} if predictor.metadata_schema is not None else {}),
             "predictions": predictions,
         }
 

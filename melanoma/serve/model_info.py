@@ -29,6 +29,8 @@ def describe_model(meta: CheckpointMeta) -> dict:
             "calibration_tta": calibration_summary(rec.calibration_tta),
             "trained_on": None if rec.data is None else rec.data.dataset,
             "data_warning": rec.data_warning(name),
+            # the patient-metadata schema the head fuses (melanoma.metadata), or None: the image alone
+            "metadata": rec.metadata_schema,
         }
     return {
         "backbone": meta.backbone,

@@ -25,7 +25,7 @@ from melanoma.models.checkpoint import (META_KEY, CheckpointMeta, HeadRecord, Se
                                         non_finite_tensors, preprocessing_from)
 from melanoma.models.classifier import Classifier, state_dict_mismatch
 from melanoma.models.compile import DEFAULT_BACKEND, compile_backbone
-from melanoma.models.heads import DatasetHeads, build_head
+from melanoma.models.heads import FUSION_KINDS, DatasetHeads, build_head
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD, positive_index
 from melanoma.evaluation.metrics import melanoma_rates
 from melanoma.training import optim
@@ -48,6 +48,22 @@ def _head_spec(kind: str, in_features: int, class_names: Sequence[str], cfg: Map
     elif kind != "linear":
         raise ValueError(f"model.head.type must be linear or mlp, got {kind!r}")
     return spec
+
+
+def _fused_spec(spec: dict, fusion: str, metadata_schema: Mapping | None, cfg: Mapping | None) -> dict:
+    """``spec`` (a plain head) inside a metadata FusionHead when ``model.fusion`` asks for one."""
+    if fusion in (None, "none"):
+        return spec
+    if fusion not in FUSION_KINDS:
+        raise ValueError(f"model.fusion must be one of none, {', '.join(FUSION_KINDS)}; got {fusion!r}")
+    if not metadata_schema:
+        raise ValueError(f"model.fusion={fusion} needs patient metadata with the images: set "
+                         f"dataset.metadata='[age,sex,site]' (HAM10000, ISIC), or model.fusion=none")
+    inner = {k: v for k, v in spec.items() if k not in ("in_features", "class_names")}
+    cfg = dict(cfg or {})
+    return {"type": "fusion", "in_features": spec["in_features"], "class_names": spec["class_names"],
+            "fusion": fusion, "metadata": dict(metadata_schema), "head": inner,
+            "metadata_hidden": list(cfg.get("hidden", (512, 128))), "metadata_dropout": float(cfg.get("dropout", 0.3))}
 
 
 #: keys of ``model.mixup`` (timm.data.Mixup's arguments but num_classes and label_smoothing, which
@@ -105,6 +121,9 @@ class LesionClassifier(pl.LightningModule):
         mixup: Mapping | None = None,
         joint_heads: Mapping[str, Sequence[str]] | None = None,
         weights_license: str | None = None,
+        fusion: str = "none",
+        metadata_schema: Mapping | None = None,
+        metadata_branch: Mapping | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +138,13 @@ class LesionClassifier(pl.LightningModule):
         self.weights: dict | None = None
         head_cfg = dict(head or {"type": "linear"})
         spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
+        # patient metadata (melanoma.metadata): the fusion lives in the head, which trains from the start
+        self.fusion = str(fusion or "none")
+        if self.fusion != "none" and mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0
+                                                             or float(mixup.get("cutmix_alpha", 0)) > 0):
+            raise ValueError("model.mixup is not supported with model.fusion (a mixed image has no one patient's "
+                             "metadata); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
+        spec = _fused_spec(spec, self.fusion, metadata_schema, metadata_branch)
         heads = DatasetHeads()
         heads.add(dataset_name, build_head(spec))
         # joint training (melanoma.data.joint): one head per member, each batch trains its own
@@ -132,8 +158,9 @@ class LesionClassifier(pl.LightningModule):
                                  "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
             for name, classes in joint_heads.items():
                 if name != dataset_name:
-                    heads.add(name, build_head(_head_spec(head_cfg.get("type", "linear"), vit.embed_dim,
-                                                          classes, head_cfg)))
+                    heads.add(name, build_head(_fused_spec(_head_spec(head_cfg.get("type", "linear"), vit.embed_dim,
+                                                                      classes, head_cfg),
+                                                           self.fusion, metadata_schema, metadata_branch)))
             self.joint_names = list(joint_heads)
         if compile:
             # in place: state-dict keys stay plain, so checkpoints load with or without compile
@@ -242,8 +269,8 @@ class LesionClassifier(pl.LightningModule):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.active_head, frozen_prefix=self._frozen_prefix)
+    def forward(self, x: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, self.active_head, frozen_prefix=self._frozen_prefix, metadata=metadata)
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -283,8 +310,14 @@ class LesionClassifier(pl.LightningModule):
         x, y = batch
         return x, y, (self.joint_names[dataloader_idx] if self.joint_names else None)
 
-    def _logits(self, x: torch.Tensor, head: str | None) -> torch.Tensor:
-        return self(x) if head is None else self.model(x, head, frozen_prefix=self._frozen_prefix)
+    def _logits(self, x, head: str | None) -> torch.Tensor:
+        # a batch with metadata carries (images, metadata) (melanoma.data.base.LesionImageDataset);
+        # a fusion head given images alone (a joint member without metadata) encodes all missing
+        x, metadata = (x[0], x[1]) if isinstance(x, (list, tuple)) else (x, None)
+        if metadata is not None and not getattr(self.model.heads[head or self.active_head], "takes_metadata", False):
+            raise ValueError("the batches carry patient metadata (dataset.metadata) but model.fusion=none: set "
+                             "model.fusion=concat|metablock to use it, or leave dataset.metadata empty")
+        return self.model(x, head or self.active_head, frozen_prefix=self._frozen_prefix, metadata=metadata)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, head = self._split_batch(batch)

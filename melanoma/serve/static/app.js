@@ -69,6 +69,17 @@ function describeHead() {
     (op.target_sensitivity !== undefined && op.target_sensitivity !== null ? ` for ${pct(op.target_sensitivity)} target sensitivity` : "")
     : "no operating point stored (run melanoma evaluate)");
   $("model-line").textContent = parts.join(" · ");
+  // a head that fuses patient metadata: its fields as inputs (empty = not recorded, scored as missing)
+  const meta = head.metadata;
+  $("metadata-controls").hidden = !meta;
+  if (meta) {
+    for (const f of ["age", "sex", "site"]) $(f).parentElement.hidden = !meta.fields.includes(f);
+    const site = meta.encodings.site;
+    if (site && $("site").options.length === 0) {
+      $("site").append(el("option", { value: "" }, "not recorded"));
+      for (const v of site.values) $("site").append(el("option", { value: v }, v));
+    }
+  }
   const warnings = headWarnings(head);
   $("head-warning").textContent = warnings.length ? "Caution: " + warnings.join("; ") + "." : "";
   $("head-warning").hidden = !warnings.length;
@@ -186,6 +197,11 @@ async function predictOne(file, parts) {
   form.append("head", $("head").value);
   form.append("tta", $("tta").checked ? "true" : "false");
   form.append("overlay", $("overlay").value);
+  if (!$("metadata-controls").hidden) {
+    for (const f of ["age", "sex", "site"]) {
+      if (!$(f).parentElement.hidden && $(f).value !== "") form.append(f, $(f).value);
+    }
+  }
   let body = null, status = 0;
   try {
     const r = await fetch("/api/predict", { method: "POST", body: form });
