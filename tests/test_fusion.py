@@ -127,3 +127,49 @@ def test_joint_member_without_metadata_scores_through_the_missing_indicators():
         missing = module._logits([x, torch.from_numpy(SCHEMA.encode(None, 4))], "ph2")
         given = module._logits([x, m], "ph2")
     assert alone.shape == (4, 3) and torch.equal(alone, missing) and not torch.allclose(alone, given)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_metadata_fusion_end_with_identical_parameters(tmp_path):
+    """Metadata batches under DDP (2 CPU processes): both ranks train the fusion head and end equal,
+    the metadata branch's batch-norm statistics included (DDP broadcasts buffers)."""
+    from helpers import run_train_py, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
+    from layouts import HAM_LESIONS, write_ham10000_layout
+
+    root = write_ham10000_layout(tmp_path / "HAM10000", HAM_LESIONS, images_per_lesion=(1, 2), seed=5)
+    run_train_py(["dataset=ham10000", "model=vit_tiny", "logger=csv", *tiny_dataset_overrides(root, batch_size=4),
+                  *tiny_model_overrides(), *tiny_trainer_overrides(1), "trainer.devices=2", "test=false",
+                  "dataset.metadata=[age,sex,site]", "model.fusion=concat", f"hydra.run.dir={tmp_path / 'run'}",
+                  "+callbacks.rec._target_=melanoma.training.debug.RecordTraining",
+                  "+callbacks.rec.out_dir=${paths.output_dir}/rec"], cwd=tmp_path, timeout=300)
+    rec = tmp_path / "run" / "rec"
+    p0, p1 = (torch.load(rec / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
+    start = torch.load(rec / "params_start_rank0.pt", weights_only=True)
+    branch = [k for k in p0 if k.startswith("heads.ham10000.") and "fc" not in k.split(".")[-2:]]
+    assert branch, sorted(p0)[:20]
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), f"{k} differs between ranks"
+    assert any(not torch.equal(p0[k], start[k]) for k in branch)  # the metadata branch trained
+
+
+def test_joint_run_with_one_member_on_metadata_trains_both_heads(ham_root, ph2_flat_root, tmp_path):
+    """dataset=joint where HAM10000 brings metadata and PH2 has none: one fusion backbone, PH2's
+    head scores through the missing indicators; both heads train and the run reports per member."""
+    import json
+
+    from helpers import compose_cfg, tiny_model_overrides, tiny_trainer_overrides
+    from melanoma.models.checkpoint import read_meta
+    from melanoma.train import run
+
+    cfg = compose_cfg(["dataset=joint", "dataset.members=[ham10000,ph2]", "model=vit_tiny", "logger=csv",
+                       "dataset.image_size=32", "dataset.batch_size=8", "dataset.num_workers=0",
+                       "dataset.pin_memory=false", "dataset.persistent_workers=false",
+                       f"+dataset.member_overrides.ham10000.root={ham_root}",
+                       "+dataset.member_overrides.ham10000.metadata=[age,sex,site]",
+                       f"+dataset.member_overrides.ph2.root={ph2_flat_root}", "model.fusion=concat",
+                       *tiny_model_overrides(), *tiny_trainer_overrides(1)], tmp_path / "run")
+    run(cfg)
+    metrics = json.loads((tmp_path / "run" / "test" / "metrics.json").read_text())
+    assert {"test/ham10000/auroc", "test/ph2/auroc"} <= set(metrics)
+    meta = read_meta(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert meta.heads["ham10000"].metadata_schema["fields"] == ["age", "sex", "site"]

@@ -173,6 +173,9 @@ class LesionDataModule(L.LightningDataModule):
         self._unreadable: set[str] = set()
         #: file names that leave val/test for train (seen by an init_from lineage; see move_to_train)
         self.moved_to_train: tuple[str, ...] = ()
+        #: set by joint training when another member brings metadata: this member's batches go
+        #: through the model's metadata branch too (melanoma.data.joint)
+        self.feeds_metadata_branch = False
         self.duplicate_groups_joined = 0
         #: patient metadata given with each image (dataset.metadata; melanoma.metadata), or None
         fields = parse_fields(_plain(metadata))
@@ -505,8 +508,10 @@ class LesionDataModule(L.LightningDataModule):
             generator=generator,
             multiprocessing_context=worker_context(self.num_workers),
             # the metadata branch's BatchNorm cannot train on a batch of one image: such a last
-            # batch (a different image each shuffled epoch) is left out
-            drop_last=bool(train and self.metadata_schema is not None and len(ds) % self.batch_size == 1),
+            # batch (a different image each shuffled epoch) is left out; a joint member without
+            # metadata feeds the same branch (its missing indicators), so it does the same
+            drop_last=bool(train and (self.metadata_schema is not None or self.feeds_metadata_branch)
+                           and (len(sampler) if sampler is not None else len(ds)) % self.batch_size == 1),
         )
 
     def train_dataloader(self) -> DataLoader:

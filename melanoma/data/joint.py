@@ -202,6 +202,9 @@ class JointDataModule(L.LightningDataModule):
         for name, cfg in self.member_configs.items():
             extra = {k: forced[k] for k in ("mean", "std") if k in forced}
             self.members[name] = hydra.utils.instantiate(cfg, **extra, _convert_="all")
+        if any(getattr(m, "metadata_schema", None) is not None for m in self.members.values()):
+            for m in self.members.values():
+                m.feeds_metadata_branch = True
         first = self.members[names[0]]
         self.image_size = first.image_size
         self.augment = first.augment
