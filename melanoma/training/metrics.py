@@ -37,10 +37,9 @@ def _nan(like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float("nan"), device=like.device)
 
 
-class PositiveClassAUROC(BinaryAUROC):
-    """AUROC of one class against the rest, updated with (N, C) probabilities and class labels.
-
-    NaN when the labels hold only one side (torchmetrics would return 0 with a warning)."""
+class _OneVsRest:
+    """A binary torchmetrics metric of one class against the rest, updated with (N, C)
+    probabilities and class labels."""
 
     def __init__(self, positive: int, **kwargs):
         super().__init__(**kwargs)
@@ -48,6 +47,11 @@ class PositiveClassAUROC(BinaryAUROC):
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         super().update(probs[:, self.positive], (labels == self.positive).long())
+
+
+class PositiveClassAUROC(_OneVsRest, BinaryAUROC):
+    """AUROC of one class against the rest. NaN when the labels hold only one side (torchmetrics
+    would return 0 with a warning)."""
 
     def compute(self) -> torch.Tensor:
         target = dim_zero_cat(self.target)
@@ -56,16 +60,9 @@ class PositiveClassAUROC(BinaryAUROC):
         return super().compute()
 
 
-class PositiveClassAP(BinaryAveragePrecision):
+class PositiveClassAP(_OneVsRest, BinaryAveragePrecision):
     """Average precision of one class against the rest (the step-wise area of the report's
-    ``binary_average_precision``), updated with (N, C) probabilities; NaN without positives."""
-
-    def __init__(self, positive: int, **kwargs):
-        super().__init__(**kwargs)
-        self.positive = int(positive)
-
-    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        super().update(probs[:, self.positive], (labels == self.positive).long())
+    ``binary_average_precision``); NaN without positives."""
 
     def compute(self) -> torch.Tensor:
         target = dim_zero_cat(self.target)
