@@ -24,7 +24,7 @@ from melanoma.metadata import MetadataSchema, parse_fields
 
 from .cache import CACHE_FORMATS, build_cache, build_eval_cache, default_cache_size
 from .dataset import LesionImageDataset, _seed_worker_augmentations
-from .fingerprints import fingerprint_files, match, near_duplicate_pairs
+from .fingerprints import connected_labels, fingerprint_files, match, near_duplicate_pairs
 from .overlap import image_id, seen_id
 from .samplers import BalancedDistributedSampler, EvalDistributedSampler
 from .splits import carve_missing_splits
@@ -258,35 +258,24 @@ class LesionDataModule(L.LightningDataModule):
     def _join_duplicate_groups(self, table: pd.DataFrame) -> np.ndarray:
         """Group labels in which every near-duplicate pair by content shares its group (the
         groups of both images merge, whole), so a copy never sits in another split or fold."""
-        groups = table["group"].to_numpy().astype(object)
         paths = table["path"].tolist()
         fingerprints = self.fingerprints(paths)
         readable = np.flatnonzero([p not in self._unreadable for p in paths])
         pairs = near_duplicate_pairs(fingerprints[readable])
-        pairs[:, :2] = readable[pairs[:, :2]]
-        parent: dict = {}
-
-        def find(g):
-            while parent.get(g, g) != g:
-                g = parent[g]
-            return g
-
-        joined = 0
-        for i, j, _ in pairs:
-            a, b = find(groups[i]), find(groups[j])
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-                joined += 1
-        self.duplicate_groups_joined = joined
-        if joined:
+        names, code = np.unique(table["group"].to_numpy().astype(str), return_inverse=True)
+        # groups are the nodes; a pair of images links their groups; names sort, so each merged
+        # group takes the smallest of its names
+        labels = connected_labels(len(names), code[readable[pairs[:, :2]]])
+        self.duplicate_groups_joined = int(len(names) - len(np.unique(labels)))
+        if self.duplicate_groups_joined:
             log.info("%s: %d near-duplicate image pair(s) by content joined %d groups (they share a split)",
-                     self.name, len(pairs), joined)
-        return np.array([find(g) for g in groups], dtype=object)
+                     self.name, len(pairs), self.duplicate_groups_joined)
+        return names[labels[code]].astype(object)
 
-    def seen_images(self, split: str) -> tuple[list[str], np.ndarray]:
-        """(ids, (N, B) fingerprints) of one split: what a checkpoint records the model saw.
-        Ids are ``ISIC_xxxxxxx`` where the file has one, else the file stem."""
-        paths = self.split_table(split)["path"].tolist()
+    def seen_images(self, split: str | None = None, paths: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """(ids, (N, B) fingerprints) of one split, or of these image files: what a checkpoint
+        records the model saw. Ids are ``ISIC_xxxxxxx`` where the file has one, else the file stem."""
+        paths = self.split_table(split)["path"].tolist() if paths is None else list(paths)
         return [seen_id(p) for p in paths], self.fingerprints(paths)[:, 0]
 
     def move_to_train(self, names) -> None:

@@ -34,7 +34,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["HASH_SIZE", "HASH_BYTES", "MATCH_DISTANCE", "Matches", "cache_dir", "fingerprint_files",
-           "fingerprint_image", "match", "near_duplicate_clusters"]
+           "fingerprint_image", "match", "near_duplicate_clusters", "near_duplicate_pairs", "connected_labels"]
 
 #: DCT hash side: HASH_SIZE**2 bits per image (imagehash.phash's hash_size)
 HASH_SIZE = 12
@@ -219,10 +219,10 @@ def near_duplicate_pairs(fingerprints: np.ndarray, max_distance: int = MATCH_DIS
     return np.array(sorted((i, j, dist) for (i, j), dist in best.items()), dtype=np.int64)
 
 
-def near_duplicate_clusters(fingerprints: np.ndarray, max_distance: int = MATCH_DISTANCE) -> np.ndarray:
-    """(N,) cluster label per image: images linked by a chain of matches share a label (the
-    smallest index of the cluster), every other image is its own cluster."""
-    parent = np.arange(len(fingerprints))
+def connected_labels(n: int, edges) -> np.ndarray:
+    """(n,) label per node of an undirected graph: nodes linked by a chain of edges share the
+    smallest index among them."""
+    parent = np.arange(n)
 
     def find(i):
         while parent[i] != i:
@@ -230,8 +230,14 @@ def near_duplicate_clusters(fingerprints: np.ndarray, max_distance: int = MATCH_
             i = parent[i]
         return i
 
-    for i, j, _ in near_duplicate_pairs(fingerprints, max_distance):
-        a, b = find(i), find(j)
+    for i, j in edges:
+        a, b = find(int(i)), find(int(j))
         if a != b:
             parent[max(a, b)] = min(a, b)
-    return np.array([find(i) for i in range(len(parent))], dtype=np.int64)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def near_duplicate_clusters(fingerprints: np.ndarray, max_distance: int = MATCH_DISTANCE) -> np.ndarray:
+    """(N,) cluster label per image: images linked by a chain of matches share a label (the
+    smallest index of the cluster), every other image is its own cluster."""
+    return connected_labels(len(fingerprints), near_duplicate_pairs(fingerprints, max_distance)[:, :2])
