@@ -37,9 +37,9 @@ from melanoma.evaluation.bootstrap import bootstrap
 from melanoma.evaluation.figures import operating_points_figure, reliability_figure
 from melanoma.evaluation.metrics import binary_auroc, sensitivity_specificity
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.data.overlap import seen_id
-from melanoma.evaluation.report import (_logits, _seen_overlap, _write, calibration_comparison, fit_val_calibration,
+from melanoma.evaluation.report import (_logits, _write, calibration_comparison, fit_val_calibration,
                                         predictions_table)
+from melanoma.evaluation.seen import exclude_seen
 from melanoma.models.checkpoint import Calibration, SeenImages, update_meta
 from melanoma.predict import Predictor, decide
 
@@ -88,11 +88,6 @@ def _fingerprint(rows: pd.DataFrame) -> str:
     return hashlib.sha1(repr(items).encode()).hexdigest()
 
 
-def _ids_and_hashes(rows: pd.DataFrame, datamodule) -> tuple[list[str], np.ndarray]:
-    paths = rows["path"].tolist()
-    return [seen_id(p) for p in paths], datamodule.fingerprints(paths)[:, 0]
-
-
 def _operating_point(p_mel, is_mel, threshold, groups) -> dict:
     sens, spec = sensitivity_specificity(np.asarray(p_mel) >= threshold, is_mel)
     probs = np.stack([1 - np.asarray(p_mel), np.asarray(p_mel)], 1)
@@ -139,7 +134,7 @@ def recalibrate_checkpoint(
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    overlap = _seen_overlap(predictor.meta, rows, datamodule, keep_overlap, out_dir)
+    overlap = exclude_seen(predictor.meta, rows, datamodule, keep_overlap, out_dir)
     if not keep_overlap:
         rows = rows[~overlap.mask].reset_index(drop=True)
     data_labels = rows["label"].to_numpy()
@@ -186,7 +181,7 @@ def recalibrate_checkpoint(
     out_ckpt.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt_path, out_ckpt)
 
-    sample_ids, sample_hashes = _ids_and_hashes(sample_rows, datamodule)
+    sample_ids, sample_hashes = datamodule.seen_images(paths=sample_rows["path"].tolist())
 
     def change(meta):
         meta.set_calibration(head, calibration)

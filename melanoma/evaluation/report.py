@@ -33,6 +33,7 @@ from melanoma.evaluation.figures import report_figures, save_figure
 from melanoma.evaluation.metrics import (AUROC, AUROC_MACRO, ECE_MELANOMA, classification_metrics,
                                          expected_calibration_error, melanoma_calibration_error)
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
+from melanoma.evaluation.seen import exclude_seen
 from melanoma.predict import Predictor, decide
 from melanoma.models.checkpoint import METHOD_NONE, Calibration, TrainingData, softmax, update_meta
 from melanoma.conventions import BINARY_CLASSES, positive_index
@@ -316,7 +317,7 @@ def evaluate_external(
         datamodule.prepare_data()
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)
-    overlap = _seen_overlap(predictor.meta, rows, datamodule, keep_overlap, out_dir)
+    overlap = exclude_seen(predictor.meta, rows, datamodule, keep_overlap, out_dir)
     if not keep_overlap:
         rows = rows[~overlap.mask].reset_index(drop=True)
     data_names = list(datamodule.class_names)
@@ -364,22 +365,6 @@ def evaluate_external(
         table["predicted_label"] = [names[int(c)] for c in head_called]
     figures = report_figures(probs, labels, names, pos, threshold, groups=rows["group"].to_numpy())
     return _write(out_dir, report, table, figures, wandb_run)
-
-
-def _seen_overlap(meta, rows: pd.DataFrame, datamodule, keep: bool, out_dir: Path):
-    """The rows the checkpoint has seen (by id and content), said on the console and written to
-    excluded.csv, before anything is scored or fitted."""
-    from melanoma.evaluation.seen import overlap_message, seen_overlap, write_excluded
-
-    paths = rows["path"].tolist()
-    fingerprints = datamodule.fingerprints(paths) if meta.seen is not None else None
-    overlap = seen_overlap(meta, paths, fingerprints, keep=keep)
-    write_excluded(out_dir, overlap)
-    (log.warning if overlap.mask.any() or not overlap.summary["checked"] else log.info)(
-        "%s: %s", datamodule.name, overlap_message(overlap.summary))
-    if keep and overlap.mask.any():
-        log.warning("--keep-overlap: %s", overlap.summary["warning"])
-    return overlap
 
 
 def _log_wandb(run, report: dict, figure_paths: dict) -> None:

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from melanoma.data.fingerprints import MATCH_DISTANCE, match
+from melanoma.data.fingerprints import MATCH_DISTANCE, distances, match
 from melanoma.data.overlap import image_id
 from melanoma.models.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXCLUDED_FILE", "EXCLUDED_COLUMNS", "SeenOverlap", "overlap_message", "seen_overlap", "write_excluded"]
+__all__ = ["EXCLUDED_FILE", "EXCLUDED_COLUMNS", "SeenOverlap", "exclude_seen", "overlap_message", "seen_overlap",
+           "write_excluded"]
 
 EXCLUDED_FILE = "excluded.csv"
 EXCLUDED_COLUMNS = ["path", "matched_image", "matched_dataset", "matched_split", "matched_model", "match", "distance"]
@@ -82,7 +83,7 @@ def seen_overlap(meta: CheckpointMeta, paths: list[str], fingerprints: np.ndarra
             continue
         mask[q] = True
         r = records[rec_of[k]]
-        dist = int(np.unpackbits(fingerprints[q, :, :] ^ hashes[k], axis=-1).sum(-1).min())
+        dist = int(next(distances(fingerprints[q:q + 1], hashes[k:k + 1]))[1][0, 0])
         rows.append({"path": path, "matched_image": ids[k], "matched_dataset": r.dataset, "matched_split": r.split,
                      "matched_model": r.model, "match": kind, "distance": dist})
     excluded = pd.DataFrame(rows, columns=EXCLUDED_COLUMNS)
@@ -101,3 +102,18 @@ def seen_overlap(meta: CheckpointMeta, paths: list[str], fingerprints: np.ndarra
 
 def write_excluded(out_dir: Path, overlap: SeenOverlap) -> None:
     overlap.excluded.to_csv(Path(out_dir) / EXCLUDED_FILE, index=False)
+
+
+def exclude_seen(meta: CheckpointMeta, rows: pd.DataFrame, datamodule, keep: bool, out_dir: Path) -> SeenOverlap:
+    """The rows of a test set the checkpoint has seen (by id and content), said on the console
+    and written to out_dir/excluded.csv, before anything is scored or fitted. The caller drops
+    ``mask`` unless ``keep``."""
+    paths = rows["path"].tolist()
+    fingerprints = datamodule.fingerprints(paths) if meta.seen is not None else None
+    overlap = seen_overlap(meta, paths, fingerprints, keep=keep)
+    write_excluded(out_dir, overlap)
+    (log.warning if overlap.mask.any() or not overlap.summary["checked"] else log.info)(
+        "%s: %s", datamodule.name, overlap_message(overlap.summary))
+    if keep and overlap.mask.any():
+        log.warning("--keep-overlap: %s", overlap.summary["warning"])
+    return overlap
