@@ -36,11 +36,6 @@ def seen_id(path: str | os.PathLike) -> str:
     return image_id(path) or os.path.splitext(os.path.basename(os.fspath(path)))[0]
 
 
-def _ids(table: pd.DataFrame) -> pd.DataFrame:
-    ids = table["path"].map(image_id)
-    return pd.DataFrame({"image_id": ids, "split": table["split"]})[ids.notna()]
-
-
 def cross_dataset_overlap(tables: Mapping[str, pd.DataFrame],
                           fingerprints: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Images in one dataset's val or test split that are in another dataset's train split.
