@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float | None:
             remove_unused_run_dir(hydra_run_dir(cfg), Path(cfg.paths.log_dir))
         refuse(e)
 
-    from melanoma.train import USER_ERRORS, run
+    from melanoma.workflows.training_run import USER_ERRORS, run
 
     try:
         return run(cfg)

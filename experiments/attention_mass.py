@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from melanoma.data.synthetic import render_lesion
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
-from melanoma.evaluation.checkpoint_io import build_classifier
+from melanoma.models.checkpoint_io import build_classifier
 from melanoma.explain.attention import METHODS, compute_attention_maps, mass_inside
 
 

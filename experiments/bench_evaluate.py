@@ -33,8 +33,8 @@ import tempfile
 from bench_predict import cpu_name
 from melanoma.data.ham10000 import HAM10000DataModule
 from melanoma.evaluation.bootstrap import N_RESAMPLES, bootstrap
-from melanoma.evaluation.calibration import softmax
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint import softmax
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.metrics import classification_metrics
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.predict import Predictor

@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 from melanoma.data.fingerprints import fingerprint_files, fingerprint_image  # noqa: E402
 from melanoma.data.ham10000 import HAM10000DataModule  # noqa: E402
 from melanoma.data.ph2 import PH2DataModule  # noqa: E402
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint  # noqa: E402
-from melanoma.evaluation.report import evaluate_external  # noqa: E402
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint  # noqa: E402
+from melanoma.workflows.evaluate import evaluate_external  # noqa: E402
 from melanoma.models.checkpoint import SeenImages, update_meta  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Joint training's throughput against a single-dataset run with the same total steps, CPU.
 
-Both runs go through `melanoma.train.run` on composed configs: the same small ViT, image size,
+Both runs go through `melanoma.workflows.training_run.run` on composed configs: the same small ViT, image size,
 batch size, loader workers and optimizer; the single run trains on the shared HAM10000, the joint
 run on HAM10000 + PH2 (`dataset=joint`, uniform mix: about every other step switches member and
 head). PH2's images (384x288) cost more to decode than HAM10000's (200x150), so the peer of the
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 from bench_predict import cpu_name  # noqa: E402
 
-from melanoma.train import run  # noqa: E402
+from melanoma.workflows.training_run import run  # noqa: E402
 
 TARGET = 0.95
 #: what each timed run recorded: (images, wall seconds, CPU seconds)

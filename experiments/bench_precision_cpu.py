@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from melanoma.evaluation.checkpoint_io import build_classifier
+from melanoma.models.checkpoint_io import build_classifier
 from melanoma.precision import BF16_CPU_FLAGS, BF16_CPU_MIN_EMBED_DIM, autocast_context, cpu_flags
 
 

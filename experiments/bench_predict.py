@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from melanoma.data.synthetic import render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.predict import Predictor
 
 VARIANTS = {

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from melanoma.data.synthetic import render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.predict import Predictor
 
 OVERLAYS = {"no overlay": "none", "rollout overlay": "rollout"}

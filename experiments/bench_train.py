@@ -1,7 +1,7 @@
 """Training throughput users feel: a real train.py run against a bare PyTorch loop, in one run.
 
 Both sides get the same data and compute, built from one composed config:
-  train.py   melanoma.train.run(cfg): the HAM10000 DataModule on 600x450 JPEGs (DataLoader
+  train.py   melanoma.workflows.training_run.run(cfg): the HAM10000 DataModule on 600x450 JPEGs (DataLoader
              workers, augmentation), LesionClassifier (metrics, NaN/Inf guard, grad norm, LR
              logging), the Trainer with its callbacks (checkpointing, progress bar) and CSV logger
   bare loop  the same DataModule's train_dataloader(), the same LesionClassifier forward and
@@ -50,7 +50,7 @@ from omegaconf import OmegaConf
 
 from melanoma.data.ham10000 import DX
 from melanoma.precision import autocast_context, resolve_precision
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training.debug import HostSyncCounter
 from melanoma.training.module import LesionClassifier
 

@@ -34,7 +34,7 @@ from melanoma.config import compose_config
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
 from melanoma.evaluation.bootstrap import bootstrap, format_ci
 from melanoma.evaluation.calibration import fit_calibration, prior_offsets
-from melanoma.evaluation.checkpoint_io import build_classifier
+from melanoma.models.checkpoint_io import build_classifier
 from melanoma.evaluation.metrics import ECE_MELANOMA, classification_metrics
 from melanoma.models.checkpoint import METHOD_NONE, Calibration
 

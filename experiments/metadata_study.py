@@ -61,7 +61,7 @@ def train_arm(arm: str, train, test, args, schema) -> np.ndarray:
                               loss={"label_smoothing": 0.1, "class_weights": False})
     x, m, y, _ = train
     weight = torch.tensor([1.0, float((y == 0).sum() / (y == 1).sum())])  # class-weighted: 11% melanoma
-    module.class_weight = weight
+    module.class_weights = {module.active_head: weight}
     opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.05)
     steps = args.epochs * (len(y) // args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)

@@ -4,7 +4,7 @@
 2. Fine-tune it on PH2 (melanoma vs rest), k-fold CV with fixed seeds, once per recipe
    (linear_probe, full_finetune, gradual, llrd, lp_ft) through ``model.init_from``, plus a
    from-scratch baseline; then the best recipe again with ``ema=on`` and with mixup/cutmix.
-3. Pool each setting's out-of-fold predictions with ``melanoma.evaluation.summary.summarize``:
+3. Pool each setting's out-of-fold predictions with ``melanoma.workflows.summarize.summarize``:
    AUROC with its 95% bootstrap interval, specificity at the threshold reaching 95% sensitivity
    (chosen on the pooled predictions themselves: optimistic), wall time; a table and a figure.
 
@@ -114,7 +114,7 @@ def scratch_args() -> list[str]:
 
 
 def finetune(name: str, args: list[str], plan: Plan, out: Path) -> dict:
-    from melanoma.evaluation.summary import summarize
+    from melanoma.workflows.summarize import summarize
 
     sweep = out / name
     folds = ",".join(str(k) for k in range(plan.folds))

@@ -29,20 +29,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STDOUT_DIGITS = 4
 
 
-def build_datamodule(overrides: list[str], **forced):
-    """Instantiate cfg.dataset; `forced` keyword arguments win over the config (the image size
-    and normalisation a checkpoint was trained with)."""
-    import hydra
-
-    from melanoma.config import compose_config
-
-    cfg = compose_config(overrides)
-    return hydra.utils.instantiate(cfg.dataset, **forced)
-
-
 # --- predict ------------------------------------------------------------------------------------
 
 def _write_records(records: list[dict], out: Path | None, header: dict) -> None:
+    from melanoma.predict.predictor import MAPS_FIELD
+
+    # the map files by method repeat the `attention` column, for programs: not written out
+    records = [{k: v for k, v in r.items() if k != MAPS_FIELD} for r in records]
     columns = list(dict.fromkeys(k for r in records for k in r))
     if out is not None and out.suffix.lower() == ".json":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,18 +124,20 @@ def cmd_predict(args) -> int:
 # --- evaluate -----------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
-    from melanoma.evaluation.datasets import external_datamodule, training_datamodule
-    from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external, format_metrics
-    from melanoma.evaluation.seen import overlap_message
-    from melanoma.models.checkpoint import read_meta
+    from melanoma.workflows.datasets import external_datamodule, training_datamodule
+    from melanoma.models.checkpoint import Checkpoint
+    from melanoma.workflows.evaluate import evaluate_checkpoint, evaluate_external
+    from melanoma.workflows.report import format_metrics
+    from melanoma.workflows.seen import overlap_message
 
-    meta = read_meta(args.checkpoint)
+    checkpoint = Checkpoint.read(args.checkpoint)  # the one read of the file; passed down from here
+    meta = checkpoint.meta
     head = meta.choose_head(args.head)
     stem = Path(args.checkpoint)
     if args.external:
         dm = external_datamodule(meta, args.overrides)
         out = args.out or stem.with_name(f"{stem.stem}_external_{dm.name}")
-        metrics = evaluate_external(args.checkpoint, dm, out, head=head, tta=args.tta, device=args.device,
+        metrics = evaluate_external(checkpoint, dm, out, head=head, tta=args.tta, device=args.device,
                                     progress=not args.quiet, precision=args.precision, keep_overlap=args.keep_overlap)
         mapped = " (labels mapped to melanoma vs rest)" if metrics["labels_mapped_to_melanoma_vs_rest"] else ""
         print(f"overlap: {overlap_message(metrics['overlap'])}")
@@ -153,7 +148,7 @@ def cmd_evaluate(args) -> int:
     dm = training_datamodule(meta.heads[head].data, head, args.overrides, meta.preprocessing)
     out = args.out or stem.with_name(f"{stem.stem}_report_{dm.name}")
     metrics = evaluate_checkpoint(
-        args.checkpoint, dm, out, calibrate=not args.no_calibration,
+        checkpoint, dm, out, calibrate=not args.no_calibration,
         target_sensitivity=args.target_sensitivity, tta=args.tta, device=args.device, head=head,
         progress=not args.quiet, precision=args.precision,
     )
@@ -168,7 +163,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_summarize(args) -> int:
     from melanoma.evaluation.bootstrap import format_ci
-    from melanoma.evaluation.summary import SUMMARY_JSON, SUMMARY_MD, summarize
+    from melanoma.workflows.summarize import SUMMARY_JSON, SUMMARY_MD, summarize
 
     out = args.out or args.run_dir
     s = summarize(args.run_dir, out, target_sensitivity=args.target_sensitivity)
@@ -186,16 +181,16 @@ def cmd_summarize(args) -> int:
 
 def cmd_recalibrate(args) -> int:
     from melanoma.evaluation.bootstrap import format_ci
-    from melanoma.evaluation.datasets import external_datamodule
-    from melanoma.evaluation.recalibrate import recalibrate_checkpoint
-    from melanoma.evaluation.seen import overlap_message
-    from melanoma.models.checkpoint import read_meta
+    from melanoma.workflows.datasets import external_datamodule
+    from melanoma.workflows.recalibrate import recalibrate_checkpoint
+    from melanoma.workflows.seen import overlap_message
+    from melanoma.models.checkpoint import Checkpoint
 
-    meta = read_meta(args.checkpoint)
-    head = meta.choose_head(args.head)
-    dm = external_datamodule(meta, args.overrides)
+    checkpoint = Checkpoint.read(args.checkpoint)
+    head = checkpoint.meta.choose_head(args.head)
+    dm = external_datamodule(checkpoint.meta, args.overrides)
     report_dir = args.report or args.out.with_name(f"{args.out.stem}_recalibration_{dm.name}")
-    r = recalibrate_checkpoint(args.checkpoint, dm, args.out, report_dir, fraction=args.fraction, seed=args.seed,
+    r = recalibrate_checkpoint(checkpoint, dm, args.out, report_dir, fraction=args.fraction, seed=args.seed,
                                target_sensitivity=args.target_sensitivity, head=head, device=args.device,
                                progress=not args.quiet, precision=args.precision, keep_overlap=args.keep_overlap)
     print(f"overlap: {overlap_message(r['overlap'])}")
@@ -227,12 +222,13 @@ def _dataset_groups(overrides: list[str]) -> list[list[str]]:
 
 
 def cmd_duplicates(args) -> int:
+    from melanoma.workflows.datasets import datamodule_from_overrides
     from melanoma.data.duplicates import (DUPLICATES_FILE, MONTAGE_FILE, duplicate_counts, duplicate_montage,
                                           duplicate_pairs)
 
     tables, fingerprints = {}, {}
     for group in _dataset_groups(args.overrides):
-        dm = build_datamodule(group)
+        dm = datamodule_from_overrides(group)
         for name, member in (getattr(dm, "members", None) or {dm.name: dm}).items():
             if name in tables:
                 raise ValueError(f"dataset {name} is named twice; give each dataset once")
@@ -251,10 +247,11 @@ def cmd_duplicates(args) -> int:
 
 def cmd_check_data(args) -> int:
     from melanoma.data.check import check_images, dataset_image_paths
+    from melanoma.workflows.datasets import datamodule_from_overrides
 
     if args.duplicates:
         return cmd_duplicates(args)
-    dm = build_datamodule(args.overrides)
+    dm = datamodule_from_overrides(args.overrides)
     # a joint config: every member's images, then the images one member holds out (val/test) that
     # another trains on (a leak that training drops from train by default)
     members = getattr(dm, "members", None) or {dm.name: dm}

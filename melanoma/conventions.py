@@ -28,10 +28,10 @@ def positive_index(class_names: Sequence[str]) -> int | None:
             return i
     return None
 
-#: a training run folder (melanoma/train.py writes it; `melanoma summarize` reads it)
+#: a training run folder (melanoma/workflows/training_run.py writes it; `melanoma summarize` reads it)
 RUN_SPLITS_FILE = "splits.csv"
 RUN_TEST_METRICS_FILE = "test/metrics.json"  # the Lightning test loop's scalar metrics
-RUN_REPORT_DIR = "report"  # the calibrated test report (melanoma.evaluation.report)
+RUN_REPORT_DIR = "report"  # the calibrated test report (melanoma.workflows.evaluate)
 
 #: PIL resampling filters by the name a checkpoint and an ONNX sidecar record
 PIL_RESAMPLING_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")

@@ -1,6 +1,6 @@
 """Numeric precision: resolving ``precision=auto`` and running a forward pass under it.
 
-Training (``trainer.precision``, resolved by melanoma/train.py before the Trainer is built:
+Training (``trainer.precision``, resolved by melanoma/workflows/training_run.py before the Trainer is built:
 Lightning does not know "auto"):
 
 - bf16-mixed on CUDA GPUs that support bf16;

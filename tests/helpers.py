@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 from PIL import Image
 
 from melanoma.data.synthetic import render_lesion
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"

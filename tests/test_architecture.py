@@ -4,11 +4,14 @@ lower floors (or its own package), so no two packages can import each other:
     0  conventions, config, precision     labels, positive class, normalisation; composing conf/
        metadata                           patient metadata fields and their encoding
     1  models, data, explain               the ground rooms: each imports only floor 0
-    2  predict                             Predictor, TTA, export: everything that runs a checkpoint
-    3  evaluation                          metrics, calibration, reports (uses predict)
-    4  training                            LightningModule, callbacks (runs the report after fit)
-    5  serve                               the web demo
-    6  cli, train                          entry points
+    2  predict, evaluation                 running a checkpoint (Predictor, TTA, export); statistics
+                                           over arrays (metrics, bootstrap, calibration, figures)
+    3  training                            Lightning parts only: LightningModule, callbacks, optimisers
+    4  workflows                           one module per verb (training run, evaluate, recalibrate,
+                                           summarize), the one report pipeline, dataset rebuilding
+    5  serve                               the web page and its API
+    6  cli                                 the `melanoma` command (train.py, outside the package,
+                                           calls workflows.training_run)
 """
 
 import ast
@@ -18,11 +21,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "melanoma"
 FLOORS = {
     "conventions": 0, "config": 0, "precision": 0, "metadata": 0,
     "models": 1, "data": 1, "explain": 1,
-    "predict": 2,
-    "evaluation": 3,
-    "training": 4,
+    "predict": 2, "evaluation": 2,
+    "training": 3,
+    "workflows": 4,
     "serve": 5,
-    "cli": 6, "train": 6,
+    "cli": 6,
 }
 
 
@@ -65,6 +68,26 @@ def test_imports_run_one_way():
 def test_the_rule_catches_a_backward_import(tmp_path):
     """The checker itself can fail: an upward import in a ground room is reported."""
     bad = tmp_path / "bad.py"
-    bad.write_text("from melanoma.evaluation.report import evaluate_checkpoint\nimport melanoma.models.vit\n")
-    assert _imports(bad) == [("evaluation", 1), ("models", 2)]
-    assert FLOORS["evaluation"] >= FLOORS["data"]
+    bad.write_text("from melanoma.workflows.evaluate import evaluate_checkpoint\nimport melanoma.models.vit\n")
+    assert _imports(bad) == [("workflows", 1), ("models", 2)]
+    assert FLOORS["workflows"] >= FLOORS["data"]
+
+
+def test_evaluation_is_statistics_over_arrays():
+    """evaluation/ computes on arrays: it neither reads images nor runs a model nor builds data."""
+    wrong = []
+    for path in sorted((PACKAGE / "evaluation").rglob("*.py")):
+        for there, line in _imports(path):
+            if there in ("data", "predict", "explain", "training", "workflows"):
+                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports melanoma.{there}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_training_module_gets_no_run_config():
+    """The LightningModule receives what it trains with, not the resolved config (the training
+    workflow records the data and the config in the checkpoint)."""
+    import inspect
+
+    from melanoma.training.module import LesionClassifier
+
+    assert "config" not in inspect.signature(LesionClassifier).parameters

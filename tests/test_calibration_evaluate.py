@@ -12,7 +12,7 @@ from melanoma.cli import main
 from melanoma.data.dermmel import DermMelDataModule
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.evaluation.calibration import prior_offsets
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
 from melanoma.models.checkpoint import METHOD_PRIOR_TEMPERATURE, read_meta
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -70,13 +70,13 @@ def test_a_legacy_checkpoint_still_loads_without_a_prior():
         assert rec.data is None or (rec.data.prior is None and not rec.data.reweighted)
 
 
-def test_the_training_module_records_prior_weights_and_sampler(tmp_path):
-    from melanoma.training.module import LesionClassifier
+def test_the_training_run_records_prior_weights_and_sampler(tmp_path):
+    import torch
+
+    from melanoma.workflows.records import training_balance
 
     write_dermmel_layout(tmp_path, {"train": {"Melanoma": 2, "NotMelanoma": 6}, "val": 1, "test": 1}, image_size=32)
     dm = DermMelDataModule(root=tmp_path, image_size=32, num_workers=0, sampler="balanced")
     dm.setup()
-    module = LesionClassifier(backbone={"name": "vit_tiny", "kwargs": KW}, dataset_name="dermmel",
-                              class_names=["not_melanoma", "melanoma"])
-    assert module._training_balance(dm) == {"prior": [0.75, 0.25], "class_weights": None, "sampler": "balanced"}
-    assert module._training_balance(dm, dm.class_weights())["class_weights"] == pytest.approx([8 / 12, 8 / 4])
+    assert training_balance(dm) == {"prior": [0.75, 0.25], "class_weights": None, "sampler": "balanced"}
+    assert training_balance(dm, torch.as_tensor(dm.class_weights()))["class_weights"] == pytest.approx([8 / 12, 8 / 4])

@@ -9,7 +9,7 @@ from helpers import SYNTHETIC, tiny_checkpoint
 
 from melanoma.cli import main
 from melanoma.data.synthetic import SyntheticDataModule, render_lesion
-from melanoma.evaluation.report import evaluate_checkpoint
+from melanoma.workflows.evaluate import evaluate_checkpoint
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.predict import Predictor
 

@@ -10,7 +10,7 @@ from helpers import SYNTHETIC, tiny_checkpoint
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.data.dermmel import DermMelDataModule
-from melanoma.evaluation.checkpoint_io import training_data
+from melanoma.models.checkpoint_io import training_data
 from melanoma.models.checkpoint import read_meta
 
 
@@ -47,6 +47,31 @@ def test_evaluate_writes_report_and_stores_calibration(dermmel, tmp_path, capsys
     # another dataset is not the trained split: refused, with the way to test on it
     assert main(["evaluate", str(ckpt), "dataset=synthetic", f"dataset.root={tmp_path / 'synth'}", "-q"]) == 2
     assert "split" in capsys.readouterr().err
+
+
+def test_evaluate_reads_the_checkpoint_once_and_writes_it_once(dermmel, tmp_path, monkeypatch):
+    """`melanoma evaluate CKPT` loads the file once and passes the object down (the Predictor,
+    the report); the calibration is written back once, through the checkpoint contract."""
+    import torch
+
+    ckpt = _checkpoint(tmp_path / "m.ckpt", dermmel)
+    loads, saves = [], []
+    real_load, real_save = torch.load, torch.save
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: saves.append(a[1]) or real_save(*a, **k))
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert len(loads) == 1 and len(saves) == 1
+    monkeypatch.undo()
+    assert read_meta(ckpt).heads["dermmel"].calibration is not None
+    # --external (a model that records no training data, so dermmel is external to it): one read,
+    # and the file is not written
+    ckpt = _checkpoint(tmp_path / "n.ckpt", dermmel, with_data=False)
+    loads.clear(), saves.clear()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(torch, "save", lambda *a, **k: saves.append(a[1]) or real_save(*a, **k))
+    assert main(["evaluate", str(ckpt), "dataset=dermmel", f"dataset.root={dermmel}", "dataset.num_workers=0",
+                 "--external", "--out", str(tmp_path / "x"), "-q"]) == 0
+    assert len(loads) == 1 and saves == []
 
 
 def test_the_calibration_records_its_precision_and_predict_says_when_it_differs(dermmel, tmp_path, capsys):

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from helpers import CONF_DIR, compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))

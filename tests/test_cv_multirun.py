@@ -13,8 +13,8 @@ import torchmetrics.functional.classification as tmf
 from helpers import run_train_py, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 from melanoma.cli import EXIT_OK, main
-from melanoma.evaluation.report import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
-from melanoma.evaluation.summary import ENSEMBLE_PREDICTIONS_FILE, OOF_PREDICTIONS_FILE, SUMMARY_JSON
+from melanoma.workflows.report import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
+from melanoma.workflows.summarize import ENSEMBLE_PREDICTIONS_FILE, OOF_PREDICTIONS_FILE, SUMMARY_JSON
 
 pytestmark = pytest.mark.slow
 

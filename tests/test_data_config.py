@@ -103,7 +103,7 @@ def test_isic_config_trains_a_fast_dev_run(tmp_path):
     from isic_layouts import write_isic2019
     from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     root = write_isic2019(tmp_path / "ISIC2019")
     cfg = compose_cfg(["dataset=isic", *tiny_dataset_overrides(root, batch_size=4), *tiny_model_overrides(),

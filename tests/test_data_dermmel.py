@@ -66,23 +66,26 @@ def test_kfold_and_bad_options_are_refused(dermmel_root):
 
 
 def test_resume_refuses_a_different_split(dermmel_root, ham_root):
-    dm = DermMelDataModule(dermmel_root, num_workers=0)
-    assert dm.state_dict() == {}  # nothing to record before setup
-    dm.setup()
-    state = dm.state_dict()
-    assert state["split_counts"] == {"test": 8, "train": 16, "val": 6}
-    same = DermMelDataModule(dermmel_root, num_workers=0, seed=7)  # official split: seed irrelevant
-    same.setup()
-    same.load_state_dict(state)
+    """The split recorded in a checkpoint is checked when a run resumes from it (the training
+    workflow's records, melanoma.workflows.records)."""
     from melanoma.data.ham10000 import HAM10000DataModule
+    from melanoma.models.checkpoint import HeadRecord
+    from melanoma.workflows.records import check_resumed_split, training_data_records
 
-    a = HAM10000DataModule(ham_root, seed=1, num_workers=0)
-    a.setup()
-    b = HAM10000DataModule(ham_root, seed=2, num_workers=0)
-    b.setup()
+    def records(dm):
+        dm.setup()
+        return training_data_records(dm, {}, {})
+
+    dermmel = records(DermMelDataModule(dermmel_root, num_workers=0))
+    assert dermmel["dermmel"].counts == {"test": 8, "train": 16, "val": 6}
+    same = records(DermMelDataModule(dermmel_root, num_workers=0, seed=7))  # official split: seed irrelevant
+    check_resumed_split(same, {"dermmel": HeadRecord(spec={}, data=dermmel["dermmel"])})
+    a = records(HAM10000DataModule(ham_root, seed=1, num_workers=0))
+    b = records(HAM10000DataModule(ham_root, seed=2, num_workers=0))
     with pytest.raises(RuntimeError, match="differs from the one this checkpoint was trained on"):
-        b.load_state_dict(a.state_dict())
-    b.load_state_dict(state)  # another dataset's state (fine-tuning from a DermMel run): ignored
+        check_resumed_split(b, {"ham10000": HeadRecord(spec={}, data=a["ham10000"])})
+    # another dataset's head (fine-tuning from a DermMel run): nothing to compare
+    check_resumed_split(b, {"dermmel": HeadRecord(spec={}, data=dermmel["dermmel"])})
 
 
 def test_impossible_fractions_fail_at_construction(dermmel_root):

@@ -14,7 +14,7 @@ from melanoma.config import compose_config, config_type_errors, unknown_override
 from melanoma.data.synthetic import SyntheticDataModule
 from melanoma.models.checkpoint import CheckpointError, read_meta
 from melanoma.config import GENERATING_DATASETS, remove_unused_run_dir
-from melanoma.training.preflight import check_paths
+from melanoma.workflows.preflight import check_paths
 
 
 # --- train.py from outside -------------------------------------------------------------------------

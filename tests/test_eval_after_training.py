@@ -10,7 +10,7 @@ import torch
 
 from melanoma.cli import main
 from melanoma.models.classifier import Classifier
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from helpers import compose_cfg, tiny_overrides
 
 

@@ -10,7 +10,7 @@ import torchmetrics.functional.classification as tmf
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from melanoma.evaluation import bootstrap as B
-from melanoma.evaluation.calibration import softmax
+from melanoma.models.checkpoint import softmax
 from melanoma.evaluation.metrics import classification_metrics
 
 POS = 1

@@ -6,7 +6,8 @@ import torch
 import torchmetrics.functional.classification as tmf
 
 from melanoma.evaluation import metrics as M
-from melanoma.evaluation.calibration import fit_temperature, nll, softmax
+from melanoma.evaluation.calibration import fit_temperature, nll
+from melanoma.models.checkpoint import softmax
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.predict.tta import DIHEDRAL_VIEWS, dihedral_view, tta_logits
 
@@ -89,8 +90,8 @@ def test_temperature_scaling_lowers_nll_of_overconfident_model():
     assert t == pytest.approx(4.0, rel=0.15)
     assert after < before - 0.3
     # calibration never changes the decision
-    assert (softmax(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
-    assert M.expected_calibration_error(softmax(overconfident, t), labels) < M.expected_calibration_error(
+    assert (softmax(overconfident / t).argmax(1) == overconfident.argmax(1)).all()
+    assert M.expected_calibration_error(softmax(overconfident / t), labels) < M.expected_calibration_error(
         softmax(overconfident), labels
     )
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import torchmetrics.functional.classification as tmf
 
 from melanoma.data.synthetic import SyntheticDataModule
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
-from melanoma.evaluation.report import evaluate_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint, training_data
+from melanoma.workflows.evaluate import evaluate_checkpoint
 from melanoma.predict import Predictor
 from melanoma.models.classifier import Classifier
 
@@ -132,7 +132,7 @@ def test_wrong_head_or_label_set_is_refused(report, tmp_path):
 def test_figures_and_numbers_go_to_wandb(report):
     import wandb
 
-    from melanoma.evaluation.report import _log_wandb
+    from melanoma.workflows.report import _log_wandb
 
     class FakeRun:
         def __init__(self):
@@ -154,7 +154,7 @@ def test_val_predictions_keep_the_raw_softmax_of_the_validation_split(report):
     columns as predictions.csv but no decision, and the probabilities are the raw softmax (T = 1):
     the temperature was fitted on these very images, and a decision (made on calibrated
     probabilities) beside raw ones would seem to contradict them."""
-    from melanoma.evaluation.report import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
+    from melanoma.workflows.report import PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
 
     m = report["metrics"]
     test_table = pd.read_csv(report["out"] / PREDICTIONS_FILE)

@@ -12,8 +12,8 @@ import torchmetrics.functional.classification as tmf
 import yaml
 
 from melanoma.evaluation.bootstrap import format_ci
-from melanoma.evaluation.report import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
-from melanoma.evaluation.summary import (
+from melanoma.workflows.report import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
+from melanoma.workflows.summarize import (
     ENSEMBLE_PREDICTIONS_FILE,
     OOF_PREDICTIONS_FILE,
     SUMMARY_JSON,

@@ -11,7 +11,7 @@ import pytest
 
 from melanoma.cli import main
 from melanoma.models.checkpoint import read_meta
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
 FIXTURE = "tests/fixtures/legacy_v1.ckpt"

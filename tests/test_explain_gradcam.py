@@ -8,7 +8,7 @@ import torch
 from helpers import lesion_bytes
 
 from melanoma.cli import main
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.gradcam import compute_gradcam_maps, default_method, methods_for
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from melanoma.data.synthetic import render_lesion
 from melanoma.conventions import IMAGENET_MEAN, IMAGENET_STD
-from melanoma.evaluation.checkpoint_io import build_classifier
+from melanoma.models.checkpoint_io import build_classifier
 from melanoma.explain.attention import compute_attention_maps, mass_inside
 
 SIZE, PATCH = 32, 4

@@ -100,7 +100,7 @@ def test_train_py_with_metadata_and_fusion_trains_reports_and_records_the_schema
     from helpers import compose_cfg, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
     from layouts import HAM_LESIONS, write_ham10000_layout
     from melanoma.models.classifier import Classifier
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     root = write_ham10000_layout(tmp_path / "HAM10000", HAM_LESIONS, images_per_lesion=(1, 2), seed=5)
     cfg = compose_cfg(["dataset=ham10000", "model=vit_tiny", "logger=csv", *tiny_dataset_overrides(root),
@@ -159,7 +159,7 @@ def test_joint_run_with_one_member_on_metadata_trains_both_heads(ham_root, ph2_f
 
     from helpers import compose_cfg, tiny_model_overrides, tiny_trainer_overrides
     from melanoma.models.checkpoint import read_meta
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     cfg = compose_cfg(["dataset=joint", "dataset.members=[ham10000,ph2]", "model=vit_tiny", "logger=csv",
                        "dataset.image_size=32", "dataset.batch_size=8", "dataset.num_workers=0",

@@ -17,7 +17,7 @@ from melanoma.cli import main
 from melanoma.data.joint import JointDataModule, ScheduledLoader, member_override_pairs, member_schedule, mix_weights
 from melanoma.data.overlap import image_id
 from melanoma.models.checkpoint import read_meta
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 
 JOINT_TINY = ["dataset=joint", "model=vit_tiny", "logger=csv", "dataset.image_size=32", "dataset.batch_size=4",
               "dataset.num_workers=0", "dataset.pin_memory=false", "dataset.persistent_workers=false"]
@@ -71,14 +71,13 @@ def test_member_overrides_mapping_or_strings():
 # --- data ----------------------------------------------------------------------------------
 
 def test_joint_config_composes_each_member_from_its_own_config(tmp_path):
-    from hydra.utils import instantiate
-
     from melanoma.config import compose_config
+    from melanoma.workflows.datasets import instantiate_dataset, member_configs
 
     cfg = compose_config(["dataset=joint", "dataset.members=[ham10000,ph2]", f"paths.data_dir={tmp_path}",
                           "paths.output_dir=unused", "dataset.image_size=64", "+dataset.member_overrides.ph2.seed=7",
                           "dataset.mix={ham10000: 1, ph2: 2}"])
-    dm = instantiate(cfg.dataset, mean=[0.5] * 3, std=[0.25] * 3, _convert_="all")
+    dm = instantiate_dataset(cfg.dataset, mean=[0.5] * 3, std=[0.25] * 3)
     assert isinstance(dm, JointDataModule) and list(dm.members) == ["ham10000", "ph2"]
     ham, ph2 = dm.members["ham10000"], dm.members["ph2"]
     assert ham.root == tmp_path / "HAM10000" and ph2.root == tmp_path / "PH2Dataset"  # paths.data_dir
@@ -90,16 +89,19 @@ def test_joint_config_composes_each_member_from_its_own_config(tmp_path):
     assert dm.member_configs["ph2"]["seed"] == 7 and dm.member_configs["ph2"]["image_size"] == 64
     assert dm.mix == {"ham10000": 1, "ph2": 2}
     with pytest.raises(ValueError, match="not members"):
-        JointDataModule(["ham10000", "ph2"], data_dir=str(tmp_path), member_overrides={"isic": {"root": "x"}})
+        member_configs(["ham10000", "ph2"], str(tmp_path), {"isic": {"root": "x"}})
     with pytest.raises(ValueError, match="at least two"):
-        JointDataModule(["ph2"], data_dir=str(tmp_path))
+        JointDataModule(["ph2"], member_configs=member_configs(["ph2"], str(tmp_path)))
+    with pytest.raises(ValueError, match="instantiate_dataset"):  # data/ composes no configs itself
+        JointDataModule(["ham10000", "ph2"])
 
 
 def _joint_dm(ham_root, second: str, second_root, **kw) -> JointDataModule:
+    from melanoma.workflows.datasets import member_configs
+
     over = {"ham10000": {"root": str(ham_root)}, second: {"root": str(second_root)}}
-    return JointDataModule([
-        "ham10000", second], member_overrides=over, image_size=32, batch_size=4, num_workers=0,
-        pin_memory=False, persistent_workers=False, **kw)
+    return JointDataModule(["ham10000", second], member_configs=member_configs(["ham10000", second], None, over),
+                           image_size=32, batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False, **kw)
 
 
 def _held_out_and_dermmel_copy(ham_root, tiny_dermmel, tmp_path, split: str):
@@ -251,8 +253,11 @@ def test_joint_run_resumes_from_last_checkpoint(joint_run, tmp_path):
     first = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     # one more epoch of the same length, on the same member splits (resume checks their fingerprints)
     assert (last["epoch"], last["global_step"]) == (first["epoch"] + 1, 2 * first["global_step"])
-    assert set(last["JointDataModule"]) == {"ham10000", "ph2"}
-    assert set(read_meta(tmp_path / "resumed" / "checkpoints" / "last.ckpt").heads) == {"ham10000", "ph2"}
+    # the split fingerprints live once in the file, in the checkpoint contract's head records
+    assert "JointDataModule" not in last
+    resumed, before = read_meta(tmp_path / "resumed" / "checkpoints" / "last.ckpt"), read_meta(out / "checkpoints" / "last.ckpt")
+    assert set(resumed.heads) == {"ham10000", "ph2"}
+    assert {n: h.data.fingerprint for n, h in resumed.heads.items()} == {n: h.data.fingerprint for n, h in before.heads.items()}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from melanoma.predict.predictor import MELANOMA_DECISION, NOT_MELANOMA_DECISION
 def fused(tmp_path_factory):
     """(checkpoint, folder of 6 test images, metadata table) of a concat model trained with evaluation
     (so its head has a calibration and an operating point)."""
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     tmp = tmp_path_factory.mktemp("fused")
     root = write_ham10000_layout(tmp / "HAM10000", HAM_LESIONS, images_per_lesion=(1, 2), seed=6)
@@ -101,9 +101,9 @@ def test_onnx_metadata_input_agrees_with_predict(fused, tmp_path):
 
 
 def _image(path):
-    from melanoma.predict.predictor import read_image
+    from melanoma.data.io import load_rgb
 
-    return read_image(path)
+    return load_rgb(path)
 
 
 def test_serve_form_fields_agree_with_predict(fused, tmp_path):

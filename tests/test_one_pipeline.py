@@ -14,7 +14,8 @@ from melanoma.data.base import LesionImageDataset
 from melanoma.data.dermmel import DermMelDataModule
 from melanoma.data.synthetic import render_lesion
 from melanoma.models.checkpoint import preprocessing_from
-from melanoma.predict.predictor import eval_transform_of, read_image
+from melanoma.data.io import load_rgb
+from melanoma.predict.predictor import eval_transform_of
 
 SIZE = 32  # small enough that JPEG draft decoding applies to 200x150 and 600x450 originals
 EXIF_ORIENTATION = 0x0112
@@ -80,7 +81,7 @@ def test_training_evaluation_predict_and_onnx_see_the_same_tensor(dermmel_real, 
     seen = 0
     for split in ("val", "test"):
         for path, x in _loader_tensors(dm, split).items():
-            expected = predict(read_image(path))
+            expected = predict(load_rgb(path))
             assert x.shape == expected.shape == (3, SIZE, SIZE)
             assert torch.max(torch.abs(x - expected)) <= 1e-6, path
             assert torch.max(torch.abs(_onnx_recipe(path, pre) - expected)) <= 1e-6, path
@@ -105,5 +106,5 @@ def test_draft_decoding_would_have_given_other_pixels(dermmel_real):
     assert max(diffs) > 1e-3
     # an EXIF-rotated picture is turned upright on every path (the rotated file's own pixels differ)
     path = next(p for p in rotated if "/valid/" in p or "/test/" in p)
-    upright = read_image(path)
+    upright = load_rgb(path)
     assert upright.size != Image.open(path).size or Image.open(path).getexif().get(EXIF_ORIENTATION) == 3

@@ -122,7 +122,7 @@ def _trained_tiny_classifier(n: int = 160, steps: int = 40):
     one scores every image near 0.5, where any rounding flips decisions)."""
     from melanoma.data.synthetic import render_lesion
     from melanoma.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from melanoma.evaluation.checkpoint_io import build_classifier
+    from melanoma.models.checkpoint_io import build_classifier
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def _trained_tiny_classifier(n: int = 160, steps: int = 40):
 def test_bf16_inference_on_cpu_decides_like_fp32(tmp_path):
     from melanoma.cli import main
     from melanoma.data.synthetic import render_lesion
-    from melanoma.evaluation.checkpoint_io import save_classifier_checkpoint
+    from melanoma.models.checkpoint_io import save_classifier_checkpoint
     from melanoma.models.checkpoint import Calibration
     from melanoma.predict import Predictor
 
@@ -176,7 +176,7 @@ def test_bf16_inference_on_cpu_decides_like_fp32(tmp_path):
 def test_evaluation_logits_follow_the_precision(tmp_path):
     """evaluate predicts through Predictor.logits_of_paths: its logits follow --precision."""
     from melanoma.data.synthetic import render_lesion
-    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
     from melanoma.predict import Predictor
 
     torch.manual_seed(0)

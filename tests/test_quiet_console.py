@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 
-import melanoma.train as train_module
+import melanoma.workflows.training_run as train_module
 from melanoma.cli import STDOUT_DIGITS, main
 from melanoma.data import base
 from melanoma.training.callbacks import ParameterSummary

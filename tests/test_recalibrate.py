@@ -15,12 +15,13 @@ from PIL import Image
 
 from melanoma.cli import main
 from melanoma.data.synthetic import write_dermmel_layout
-from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.recalibrate import ORACLE, ORIGINAL, RECALIBRATED, positives_needed, site_sample
+from melanoma.workflows.recalibrate import ORACLE, ORIGINAL, RECALIBRATED, positives_needed, site_sample
 from melanoma.models.checkpoint import Calibration, read_meta
 from melanoma.predict import Predictor
-from melanoma.predict.predictor import eval_transform_of, read_image
+from melanoma.data.io import load_rgb
+from melanoma.predict.predictor import eval_transform_of
 
 KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 PER_CLASS = {"train": 50, "val": 25, "test": 25}  # 100 melanomas, 100 others
@@ -54,7 +55,7 @@ def site(tmp_path_factory):
     save_classifier_checkpoint(ckpt, model, "vit_tiny", KW, image_size=32)
     tf = eval_transform_of(read_meta(ckpt).preprocessing)
     with torch.no_grad():
-        feats = model.features(torch.stack([tf(read_image(p)) for p in images]))
+        feats = model.features(torch.stack([tf(load_rgb(p)) for p in images]))
     fc, y = model.heads["synthetic"].fc, torch.tensor(is_mel.astype(np.int64))
     opt = torch.optim.LBFGS(fc.parameters(), max_iter=100, line_search_fn="strong_wolfe")
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from melanoma.cli import main
 from melanoma.models.checkpoint import read_meta
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 
 COPY = {  # what a copy goes through on its way into another dataset
     "renamed": lambda im: im,

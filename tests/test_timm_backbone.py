@@ -161,7 +161,7 @@ def test_train_py_as_written_then_predict_and_export(name, tiny_dermmel, tmp_pat
 
 @pytest.mark.parametrize("kind", ["cnn", "vit"])
 def test_train_unfreeze_resume_calibrate_predict_export(kind, weights, tiny_dermmel, tmp_path):
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     name, kwargs, file = ("resnet10t", {}, weights[0]) if kind == "cnn" else (VIT, VIT_KW, weights[1])
     base = [*timm_overrides(tiny_dermmel, name, file, max_epochs=2, kwargs=kwargs), "callbacks=unfreezing",
@@ -226,7 +226,7 @@ def test_provenance_in_api_model_report_and_onnx_sidecar(weights, tmp_path):
     ONNX sidecar from the checkpoint alone."""
     import hashlib
 
-    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
     from melanoma.predict.export import export_onnx
     from melanoma.serve.model_info import describe_model
 

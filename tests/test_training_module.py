@@ -9,7 +9,7 @@ import torch
 from melanoma.cli import main
 from melanoma.models.checkpoint import Calibration, CheckpointMeta, HeadRecord, read_meta
 from melanoma.models.classifier import Classifier
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training.guard import NonFiniteLossError
 from melanoma.training.module import LesionClassifier
 from helpers import compose_cfg, module_from_cfg, tiny_overrides
@@ -50,7 +50,7 @@ def test_run_folder_and_checkpoint_meta(dermmel_run):
     assert head.data.dataset == "dermmel" and head.data.config["root"] == cfg.dataset.root
     assert head.data.counts == {"train": 16, "val": 16, "test": 16}
     assert head.data.fingerprint == ckpt["DermMelDataModule"]["split_fingerprint"]
-    assert ckpt["hyper_parameters"]["config"]["seed"] == 42
+    assert ckpt["melanoma"]["config"]["seed"] == 42
     model, meta2 = Classifier.from_checkpoint(out / "checkpoints" / "best.ckpt")
     assert list(model.heads) == ["dermmel"]
     sd = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -286,7 +286,7 @@ def test_class_weights_true_weights_the_loss_by_inverse_train_frequency(tmp_path
     trainer.fit(module, dm)
 
     assert dm.class_names == ["not_melanoma", "melanoma"]
-    assert module.class_weight.tolist() == pytest.approx([12 / (2 * 9), 12 / (2 * 3)])
+    assert module.class_weights["dermmel"].tolist() == pytest.approx([12 / (2 * 9), 12 / (2 * 3)])
     logits, y = seen["logits"], seen["y"]
     assert sorted(y.tolist()) == [0] * 9 + [1] * 3  # the whole train split in one batch
     smoothing = float(cfg.model.loss.label_smoothing)  # the config's, whatever it is

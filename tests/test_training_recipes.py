@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from melanoma.models.classifier import Classifier
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training.module import LesionClassifier
 from helpers import CONF_DIR, compose_cfg, tiny_overrides
 
@@ -30,12 +30,12 @@ def test_mixup_loss_takes_soft_targets_and_metrics_take_hard_labels(monkeypatch)
                               loss={"label_smoothing": 0.1, "class_weights": False})
     module.train()
     seen = []
-    monkeypatch.setattr(module.metrics["train_metrics"], "update", lambda probs, y: seen.append(y.clone()))
+    monkeypatch.setattr(module.metrics["train_metrics__dermmel"], "update", lambda probs, y: seen.append(y.clone()))
     monkeypatch.setattr(module, "log", lambda *a, **k: None)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1])  # mirrors differ
     np.random.seed(3)
     loss = module.training_step((x.clone(), y), 0)
-    module._flush("train", None)  # the epoch's steps reach the metrics in one update
+    module._flush("train", "dermmel")  # the epoch's steps reach the metrics in one update
     # the same draw by hand: timm's Mixup with the run's label smoothing gives soft targets
     np.random.seed(3)
     mixed, target = Mixup(**MIXUP, label_smoothing=0.1, num_classes=2)(x.clone(), y)
@@ -48,11 +48,11 @@ def test_mixup_loss_takes_soft_targets_and_metrics_take_hard_labels(monkeypatch)
 def test_soft_loss_with_class_weights_reduces_to_weighted_cross_entropy():
     module = LesionClassifier(BACKBONE, "dermmel", CLASSES, mixup=MIXUP,
                               loss={"label_smoothing": 0.0, "class_weights": True})
-    module.class_weight = torch.tensor([1.0, 4.0])
+    module.class_weights = {"dermmel": torch.tensor([1.0, 4.0])}
     logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 0, 1])
     one_hot = F.one_hot(y, 2).float()
     torch.testing.assert_close(module._soft_loss(logits, one_hot),
-                               F.cross_entropy(logits, y, weight=module.class_weight))
+                               F.cross_entropy(logits, y, weight=module.class_weights["dermmel"]))
 
 
 def test_mixup_off_by_default_and_odd_batches_fall_back_to_hard_labels(monkeypatch):

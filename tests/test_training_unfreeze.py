@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training.module import LesionClassifier
 from melanoma.training.unfreeze import GradualUnfreezing, default_unfreeze_order
 from helpers import compose_cfg, tiny_overrides

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from melanoma.train import run
+from melanoma.workflows.training_run import run
 from melanoma.training import loggers
 from helpers import compose_cfg, tiny_overrides
 

@@ -6,7 +6,6 @@ splitting, transforms, caching, samplers and loaders live here.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from melanoma.conventions import BINARY_CLASSES, positive_index
@@ -27,7 +27,7 @@ from .dataset import LesionImageDataset, _seed_worker_augmentations
 from .fingerprints import connected_labels, fingerprint_files, match, near_duplicate_pairs
 from .overlap import image_id, seen_id
 from .samplers import BalancedDistributedSampler, EvalDistributedSampler
-from .splits import carve_missing_splits
+from .splits import carve_missing_splits, rows_fingerprint
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,13 +48,8 @@ TABLE_COLUMNS = ["path", "label", "group", "split"]
 
 def _plain(value):
     """OmegaConf containers (what Hydra passes) to plain Python values."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
@@ -394,8 +389,7 @@ class LesionDataModule(L.LightningDataModule):
         """Hash of (file name, label, split) over all rows: the same data split the same way
         gives the same fingerprint wherever the dataset folder lives."""
         t = self._require_table()
-        rows = sorted(zip((os.path.basename(p) for p in t["path"]), t["label"].tolist(), t["split"]))
-        return hashlib.sha1(repr(rows).encode()).hexdigest()
+        return rows_fingerprint(t["path"], t["label"].tolist(), t["split"])
 
     def split_settings(self) -> dict:
         return {k: _plain(getattr(self, k)) for k in self.split_setting_keys}
@@ -409,31 +403,6 @@ class LesionDataModule(L.LightningDataModule):
             "counts": {k: int(v) for k, v in t.groupby("split").size().to_dict().items()},
             "moved_to_train": list(self.moved_to_train),
         }
-
-    def state_dict(self) -> dict:
-        # Lightning stores this in checkpoints; load_state_dict checks it on resume.
-        if self.table is None:
-            return {}
-        counts = self.table.groupby("split").size().to_dict()
-        return {"name": self.name, "label_set": self.label_set, "split_fingerprint": self.split_fingerprint(),
-                "split_counts": {k: int(v) for k, v in counts.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        """On resume: refuse to continue on a different split (that would leak test images
-        into training, or silently change what "val" means)."""
-        if not state or "split_fingerprint" not in state:
-            return
-        if state.get("name") != self.name:
-            return  # a checkpoint from another dataset (fine-tuning): nothing to compare
-        if self.split_fingerprint() != state["split_fingerprint"]:
-            now = {k: int(v) for k, v in self._require_table().groupby("split").size().to_dict().items()}
-            raise RuntimeError(
-                f"{self.name}: the data split differs from the one this checkpoint was trained on "
-                f"(checkpoint {state.get('split_counts')}, now {now}, label_set "
-                f"{state.get('label_set')!r} vs {self.label_set!r}). Resuming would mix images "
-                f"across train/val/test. Resume with the same dataset files, seed, fractions and "
-                f"fold, or start a new run."
-            )
 
     # --- transforms ------------------------------------------------------------------------
     @property
@@ -473,13 +442,13 @@ class LesionDataModule(L.LightningDataModule):
                                   decode_size=None if self._cached else self.image_size,
                                   metadata=self.metadata_vectors(rows))
 
-    def _loader(self, split: str, train: bool, shard: bool = True) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         ds = self.dataset(split, train)
         world_size, rank = self._world()
         sampler = None
         if train and self.sampler == "balanced":
             sampler = BalancedDistributedSampler(ds.labels, world_size, rank, seed=self.seed)
-        elif world_size > 1 and shard:
+        elif world_size > 1:
             # Built here rather than left to Lightning so a plain DDP script shards the same way.
             # Evaluation shards are unpadded so every image counts once in val/test metrics.
             sampler = (DistributedSampler(ds, world_size, rank, shuffle=True, seed=self.seed) if train
@@ -512,15 +481,7 @@ class LesionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
-    def predict_dataloader(self) -> DataLoader:
-        # Lightning always shards prediction loaders itself (without padding): a sampler sharded
-        # here would be sharded a second time
-        return self._loader("test", train=False, shard=False)
-
     # --- misc ------------------------------------------------------------------------------
-    def image_paths(self) -> list[str]:
-        return self._require_table()["path"].tolist()
-
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, root={str(self.root)!r}, "
                 f"label_set={self.label_set!r}, classes={self.class_names})")

@@ -1,7 +1,8 @@
 """Several datasets trained together: one backbone, one head per member dataset.
 
-Each member is composed from its own ``conf/dataset/<name>.yaml`` (so ``paths.data_dir`` finds it
-as it would alone) and is an ordinary ``LesionDataModule``. Each training step draws one batch from
+Each member is built from its own dataset config (the workflows compose it from
+``conf/dataset/<name>.yaml``, so ``paths.data_dir`` finds it as it would alone:
+``melanoma.workflows.datasets.instantiate_dataset``) and is an ordinary ``LesionDataModule``. Each training step draws one batch from
 one member; which member is a seeded schedule, a function of (seed, epoch) only, so every DDP rank
 runs the same head at the same step while taking its own shard within that member. Validation and
 test give one loader per member, in ``members`` order.
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import lightning as L
 import numpy as np
+from omegaconf import OmegaConf
 
 from .base import LesionDataModule, _plain
 from .overlap import cross_dataset_overlap, drop_overlap_from_train
@@ -109,20 +111,6 @@ class ScheduledLoader:
             yield x, y, name
 
 
-def _compose_member(name: str, overrides: list[str]):
-    """conf/train.yaml with dataset=<name>: through the running Hydra app when there is one (its
-    config search path), else through melanoma.config.compose_config."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        from hydra import compose
-
-        return compose(config_name="train", overrides=[f"dataset={name}", *overrides])
-    from melanoma.config import compose_config
-
-    return compose_config([f"dataset={name}", *overrides])
-
-
 def _flatten(prefix: str, value) -> list[tuple[str, object]]:
     if isinstance(value, Mapping):
         return [kv for k, v in value.items() for kv in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
@@ -148,19 +136,17 @@ def member_override_pairs(member_overrides) -> dict[str, list[tuple[str, object]
 
 
 class JointDataModule(L.LightningDataModule):
-    """Members ``members`` (names of conf/dataset/ configs), each built from its own config.
-
-    ``member_configs`` (name -> resolved dataset config with ``_target_``) skips composing, for
-    tests and for rebuilding; otherwise each member is composed with ``paths.data_dir=data_dir``
-    and its ``member_overrides``. The joint ``image_size``/``batch_size``/... (``SHARED_KEYS``)
-    replace the members' own. ``drop_overlap``: remove from every member's train split the ISIC
-    images another member holds out for val/test (reported either way)."""
+    """Members ``members`` (names of conf/dataset/ configs), each built from its config in
+    ``member_configs`` (name -> resolved dataset config with ``_target_``; composing them is the
+    workflows' job, not data's). ``member_overrides`` change keys of those configs. The joint
+    ``image_size``/``batch_size``/... (``SHARED_KEYS``) replace the members' own.
+    ``drop_overlap``: remove from every member's train split the ISIC images another member holds
+    out for val/test (reported either way)."""
 
     name = "joint"
 
-    def __init__(self, members: Sequence[str], data_dir: str | None = None, member_overrides=None,
-                 member_configs: Mapping | None = None, mix="proportional", seed: int = 42,
-                 drop_overlap: bool = True, mean=None, std=None, **shared):
+    def __init__(self, members: Sequence[str], member_configs: Mapping | None = None, member_overrides=None,
+                 mix="proportional", seed: int = 42, drop_overlap: bool = True, mean=None, std=None, **shared):
         super().__init__()
         names = [str(m) for m in _plain(members) or []]
         if len(names) < 2 or len(set(names)) != len(names):
@@ -182,18 +168,17 @@ class JointDataModule(L.LightningDataModule):
         stray = set(pairs) - set(names)
         if stray:
             raise ValueError(f"dataset.member_overrides names {sorted(stray)}, which are not members {names}")
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(f"no dataset config for member(s) {missing}: build a joint DataModule with "
+                             f"melanoma.workflows.datasets.instantiate_dataset, which composes each member's "
+                             f"conf/dataset/<name>.yaml (or pass member_configs)")
         self.member_configs: dict[str, dict] = {}
         for name in names:
-            if name in given:
-                cfg = dict(given[name])
-                for key, value in pairs.get(name, []):
-                    cfg[key] = value
-            else:
-                overrides = [] if data_dir is None else [f"paths.data_dir={data_dir}"]
-                overrides += [f"dataset.{k}={v}" for k, v in pairs.get(name, [])]
-                from omegaconf import OmegaConf
-
-                cfg = OmegaConf.to_container(_compose_member(name, overrides).dataset, resolve=True)
+            node = OmegaConf.create(dict(given[name]))
+            for key, value in pairs.get(name, []):
+                OmegaConf.update(node, key, value, force_add=True)
+            cfg = OmegaConf.to_container(node)
             cfg.update({k: v for k, v in forced.items() if k not in ("mean", "std")})
             self.member_configs[name] = cfg
         import hydra
@@ -277,13 +262,3 @@ class JointDataModule(L.LightningDataModule):
         folder = path if (path.is_dir() or path.suffix == "") else path.parent
         stem = "splits" if path.suffix == "" else path.stem
         return [m.save_split(folder / f"{stem}_{n}.csv") for n, m in self.members.items()]
-
-    def state_dict(self) -> dict:
-        return {n: m.state_dict() for n, m in self.members.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        # the members' fingerprints are those of the tables training used (after the overlap drop)
-        self.setup()
-        for n, m in self.members.items():
-            if n in (state or {}):
-                m.load_state_dict(state[n])

@@ -8,6 +8,8 @@ that group's labels. Ties are broken by a seeded shuffle, so a split is a functi
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -139,3 +141,12 @@ _KFOLD_WITH_OFFICIAL_VAL = (
     "k-fold (num_folds) replaces the val split, but this download has an official val split; "
     "set num_folds=null to use it"
 )
+
+
+def rows_fingerprint(paths: Sequence[str], labels: Sequence[int], splits: Sequence[str] | None = None) -> str:
+    """Hash of (file name, label[, split]) over the rows, in any order: the same images with the
+    same labels (split the same way) give the same fingerprint wherever their folder lives."""
+    columns = [[os.path.basename(p) for p in paths], [int(v) for v in labels]]
+    if splits is not None:
+        columns.append([str(v) for v in splits])
+    return hashlib.sha1(repr(sorted(zip(*columns))).encode()).hexdigest()

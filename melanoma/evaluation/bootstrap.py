@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from melanoma.evaluation.metrics import ECE_BINS, ECE_MELANOMA, _as_arrays, _ece_bins
+from melanoma.evaluation.metrics import (ECE_BINS, ECE_MELANOMA, _as_arrays, _ece_bins, classification_metrics,
+                                         expected_calibration_error, melanoma_calibration_error)
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +224,31 @@ def format_ci(value: float, interval: Sequence[float] | None, digits: int = 3) -
 
 __all__ = ["BootstrapResult", "LEVEL", "N_RESAMPLES", "bootstrap", "bootstrap_intervals", "format_ci",
            "resample_metrics"]
+
+
+def metrics_with_intervals(probs, labels, pos: int | None, threshold: float | None, groups,
+                           drop: Sequence[str] = ("nll",)) -> dict:
+    """The report metrics (melanoma.evaluation.metrics) with 95% percentile bootstrap intervals
+    under "ci95", resampling whole lesions / patients where there are groups; `drop` names
+    metrics left out (nll: reported separately before and after calibration)."""
+    metrics = classification_metrics(probs, labels, pos, threshold)
+    for key in drop:
+        metrics.pop(key, None)
+    result = bootstrap(probs, labels, pos, threshold, groups=groups)
+    metrics["ci95"], metrics["ci95_method"] = result.intervals, result.summary()
+    return metrics
+
+
+def calibration_comparison(raw_probs, probs, labels, pos: int | None, groups) -> dict:
+    """ECE (top label, and of the melanoma probability) before and after calibration, each
+    with its bootstrap interval (the same resampling as the other metrics), intervals under
+    "ci95_calibration"."""
+    out, ci = {}, {}
+    for when, p in (("before", raw_probs), ("after", probs)):
+        intervals = bootstrap(p, labels, pos, groups=groups).intervals
+        out[f"ece_{when}_calibration"] = expected_calibration_error(p, labels)
+        ci[f"ece_{when}_calibration"] = intervals["ece"]
+        if pos is not None:
+            out[f"{ECE_MELANOMA}_{when}_calibration"] = melanoma_calibration_error(p[:, pos], labels == pos)
+            ci[f"{ECE_MELANOMA}_{when}_calibration"] = intervals[ECE_MELANOMA]
+    return {**out, "ci95_calibration": ci}

@@ -32,9 +32,8 @@ import torch.nn.functional as F
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from melanoma.models.checkpoint import (METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE,
-                                        METHOD_TEMPERATURE_BIAS, TEMPERATURE_BOUNDS, Calibration)
-from melanoma.models.checkpoint import softmax as _softmax
+from melanoma.models.checkpoint import (METHOD_NONE, METHOD_PRIOR_TEMPERATURE, METHOD_TEMPERATURE,
+                                        METHOD_TEMPERATURE_BIAS, TEMPERATURE_BOUNDS, Calibration, TrainingData)
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +86,6 @@ def fit_temperature(logits, labels, max_iter: int = 200, bounds: tuple[float, fl
     # debug: every candidate and cross-fitted half is one fit; the choice is logged once, below
     log.debug("temperature scaling: T=%.4f, NLL %.4f -> %.4f", temperature, before, after)
     return temperature
-
-
-def softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    return _softmax(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def nll_of(logits, labels, temperature: float = 1.0, bias: Sequence[float] = ()) -> float:
@@ -239,3 +234,24 @@ def fit_calibration(logits, labels, offsets=None, methods: Sequence[str] | None 
     log.info("calibration: chose %s (T=%.3g) among %s (validation NLL / penalised out-of-fold NLL)", best, t,
              ", ".join(f"{m} {c['nll']:.3f} / {c['score']:.1f}" for m, c in candidates.items()))
     return CalibrationChoice(best, t, bias, candidates)
+
+
+def fit_held_out_calibration(logits, labels, data: TrainingData | None, calibrate: bool, tta: bool,
+                             fitted_on: dict) -> tuple[Calibration, dict]:
+    """The calibration map fitted on held-out logits (threshold not yet set) and every
+    candidate's fit; with the training reweighting recorded in `data`, the prior-correction
+    candidate takes part (``fit_calibration`` chooses). ``calibrate`` False: the identity map,
+    recorded as such."""
+    if not calibrate:
+        return Calibration(method=METHOD_NONE, tta=bool(tta), fitted_on=fitted_on), {}
+    offsets = None
+    if data is not None and data.reweighted:
+        offsets = prior_offsets(data.prior, data.class_weights, data.sampler)
+        if offsets is None:
+            log.warning("training reweighted the classes (class weights %s, sampler %s) but the checkpoint "
+                        "records no usable train prior; the recorded shift cannot be undone, a fitted bias "
+                        "may still correct it", data.class_weights, data.sampler)
+    choice = fit_calibration(logits, labels, offsets=offsets)
+    calibration = Calibration(temperature=choice.temperature, bias=choice.bias, method=choice.method, tta=bool(tta),
+                              fitted_on=fitted_on)
+    return calibration, choice.candidates

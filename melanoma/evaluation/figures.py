@@ -35,7 +35,7 @@ def decision_rule(threshold: float | None) -> str:
     return ARGMAX_RULE if threshold is None else f"operating point: melanoma when p(melanoma) >= {threshold:.4g}"
 
 
-def _legend_below(fig: Figure, ax, ncols: int = 2) -> None:
+def legend_below(fig: Figure, ax, ncols: int = 2) -> None:
     """The legend under the axes, where it can hide no data (constrained layout makes room)."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
@@ -100,7 +100,7 @@ def confidence_figure(probs, labels, positive_index: int, threshold: float | Non
     ax.set_ylabel("melanoma probability")
     if threshold is not None:
         ax.axhline(threshold, color="tab:red", ls="--", lw=1, label=f"operating point threshold {threshold:.4g}")
-        _legend_below(fig, ax)
+        legend_below(fig, ax)
     ax.set_title(f"melanoma probability per outcome\ndecision: {decision_rule(threshold)}", fontsize=10)
     return fig
 
@@ -162,7 +162,7 @@ def roc_figure(p_mel, is_mel, operating_threshold: float | None = None, groups=N
     ax.set_ylim(0, 1.02)
     ax.set_title("ROC, melanoma vs rest\n(every threshold; the dot: "
                  + ("the operating point)" if operating_threshold is not None else "none stored)"), fontsize=10)
-    _legend_below(fig, ax, ncols=1)
+    legend_below(fig, ax, ncols=1)
     return fig
 
 
@@ -185,7 +185,7 @@ def pr_figure(p_mel, is_mel, operating_threshold: float | None = None) -> Figure
     ax.set_ylabel("precision")
     ax.set_title("precision-recall, melanoma vs rest\n(every threshold; the dot: "
                  + ("the operating point)" if operating_threshold is not None else "none stored)"), fontsize=10)
-    _legend_below(fig, ax, ncols=1)
+    legend_below(fig, ax, ncols=1)
     return fig
 
 
@@ -246,7 +246,7 @@ def reliability_figure(probs_by_name: dict[str, np.ndarray], labels, n_bins: int
         ax.set_xlabel("confidence of the most probable class (argmax)")
         ax.set_ylabel("accuracy (counts at the foot of the bars)")
         ax.set_title(f"{name}: ECE {expected_calibration_error(probs, labels, n_bins):.3f}", fontsize=10)
-    _legend_below(fig, axes[0], ncols=2 if len(axes) > 1 else 1)
+    legend_below(fig, axes[0], ncols=2 if len(axes) > 1 else 1)
     fig.suptitle("reliability; decision: " + ARGMAX_RULE, fontsize=10)
     return fig
 

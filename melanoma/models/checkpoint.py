@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATION_METHODS", "METHOD_NONE", "METHOD_PRIOR_TEMPERATURE", "METHOD_TEMPERATURE",
     "METHOD_TEMPERATURE_BIAS", "META_KEY", "META_VERSION", "STATE_PREFIX", "TEMPERATURE_BOUNDS", "Calibration", "CheckpointError",
-    "CheckpointMeta", "HeadRecord", "Preprocessing", "SEEN_SPLITS", "SeenImages", "TrainingData", "load_checkpoint",
+    "Checkpoint", "CheckpointMeta", "HeadRecord", "Preprocessing", "SEEN_SPLITS", "SeenImages", "TrainingData", "load_checkpoint",
     "non_finite_tensors", "read_meta",
     "save_checkpoint", "update_meta",
 ]
@@ -540,23 +540,60 @@ def _load_dict(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
+@dataclass
+class Checkpoint:
+    """One checkpoint file, read once: the metadata, the Classifier's weights and every other
+    entry the file holds (Lightning's), so that a command passes this object down instead of a
+    path and writes the file back at most once (``write``)."""
+
+    path: Path
+    meta: CheckpointMeta
+    #: the file's dict as read (Lightning's entries, the raw state dict); the metadata entry is
+    #: rewritten from ``meta`` by ``write``
+    entries: dict
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, map_location="cpu") -> Checkpoint:
+        path = Path(path)
+        ckpt = _load_dict(path, map_location)
+        try:
+            meta = CheckpointMeta.from_checkpoint(ckpt)
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
+        checkpoint = cls(path=path, meta=meta, entries=ckpt)
+        bad = non_finite_tensors(checkpoint.state)
+        if bad:
+            raise CheckpointError(
+                f"{path}: the weights are not finite (NaN or Inf in {len(bad)} tensors, e.g. {bad[:3]}); nothing it "
+                f"predicts would mean anything. Use an earlier checkpoint of the run (training never writes one "
+                f"with non-finite weights), or train again with a lower learning rate."
+            )
+        return checkpoint
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint | str | os.PathLike, map_location="cpu") -> Checkpoint:
+        """``checkpoint`` itself when it is already read, else the file read now."""
+        return checkpoint if isinstance(checkpoint, Checkpoint) else cls.read(checkpoint, map_location)
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The Classifier's state dict (without the ``model.`` prefix)."""
+        return {k[len(STATE_PREFIX):]: v for k, v in self.entries["state_dict"].items() if k.startswith(STATE_PREFIX)}
+
+    def write(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the file (to ``path``, default its own) atomically with the metadata as it is
+        now; every other entry (weights, Lightning state) as it was read. A link (Lightning's
+        last.ckpt may be one) keeps pointing at the updated file."""
+        target = Path(path) if path is not None else self.path.resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save({**self.entries, META_KEY: self.meta.to_dict()}, target)
+        return target
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """(the Classifier's state dict, without the ``model.`` prefix; the metadata)."""
-    path = Path(path)
-    ckpt = _load_dict(path, map_location)
-    try:
-        meta = CheckpointMeta.from_checkpoint(ckpt)
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
-    state = {k[len(STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
-    bad = non_finite_tensors(state)
-    if bad:
-        raise CheckpointError(
-            f"{path}: the weights are not finite (NaN or Inf in {len(bad)} tensors, e.g. {bad[:3]}); nothing it "
-            f"predicts would mean anything. Use an earlier checkpoint of the run (training never writes one "
-            f"with non-finite weights), or train again with a lower learning rate."
-        )
-    return state, meta
+    checkpoint = Checkpoint.read(path, map_location)
+    return checkpoint.state, checkpoint.meta
 
 
 def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
@@ -584,14 +621,10 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
 def update_meta(path: str | os.PathLike, change: Callable[[CheckpointMeta], None]) -> CheckpointMeta:
     """Apply `change` to the stored metadata and rewrite the file atomically (a crash never
     leaves half a checkpoint); every other entry (weights, Lightning state) is kept as it is."""
-    # a link (Lightning's last.ckpt may be one) keeps pointing at the updated file
-    path = Path(path).resolve()
-    ckpt = _load_dict(path)
-    meta = CheckpointMeta.from_checkpoint(ckpt)
-    change(meta)
-    ckpt[META_KEY] = meta.to_dict()
-    _atomic_save(ckpt, path)
-    return meta
+    checkpoint = Checkpoint.read(path)
+    change(checkpoint.meta)
+    checkpoint.write()
+    return checkpoint.meta
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

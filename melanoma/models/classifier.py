@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from melanoma.models import build_backbone
-from melanoma.models.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint
+from melanoma.models.checkpoint import Checkpoint, CheckpointError, CheckpointMeta
 from melanoma.models.heads import DatasetHeads
 from melanoma.models.pretrained import state_dict_mismatch
 from melanoma.models.timm_backbone import TimmBackbone
@@ -69,9 +69,11 @@ class Classifier(nn.Module):
         return cls(build_backbone(meta.backbone, family=meta.backbone_family, **meta.backbone_kwargs), DatasetHeads.from_specs(meta.head_specs()))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> tuple[Classifier, CheckpointMeta]:
-        """Rebuild the model from a checkpoint (weights loaded strictly), in eval mode."""
-        state, meta = load_checkpoint(path, map_location=map_location)
+    def from_checkpoint(cls, path: str | Path | Checkpoint, map_location="cpu") -> tuple[Classifier, CheckpointMeta]:
+        """Rebuild the model from a checkpoint file or an already read ``Checkpoint`` (weights
+        loaded strictly), in eval mode."""
+        checkpoint = Checkpoint.of(path, map_location=map_location)
+        state, meta, path = checkpoint.state, checkpoint.meta, checkpoint.path
         model = cls.from_meta(meta)
         problems = state_dict_mismatch(model.state_dict(), state)
         if problems:

@@ -30,11 +30,15 @@ from melanoma.explain.attention import compute_attention_maps
 from melanoma.explain.gradcam import GRADCAM, check_methods, compute_gradcam_maps, default_method
 from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
 from melanoma.metadata import MetadataSchema
-from melanoma.models.checkpoint import Preprocessing, softmax
+from melanoma.models.checkpoint import Checkpoint, Preprocessing, softmax
 from melanoma.models.classifier import Classifier
 from melanoma.precision import autocast_context, inference_precision
 
 log = logging.getLogger(__name__)
+
+#: a prediction record's map files by method (``HEADS_MAP``: the last-layer per-head grid); the
+#: ``attention`` column lists the same files for people, ``;``-joined
+MAPS_FIELD, HEADS_MAP = "maps", "heads"
 
 MELANOMA_DECISION = "melanoma"
 NOT_MELANOMA_DECISION = "not_melanoma"
@@ -87,12 +91,6 @@ def eval_transform_of(pre: Preprocessing) -> EvalTransform:
     return EvalTransform(pre.image_size, pre.mean, pre.std, pre.interpolation)
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """The one way an image file becomes the model's RGB input picture (full decode, EXIF
-    orientation applied; no draft decoding, so an outside consumer can reproduce it)."""
-    return load_rgb(path)
-
-
 def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
 
@@ -111,7 +109,7 @@ class Predictor:
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike,
+        checkpoint: str | os.PathLike | Checkpoint,
         head: str | None = None,
         device: str = "cpu",
         batch_size: int = 32,
@@ -127,9 +125,10 @@ class Predictor:
             raise RuntimeError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         self.device = torch.device(device)
         self.precision = inference_precision(precision, self.device)
+        checkpoint = Checkpoint.of(checkpoint, map_location=self.device)  # a path, or a file already read
         self.model, self.meta = Classifier.from_checkpoint(checkpoint, map_location=self.device)
         self.model.requires_grad_(False)  # inference: no parameter gradients, ever
-        self.checkpoint = Path(checkpoint)
+        self.checkpoint = checkpoint.path
         self.head = self.meta.choose_head(head)
         record = self.meta.heads[self.head]
         self.class_names = record.class_names
@@ -148,7 +147,7 @@ class Predictor:
         self.data_warning = record.data_warning(self.head)  # synthetic training data
         self.announce = bool(announce)
         if warning and announce:
-            log.warning("head %r of %s: %s", self.head, checkpoint, warning)
+            log.warning("head %r of %s: %s", self.head, self.checkpoint, warning)
         self.show_calibrated = bool(calibrated) and self.calibration is not None
         self.image_size = self.meta.preprocessing.image_size
         self.transform = eval_transform_of(self.meta.preprocessing)
@@ -249,7 +248,7 @@ class Predictor:
     # --- files ------------------------------------------------------------------------------
     def _load(self, path: Path) -> tuple[torch.Tensor | None, Image.Image | None, str | None]:
         try:
-            image = read_image(path)
+            image = load_rgb(path)
             return self.transform(image), image, None
         except ImageReadError as e:
             return None, None, e.reason
@@ -352,6 +351,8 @@ class Predictor:
                         if maps.last_layer_heads is not None:
                             files.append(attention_dir / f"{stem}_heads.png")
                         rec["attention"] = ";".join(str(f) for f in files)
+                        # the same files by method, for programs (serve): no file-name parsing
+                        rec[MAPS_FIELD] = dict(zip([*methods, HEADS_MAP][:len(files)], map(str, files)))
                         pending.append(writer.submit(self._write_maps, files, loaded[i][1], maps, j, methods, rec))
                     chunk_records[i] = rec
             records.extend(chunk_records)
@@ -365,6 +366,7 @@ class Predictor:
             writer.shutdown()
             for r in records:
                 r.setdefault("attention", None)
+                r.setdefault(MAPS_FIELD, {})
         bar.close()
         return records
 

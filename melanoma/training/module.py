@@ -1,8 +1,16 @@
-"""The LightningModule: a ViT backbone with one head per dataset, trained on the active one.
+"""The LightningModule: a backbone with one head per training dataset.
+
+One training mode: a single dataset is a joint run with one member. Every head in ``heads``
+trains (each batch trains its own dataset's head); metrics are logged per head, under
+``<stage>/<metric>`` when there is one head (``val/bal_acc``) and ``<stage>/<head>/<metric>``
+plus the mean over heads (``val/mean/bal_acc``) when there are several.
 
 ``self.model`` is a ``melanoma.models.classifier.Classifier`` so checkpoint keys are
 ``model.backbone.*`` / ``model.heads.<dataset>.*``, and ``on_save_checkpoint`` writes the META
-(``ckpt["melanoma"]``) that lets ``Classifier.from_checkpoint`` rebuild the network alone.
+(``ckpt["melanoma"]``) that lets ``Classifier.from_checkpoint`` rebuild the network alone. What
+the model was trained on (each head's data description and split, the seen-set, the run's
+config) is not the module's to know: the training workflow hands it over
+(``set_training_records``) and it is written with the model's own record.
 """
 
 from __future__ import annotations
@@ -14,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -87,8 +94,9 @@ class LesionClassifier(pl.LightningModule):
     """Backbone + per-dataset heads; trains and evaluates the head named ``dataset_name``.
 
     Arguments mirror the ``model`` config group (``conf/model/vit.yaml``, whose ``_target_`` is this
-    class, ``_partial_``) plus what the datamodule knows (``dataset_name``, ``class_names``,
-    ``image_size``, ``interpolation``) and the resolved ``config``. ``optimizer`` and ``scheduler``
+    class, ``_partial_``) plus what the datamodule knows: the heads (``dataset_name`` and its
+    ``class_names``; with ``joint_heads``, every member's name and classes, ``dataset_name`` the
+    one ``forward`` uses), ``image_size`` and ``interpolation``. ``optimizer`` and ``scheduler``
     are the ``model.optimizer`` / ``model.scheduler`` configs (``_target_`` + arguments); without
     them the module predicts and freezes but cannot train. ``loss`` None is the plain cross-entropy;
     given, its keys are all read (no defaults here that could disagree with the YAML). ``mixup``
@@ -115,7 +123,6 @@ class LesionClassifier(pl.LightningModule):
         interpolation: str = "bicubic",
         pretrained: str | None = None,
         init_from: str | None = None,
-        config: Mapping | None = None,
         compile: bool = False,
         compile_backend: str = DEFAULT_BACKEND,
         mixup: Mapping | None = None,
@@ -145,30 +152,27 @@ class LesionClassifier(pl.LightningModule):
             raise ValueError("model.mixup is not supported with model.fusion (a mixed image has no one patient's "
                              "metadata); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
         spec = _fused_spec(spec, self.fusion, metadata_schema, metadata_branch)
+        # one head per training dataset: a single dataset is a joint run with one member
+        head_classes = {str(n): list(c) for n, c in dict(joint_heads or {dataset_name: class_names}).items()}
+        if dataset_name not in head_classes:
+            raise ValueError(f"dataset_name {dataset_name!r} is not one of the joint heads {list(head_classes)}")
+        if len(head_classes) > 1 and mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0
+                                                             or float(mixup.get("cutmix_alpha", 0)) > 0):
+            raise ValueError("model.mixup is not supported with dataset=joint (heads have different "
+                             "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
         heads = DatasetHeads()
-        heads.add(dataset_name, build_head(spec))
-        # joint training (melanoma.data.joint): one head per member, each batch trains its own
-        self.joint_names: list[str] | None = None
-        if joint_heads:
-            joint_heads = {str(n): list(c) for n, c in dict(joint_heads).items()}
-            if dataset_name not in joint_heads:
-                raise ValueError(f"dataset_name {dataset_name!r} is not one of the joint heads {list(joint_heads)}")
-            if mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0 or float(mixup.get("cutmix_alpha", 0)) > 0):
-                raise ValueError("model.mixup is not supported with dataset=joint (heads have different "
-                                 "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
-            for name, classes in joint_heads.items():
-                if name != dataset_name:
-                    heads.add(name, build_head(_fused_spec(_head_spec(head_cfg.get("type", "linear"), vit.embed_dim,
-                                                                      classes, head_cfg),
-                                                           self.fusion, metadata_schema, metadata_branch)))
-            self.joint_names = list(joint_heads)
+        for name, classes in head_classes.items():
+            head_spec = spec if name == dataset_name else _fused_spec(
+                _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, classes, head_cfg),
+                self.fusion, metadata_schema, metadata_branch)
+            heads.add(name, build_head(head_spec))
+        #: the heads that train, in the order of the datamodule's val/test loaders
+        self.head_names: list[str] = list(head_classes)
         if compile:
             # in place: state-dict keys stay plain, so checkpoints load with or without compile
             compile_backbone(vit, backend=compile_backend)
         self.model = Classifier(vit, heads)
         self.active_head = dataset_name
-        self.class_names = list(class_names)
-        self.positive_index = positive_index(self.class_names)
         self.image_size = int(image_size)
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.preprocessing = preprocessing_from(image_size, mean, std, interpolation)
@@ -181,9 +185,8 @@ class LesionClassifier(pl.LightningModule):
         if missing:
             raise KeyError(f"model.loss lacks {sorted(missing)} (found {sorted(self.loss_cfg)}); "
                            f"conf/model/vit.yaml defines them")
-        self.class_weight: torch.Tensor | None = None
-        # joint training: class weights per head (model.loss.class_weights)
-        self.class_weights_by_head: dict[str, torch.Tensor] = {}
+        # per head: the cross-entropy's class weights (model.loss.class_weights), set in setup
+        self.class_weights: dict[str, torch.Tensor] = {}
         self.mixup = _build_mixup(mixup, len(class_names), float(self.loss_cfg["label_smoothing"]))
         self._lr_groups: dict = {}
         # the NaN/Inf guard, read one optimizer step late (melanoma.training.guard)
@@ -196,39 +199,40 @@ class LesionClassifier(pl.LightningModule):
         # (evaluation writes calibration into the file; init_from and resume bring records along)
         self.head_records: dict[str, HeadRecord] = {}
         # what the model has seen (the checkpoint's seen-set): records inherited through init_from,
-        # and this run's own records as last written (used when no datamodule is attached)
+        # and this run's own (set_training_records, or kept from the resumed checkpoint)
         self.inherited_seen: list[SeenImages] = []
         self._own_seen: list[SeenImages] | None = None
+        # set by the training workflow (set_training_records): each head's data, the run's config
+        self._data_records: dict[str, TrainingData] = {}
+        self._run_config: dict = {}
         self.model_id = uuid.uuid4().hex[:12]
         # forward stages (embeddings, block0.., norm) below the lowest trainable layer run no_grad
         self._frozen_prefix = 0
         self._trainable_layers: set[str] | None = None
         self._sync_head_flags()
 
-        # keys "<stage>_metrics" (joint: "<stage>_metrics__<head>"): a key "train" would clash
-        # with nn.Module.train
-        classes_of = {h: self.model.heads[h].class_names for h in (self.joint_names or [])}
-        classes_of[None] = self.class_names
+        # keys "<stage>_metrics__<head>": a key "train" would clash with nn.Module.train
         self.metrics = torch.nn.ModuleDict({
-            self._metric_key(stage, h): stage_metrics(classes_of[h])
-            for stage in ("train", "val", "test") for h in self._metric_heads()
+            self._metric_key(stage, h): stage_metrics(head_classes[h])
+            for stage in ("train", "val", "test") for h in self.head_names
         })
         self.confmats = torch.nn.ModuleDict({
-            self._metric_key(stage, h, ""): MulticlassConfusionMatrix(len(classes_of[h]))
-            for stage in ("val", "test") for h in self._metric_heads()
+            self._metric_key(stage, h, ""): MulticlassConfusionMatrix(len(head_classes[h]))
+            for stage in ("val", "test") for h in self.head_names
         })
         # the mean loss over images: weighted by batch size and synced as sums, so under DDP it
         # equals one process's value (self.log's sync_dist would average the per-rank means)
         self.eval_losses = torch.nn.ModuleDict({
-            self._metric_key(stage, h, ""): MeanMetric() for stage in ("val", "test") for h in self._metric_heads()
+            self._metric_key(stage, h, ""): MeanMetric() for stage in ("val", "test") for h in self.head_names
         })
 
-    def _metric_heads(self) -> list[str | None]:
-        return list(self.joint_names) if self.joint_names else [None]
-
     @staticmethod
-    def _metric_key(stage: str, head: str | None, suffix: str = "_metrics") -> str:
-        return f"{stage}{suffix}" if head is None else f"{stage}{suffix}__{head}"
+    def _metric_key(stage: str, head: str, suffix: str = "_metrics") -> str:
+        return f"{stage}{suffix}__{head}"
+
+    def _metric_prefix(self, stage: str, head: str) -> str:
+        """Where a head's metrics are logged: ``val`` with one head, ``val/<head>`` with several."""
+        return stage if len(self.head_names) == 1 else f"{stage}/{head}"
 
     # --- heads and freezing -------------------------------------------------------------------
 
@@ -240,10 +244,7 @@ class LesionClassifier(pl.LightningModule):
         # Heads of other datasets never train in this run. requires_grad False before DDP wraps
         # the model keeps them out of DDP's reducer (they produce no gradient).
         for name, h in self.model.heads.items():
-            h.requires_grad_(name in self._training_heads())
-
-    def _training_heads(self) -> list[str]:
-        return list(self.joint_names) if self.joint_names else [self.active_head]
+            h.requires_grad_(name in self.head_names)
 
     def set_trainable_layers(self, layers: set[str] | None) -> None:
         """Train only ``layers`` (the backbone's layer groups and/or ``head``; None = everything).
@@ -258,7 +259,7 @@ class LesionClassifier(pl.LightningModule):
         self._trainable_layers = None if layers is None else set(layers)
         for name, p in backbone.named_parameters():
             p.requires_grad_(layers is None or backbone.layer_of(name) in layers)
-        for name in self._training_heads():
+        for name in self.head_names:
             self.model.heads[name].requires_grad_(layers is None or "head" in layers)
         self._frozen_prefix = backbone.frozen_prefix(self._trainable_layers)
         # a timm CNN keeps the batch norms of frozen layers in eval mode (TimmBackbone.train)
@@ -275,20 +276,18 @@ class LesionClassifier(pl.LightningModule):
     # --- steps ----------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.loss_cfg["class_weights"] and self.joint_names:
-            members = getattr(self.trainer.datamodule, "members", {})
-            self.class_weights_by_head = {n: torch.as_tensor(members[n].class_weights(), dtype=torch.float32)
-                                          for n in self.joint_names}
-            self.class_weight = self.class_weights_by_head[self.active_head]
-        elif stage == "fit" and self.loss_cfg["class_weights"]:
+        if stage == "fit" and self.loss_cfg["class_weights"]:
             dm = self.trainer.datamodule
-            if dm is None or not hasattr(dm, "class_weights"):
+            members = getattr(dm, "members", None) or ({self.active_head: dm} if dm is not None else {})
+            if any(not hasattr(members.get(n), "class_weights") for n in self.head_names):
                 raise RuntimeError("model.loss.class_weights=true needs a datamodule with class_weights()")
-            self.class_weight = torch.as_tensor(dm.class_weights(), dtype=torch.float32)
-            log.info("class weights %s", dict(zip(self.class_names, self.class_weight.tolist())))
+            self.class_weights = {n: torch.as_tensor(members[n].class_weights(), dtype=torch.float32)
+                                  for n in self.head_names}
+            for name, weight in self.class_weights.items():
+                log.info("class weights of %s: %s", name, dict(zip(self.model.heads[name].class_names, weight.tolist())))
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, head: str | None = None) -> torch.Tensor:
-        weight = self.class_weights_by_head.get(head, self.class_weight) if head else self.class_weight
+        weight = self.class_weights.get(head or self.active_head)
         weight = weight.to(logits.device) if weight is not None else None
         return F.cross_entropy(logits.float(), y, weight=weight,
                                label_smoothing=float(self.loss_cfg["label_smoothing"]))
@@ -297,18 +296,19 @@ class LesionClassifier(pl.LightningModule):
         """Cross-entropy against soft targets; with class weights, each class's share of a target
         weighted as F.cross_entropy weights a hard label (the same value for one-hot targets)."""
         nll = -(target * F.log_softmax(logits.float(), dim=-1))
-        if self.class_weight is None:
+        weight = self.class_weights.get(self.active_head)  # mixup runs with one head only
+        if weight is None:
             return nll.sum(-1).mean()
-        weight = self.class_weight.to(logits.device)
+        weight = weight.to(logits.device)
         return (nll * weight).sum() / (target * weight).sum()
 
     def _split_batch(self, batch, dataloader_idx: int = 0):
-        """(x, y, head): joint training batches carry their member's name; joint val/test
-        loaders come one per member, in joint_names order; otherwise the active head."""
+        """(x, y, head): joint training batches carry their member's name; val/test loaders
+        come one per head, in ``head_names`` order."""
         if len(batch) == 3:
             return batch[0], batch[1], batch[2]
         x, y = batch
-        return x, y, (self.joint_names[dataloader_idx] if self.joint_names else None)
+        return x, y, self.head_names[dataloader_idx]
 
     def _logits(self, x, head: str | None) -> torch.Tensor:
         # a batch with metadata carries (images, metadata) (melanoma.data.base.LesionImageDataset);
@@ -334,9 +334,9 @@ class LesionClassifier(pl.LightningModule):
         # checkpoint or validation sees the weights (melanoma.training.guard: no host sync)
         self.guard.loss(loss, batch_idx)
         # train/loss_step on the steps the loggers write, train/loss_epoch (the mean over images)
-        # at the epoch's end: Lightning's self.log on every step cost ~3 ms of Python per step
-        # on this project's 2-core CPU (an ablation on a 32 px model). The progress bar shows the
-        # loss the guard carries to the host (melanoma.training.progress.TrainProgressBar).
+        # at the epoch's end: Lightning's self.log is costly Python, so it does not run on steps
+        # no logger writes (experiments/results/bench_train.md). The progress bar shows the loss
+        # the guard carries to the host (melanoma.training.progress.TrainProgressBar).
         self._train_loss_sum = self._train_loss_sum + loss.detach().float() * len(y)
         self._train_loss_count += len(y)
         if self._logging_step():
@@ -366,9 +366,7 @@ class LesionClassifier(pl.LightningModule):
         self._lr_groups = {}
         for group in self.trainer.optimizers[0].param_groups if self.trainer.optimizers else []:
             self._lr_groups.setdefault(f"lr/{group.get('layer', group.get('name'))}", group)
-        if self.class_weight is not None:
-            self.class_weight = self.class_weight.to(self.device)
-        self.class_weights_by_head = {n: w.to(self.device) for n, w in self.class_weights_by_head.items()}
+        self.class_weights = {n: w.to(self.device) for n, w in self.class_weights.items()}
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # only on the steps the loggers write: one self.log per layer per step was the largest
@@ -432,7 +430,7 @@ class LesionClassifier(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # scalar metrics only (test/...): the figures, intervals and calibrated numbers are the
-        # report's (melanoma.evaluation.report), written after fit under report/. At inference
+        # report's (melanoma.workflows.evaluate), written after fit under report/. At inference
         # precision (full: melanoma.precision.inference_precision), whatever the training
         # autocast, so test/... and the report score the same logits.
         with torch.autocast(self.device.type, enabled=False):
@@ -442,14 +440,11 @@ class LesionClassifier(pl.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        """``<stage>/<metric>``; joint: ``<stage>/<head>/<metric>`` per member and
-        ``<stage>/mean/<metric>``, the plain mean over the members that have the metric."""
-        if not self.joint_names:
-            self._log_head_metrics(stage, None)
-            return
-        per_head = [self._log_head_metrics(stage, h) for h in self.joint_names]
+        """``<stage>/<metric>`` with one head; with several, ``<stage>/<head>/<metric>`` per head
+        and ``<stage>/mean/<metric>``, the plain mean over the heads that have the metric."""
+        per_head = [self._log_head_metrics(stage, h) for h in self.head_names]
         per_head = [v for v in per_head if v]
-        if not per_head:
+        if len(self.head_names) == 1 or not per_head:
             return
         shared = set.intersection(*(set(v) for v in per_head))
         means = {f"{stage}/{JOINT_MEAN}/{k}": torch.stack([torch.as_tensor(v[k], dtype=torch.float32).cpu()
@@ -457,24 +452,24 @@ class LesionClassifier(pl.LightningModule):
                  for k in sorted(shared)}
         self.log_dict(means, sync_dist=True)
 
-    def _log_head_metrics(self, stage: str, head: str | None) -> dict:
+    def _log_head_metrics(self, stage: str, head: str) -> dict:
         """Log one head's metrics; return them by metric name (without the prefix)."""
         self._flush(stage, head)
         collection = self.metrics[self._metric_key(stage, head)]
         if not collection[next(iter(collection.keys()))].update_called:
             return {}
-        prefix = stage if head is None else f"{stage}/{head}"
+        prefix = self._metric_prefix(stage, head)
         values = dict(collection.compute().items())
         collection.reset()
         key = self._metric_key(stage, head, "")
         if key in self.eval_losses and self.eval_losses[key].update_called:
             values["loss"] = self.eval_losses[key].compute().float()
-            self.log(f"{prefix}/loss", values["loss"], sync_dist=True, prog_bar=stage == "val" and head is None)
+            self.log(f"{prefix}/loss", values["loss"], sync_dist=True, prog_bar=stage == "val" and len(self.head_names) == 1)
             self.eval_losses[key].reset()
         if key in self.confmats and self.confmats[key].update_called:
             cm = self.confmats[key].compute()
             self.confmats[key].reset()
-            pos = self.positive_index if head is None else positive_index(self.model.heads[head].class_names)
+            pos = positive_index(self.model.heads[head].class_names)
             if pos is not None:
                 values["sensitivity"], values["specificity"] = melanoma_rates(cm, pos)
         # compute() already synced the states across processes, so every rank holds the same
@@ -495,8 +490,7 @@ class LesionClassifier(pl.LightningModule):
             )
         optim.check_scheduler_config(self.scheduler_cfg)  # an old spelling: say the new one first
         backbone = self.model.backbone
-        heads = (torch.nn.ModuleDict({n: self.model.heads[n] for n in self.joint_names}) if self.joint_names
-                 else self.head)
+        heads = torch.nn.ModuleDict({n: self.model.heads[n] for n in self.head_names})
         optimizer = optim.build_optimizer(optim.optimizer_groups(backbone, heads, cfg), cfg)
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
         if not math.isfinite(total) or total <= 0:
@@ -545,7 +539,7 @@ class LesionClassifier(pl.LightningModule):
                         "license": self.weights_license or (meta.weights or {}).get("license"),
                         "from": meta.weights}
         for name, head in source.heads.items():
-            if name in self._training_heads():
+            if name in self.head_names:
                 if head.spec() == self.model.heads[name].spec():
                     self.model.heads.add(name, head, replace=True)
                     log.info("init_from: continuing to train the checkpoint's %r head", name)
@@ -556,7 +550,7 @@ class LesionClassifier(pl.LightningModule):
                 continue
             self.model.heads.add(name, head)
         # their calibration and training data; meta() marks them uncalibrated once training moves on
-        self.head_records.update({n: rec for n, rec in meta.heads.items() if n not in self._training_heads()})
+        self.head_records.update({n: rec for n, rec in meta.heads.items() if n not in self.head_names})
         # everything the backbone saw stays seen (the lineage's records keep their model ids)
         if meta.seen is None:
             log.warning("model.init_from=%s records no seen-set (an older checkpoint): the images its backbone "
@@ -569,80 +563,37 @@ class LesionClassifier(pl.LightningModule):
 
     # --- checkpoint META ------------------------------------------------------------------------
 
-    def _active_training_data(self) -> TrainingData | None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is None or not hasattr(dm, "split_description") or getattr(dm, "table", None) is None:
-            rec = self.head_records.get(self.active_head)
-            return None if rec is None else rec.data
-        config = (self.hparams.get("config") or {}).get("dataset") or {}
-        return TrainingData.from_dict({**dm.split_description(), "config": dict(config),
-                                       **self._training_balance(dm, self.class_weight)})
-
-    def _joint_training_data(self) -> dict[str, TrainingData]:
-        """Joint training: each member head's data, from its member's own split description (as
-        `melanoma evaluate --head` rebuilds it alone) and its own dataset config."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if not self.joint_names or dm is None or not getattr(dm, "split_descriptions", None):
-            return {}
-        out = {}
-        for name in self.joint_names:
-            member = dm.members[name]
-            weight = self.class_weights_by_head.get(name)
-            out[name] = TrainingData.from_dict({
-                **dm.split_descriptions[name], "config": dict(dm.member_configs[name]),
-                **self._training_balance(member, weight)})
-        return out
-
-    def _training_balance(self, dm, class_weight: torch.Tensor | None = None) -> dict:
-        """The train split's class prior and how training reweighted it (loss weights, sampler):
-        evaluation undoes that shift when it calibrates (melanoma.evaluation.calibration)."""
-        labels = dm.split_table("train")["label"].to_numpy()
-        counts = np.bincount(labels, minlength=len(dm.class_names)).astype(np.float64)
-        return {"prior": (counts / max(counts.sum(), 1.0)).tolist(),
-                "class_weights": None if class_weight is None else class_weight.tolist(),
-                "sampler": getattr(dm, "sampler", "random")}
-
-    def _seen(self) -> list[SeenImages]:
-        """This run's own seen-set (train, val and, marked, test of each training dataset), from
-        the attached datamodule; the last one written when none is attached."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        members = getattr(dm, "members", None) or ({self.active_head: dm} if dm is not None else {})
-        if not members or any(getattr(m, "table", None) is None for m in members.values()):
-            return list(self._own_seen or [])
-        records = []
-        for head, member in members.items():
-            for split in ("train", "val", "test"):
-                ids, hashes = member.seen_images(split)
-                records.append(SeenImages(dataset=member.name, split=split, head=head, ids=ids, hashes=hashes,
-                                          model=self.model_id))
-        self._own_seen = records
-        return records
+    def set_training_records(self, data: Mapping[str, TrainingData], seen: Sequence[SeenImages],
+                             config: Mapping | None = None) -> None:
+        """What this run trains on, as the training workflow describes it: each head's data
+        (dataset config, split and its fingerprint, class balance), the run's own seen-set and
+        its resolved config; written into every checkpoint with the model's record."""
+        self._data_records = dict(data)
+        self._own_seen = list(seen)
+        self._run_config = dict(config or {})
 
     def meta(self) -> CheckpointMeta:
         """The checkpoint contract's metadata of the model being trained."""
-        data = self._active_training_data()
         # Training moves the backbone, so no calibration fitted before (init_from, or a resumed
         # checkpoint that was evaluated) still holds: the active head gets a new one from
         # `melanoma evaluate`; the others are marked uncalibrated, with the reason.
+        data = self._data_records.get(self.active_head)
         moved = (f"the backbone changed after it was calibrated (training head {self.active_head!r}"
                  f"{'' if data is None else ' on ' + data.dataset})")
         heads = {}
         for name, spec in self.model.heads.specs().items():
             old = self.head_records.get(name) or HeadRecord(spec=spec)
             rec = HeadRecord(spec=spec, data=old.data, uncalibrated_reason=old.uncalibrated_reason)
-            if name not in self._training_heads() and (old.calibration or old.calibration_tta):
+            if name not in self.head_names and (old.calibration or old.calibration_tta):
                 rec.drop_calibration(moved)
             heads[name] = rec
-        heads[self.active_head].data = data
-        heads[self.active_head].uncalibrated_reason = None
-        for name, member_data in self._joint_training_data().items():
-            heads[name].data = member_data
+        for name in self.head_names:
+            heads[name].data = self._data_records.get(name, heads[name].data)
             heads[name].uncalibrated_reason = None
         return CheckpointMeta(
             backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, heads=heads,
-            active_head=self.active_head, preprocessing=self.preprocessing,
-            config=dict(self.hparams.get("config") or {}),
-            seen=self.inherited_seen + self._seen(), model_id=self.model_id,
+            active_head=self.active_head, preprocessing=self.preprocessing, config=dict(self._run_config),
+            seen=self.inherited_seen + list(self._own_seen or []), model_id=self.model_id,
             backbone_family=self.backbone_family, weights=self.weights,
         )
 
@@ -667,6 +618,7 @@ class LesionClassifier(pl.LightningModule):
             self.weights = meta.weights
         self.inherited_seen = [r for r in meta.seen or [] if r.model != self.model_id]
         self._own_seen = [r for r in meta.seen or [] if r.model == self.model_id]
+        self._run_config = dict(meta.config)
         self._sync_head_flags()
         if self._trainable_layers is not None:
             self.set_trainable_layers(self._trainable_layers)

@@ -14,7 +14,7 @@ diverge), and a resumed run re-freezes. Here instead:
   forward (``LesionClassifier.set_trainable_layers``), so they cost no backward pass and no
   stored activations;
 * under DDP every parameter requires grad when DDP wraps the model (so it is in DDP's reducer)
-  and the strategy is built with ``find_unused_parameters=True`` (``melanoma.train`` does that
+  and the strategy is built with ``find_unused_parameters=True`` (``melanoma.workflows.training_run`` does that
   when this callback is used): frozen parameters are then "unused" on every rank and keep grad
   None, unfrozen ones are all-reduced. ``on_fit_start`` refuses a DDP strategy without it.
 """

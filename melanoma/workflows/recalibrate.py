@@ -22,26 +22,24 @@ home site); the input file is never written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from melanoma.conventions import positive_index
-from melanoma.evaluation.bootstrap import bootstrap
+from melanoma.data.splits import rows_fingerprint
+from melanoma.evaluation.bootstrap import bootstrap, calibration_comparison
+from melanoma.evaluation.calibration import fit_held_out_calibration
 from melanoma.evaluation.figures import operating_points_figure, reliability_figure
 from melanoma.evaluation.metrics import binary_auroc, sensitivity_specificity
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.report import (_logits, _write, calibration_comparison, fit_val_calibration,
-                                        predictions_table)
-from melanoma.evaluation.seen import exclude_seen
-from melanoma.models.checkpoint import Calibration, SeenImages, update_meta
+from melanoma.models.checkpoint import Calibration, Checkpoint, SeenImages
 from melanoma.predict import Predictor, decide
+from melanoma.workflows.report import predict_rows, predictions_table, write_report
+from melanoma.workflows.seen import exclude_seen
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +81,6 @@ def site_sample(is_positive, groups, fraction: float, seed: int = 0) -> np.ndarr
     return chosen[codes]
 
 
-def _fingerprint(rows: pd.DataFrame) -> str:
-    items = sorted(zip((os.path.basename(p) for p in rows["path"]), rows["label"].tolist()))
-    return hashlib.sha1(repr(items).encode()).hexdigest()
-
-
 def _operating_point(p_mel, is_mel, threshold, groups) -> dict:
     sens, spec = sensitivity_specificity(np.asarray(p_mel) >= threshold, is_mel)
     probs = np.stack([1 - np.asarray(p_mel), np.asarray(p_mel)], 1)
@@ -97,7 +90,7 @@ def _operating_point(p_mel, is_mel, threshold, groups) -> dict:
 
 
 def recalibrate_checkpoint(
-    ckpt_path: str | os.PathLike,
+    checkpoint: Checkpoint | str | os.PathLike,
     datamodule,
     out_ckpt: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -112,17 +105,19 @@ def recalibrate_checkpoint(
     precision: str = "auto",
 ) -> dict:
     """Fit calibration and operating point on a site sample of `datamodule` (a dataset the
-    model never trained on: `melanoma.evaluation.datasets.external_datamodule`), write them into
+    model never trained on: `melanoma.workflows.datasets.external_datamodule`), write them into
     a copy of the checkpoint at `out_ckpt`, and report the rest into `out_dir`. Images the model
-    has seen (``melanoma.evaluation.seen``) are left out of both the sample and the report, and
+    has seen (``melanoma.workflows.seen``) are left out of both the sample and the report, and
     listed in out_dir/excluded.csv (``keep_overlap``: kept, with a warning). The sample joins the
     new checkpoint's seen-set: it is what that model was calibrated on."""
-    ckpt_path, out_ckpt, out_dir = Path(ckpt_path), Path(out_ckpt), Path(out_dir)
-    if out_ckpt.resolve() == ckpt_path.resolve():
+    out_ckpt, out_dir = Path(out_ckpt), Path(out_dir)
+    if out_ckpt.resolve() == Path(getattr(checkpoint, "path", checkpoint)).resolve():
         raise ValueError(f"--out {out_ckpt} is the input checkpoint; recalibration writes a new file and "
                          f"leaves the input untouched: give another path")
     needed = positives_needed(target_sensitivity)
-    predictor = Predictor(ckpt_path, head=head, device=device, batch_size=datamodule.eval_batch_size,
+    checkpoint = Checkpoint.of(checkpoint)
+    ckpt_path = checkpoint.path
+    predictor = Predictor(checkpoint, head=head, device=device, batch_size=datamodule.eval_batch_size,
                           progress=progress, announce=False, precision=precision)
     head, class_names, head_pos = predictor.head, predictor.class_names, predictor.positive_index
     data_names = list(datamodule.class_names)
@@ -166,32 +161,27 @@ def recalibrate_checkpoint(
         raise ValueError(f"the test part left after sampling {fraction} of {len(rows)} images has no melanoma; "
                          f"lower --fraction")
 
-    logits = _logits(predictor, rows, datamodule, "site")
+    logits = predict_rows(predictor, rows, datamodule, "site")
     sample_rows = rows[in_sample]
     fitted_on = {"dataset": datamodule.name, "root": str(getattr(datamodule, "root", "")), "split": "site sample",
                  "fraction": float(fraction), "seed": int(seed), "n": int(in_sample.sum()), "melanomas": n_pos,
-                 "fingerprint": _fingerprint(sample_rows)}
+                 "fingerprint": rows_fingerprint(sample_rows["path"], sample_rows["label"])}
     record = predictor.meta.heads[head]
-    calibration, candidates = fit_val_calibration(logits[in_sample], labels[in_sample], record.data, True, False, fitted_on)
+    calibration, candidates = fit_held_out_calibration(logits[in_sample], labels[in_sample], record.data, True, False, fitted_on)
     p_sample = calibration.probabilities(logits[in_sample])[:, head_pos]
     op = threshold_for_sensitivity(p_sample, is_mel[in_sample], target_sensitivity)
     calibration = dataclasses.replace(calibration, threshold=op["threshold"], target_sensitivity=float(target_sensitivity),
                                       precision=predictor.precision)
 
-    out_ckpt.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ckpt_path, out_ckpt)
-
     sample_ids, sample_hashes = datamodule.seen_images(paths=sample_rows["path"].tolist())
-
-    def change(meta):
-        meta.set_calibration(head, calibration)
-        # the TTA record was fitted at home: TTA predictions now fall back to this one, with a warning
-        meta.heads[head].calibration_tta = None
-        if meta.seen is not None:  # what this model was calibrated on is not external to it either
-            meta.seen.append(SeenImages(dataset=datamodule.name, split="site sample", head=head, ids=sample_ids,
-                                        hashes=sample_hashes, model=meta.model_id))
-
-    update_meta(out_ckpt, change)
+    meta = checkpoint.meta  # written to out_ckpt only: the input file is never written
+    meta.set_calibration(head, calibration)
+    # the TTA record was fitted at home: TTA predictions now fall back to this one, with a warning
+    meta.heads[head].calibration_tta = None
+    if meta.seen is not None:  # what this model was calibrated on is not external to it either
+        meta.seen.append(SeenImages(dataset=datamodule.name, split="site sample", head=head, ids=sample_ids,
+                                    hashes=sample_hashes, model=meta.model_id))
+    checkpoint.write(out_ckpt)
 
     # --- the test part --------------------------------------------------------------------
     test = ~in_sample
@@ -226,5 +216,4 @@ def recalibrate_checkpoint(
         "operating_points": operating_points_figure(points),
         "reliability": reliability_figure({"original calibration": p_orig, "recalibrated": p_new}, t_labels),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _write(out_dir, report, table, figures, None)
+    return write_report(out_dir, report, table, figures, None)

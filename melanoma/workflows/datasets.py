@@ -5,6 +5,7 @@
   checked against the recorded fingerprint. Its test split is then exactly the one held out.
 - ``external_datamodule``: a dataset the model never trained on, described like a training run
   (``dataset=ph2 dataset.root=...``); every image of it is a test image.
+- ``datamodule_from_overrides``: any dataset described that way (check-data, the duplicates audit).
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from __future__ import annotations
 import logging
 
 import hydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from melanoma.config import compose_config
+from melanoma.data.joint import JointDataModule, member_override_pairs
 from melanoma.models.checkpoint import CheckpointMeta, Preprocessing, TrainingData
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SplitMismatchError", "external_datamodule", "training_datamodule"]
+#: the ``_target_`` of conf/dataset/joint.yaml
+JOINT_TARGET = f"{JointDataModule.__module__}.{JointDataModule.__qualname__}"
+
+__all__ = ["SplitMismatchError", "datamodule_from_overrides", "external_datamodule", "instantiate_dataset",
+           "member_configs", "training_datamodule"]
 
 EXTERNAL_HINT = ("to test on other data, evaluate it as an external test set: "
                  "melanoma evaluate CKPT dataset=NAME dataset.root=DIR --external")
@@ -27,6 +33,52 @@ EXTERNAL_HINT = ("to test on other data, evaluate it as an external test set: "
 
 class SplitMismatchError(ValueError):
     """An evaluation would not run on the split the checkpoint was trained with."""
+
+
+def _compose_member(name: str, overrides: list[str]):
+    """conf/train.yaml with dataset=<name>: through the running Hydra app when there is one (its
+    config search path), else through melanoma.config.compose_config."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        from hydra import compose
+
+        return compose(config_name="train", overrides=[f"dataset={name}", *overrides])
+    return compose_config([f"dataset={name}", *overrides])
+
+
+def member_configs(members, data_dir: str | None, member_overrides=None) -> dict[str, dict]:
+    """Each joint member's dataset config, composed from its own conf/dataset/<name>.yaml with
+    ``paths.data_dir`` and its ``member_overrides`` (``{ph2: {root: DIR}}`` or ``["ph2.root=DIR"]``)."""
+    pairs = member_override_pairs(member_overrides)
+    stray = set(pairs) - {str(m) for m in members}
+    if stray:
+        raise ValueError(f"dataset.member_overrides names {sorted(stray)}, which are not members {list(members)}")
+    configs = {}
+    for name in map(str, members):
+        overrides = [] if data_dir is None else [f"paths.data_dir={data_dir}"]
+        overrides += [f"dataset.{k}={v}" for k, v in pairs.get(name, [])]
+        configs[name] = OmegaConf.to_container(_compose_member(name, overrides).dataset, resolve=True)
+    return configs
+
+
+def instantiate_dataset(dataset_cfg, **forced):
+    """The DataModule of a ``cfg.dataset``; ``forced`` keyword arguments win over the config. A
+    joint config's members are composed here (``member_configs``), each from its own config."""
+    cfg = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(dataset_cfg)
+    if cfg.get("_target_") != JOINT_TARGET:
+        return hydra.utils.instantiate(cfg, **forced, _convert_="all")
+    if not cfg.get("member_configs"):
+        cfg["member_configs"] = member_configs(cfg["members"], cfg.pop("data_dir", None), cfg.pop("member_overrides", None))
+    # not recursive: the member configs are configs (with _target_) the joint DataModule builds
+    return hydra.utils.instantiate(cfg, **forced, _convert_="all", _recursive_=False)
+
+
+def datamodule_from_overrides(overrides: list[str], **forced):
+    """The DataModule of ``cfg.dataset`` composed from Hydra overrides of conf/ (as for `python
+    train.py`); ``forced`` keyword arguments win over the config (the image size and
+    normalisation a checkpoint was trained with)."""
+    return instantiate_dataset(compose_config(overrides).dataset, **forced)
 
 
 def _forced(pre: Preprocessing) -> dict:
@@ -100,8 +152,7 @@ def external_datamodule(meta: CheckpointMeta, overrides: list[str]):
     head of the model was trained on it."""
     if not any(_parse(o)[0] == "dataset" for o in overrides):
         raise ValueError("--external needs the dataset named: dataset=NAME dataset.root=DIR")
-    cfg = compose_config(overrides)
-    dm = hydra.utils.instantiate(cfg.dataset, **_forced(meta.preprocessing), _convert_="all")
+    dm = datamodule_from_overrides(overrides, **_forced(meta.preprocessing))
     trained_on = {name: rec.data.dataset for name, rec in meta.heads.items() if rec.data is not None}
     hit = [h for h, d in trained_on.items() if d == dm.name]
     if hit:

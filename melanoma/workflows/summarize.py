@@ -6,7 +6,7 @@
 Each job folder (``<multirun>/<job number>/``, conf/hydra/default.yaml) holds
 ``.hydra/overrides.yaml``, ``splits.csv``, ``test/metrics.json`` (the Lightning test loop's
 ``test/...`` scalars) and ``report/`` (metrics.json, predictions.csv, val_predictions.csv;
-melanoma.evaluation.report). ``summarize`` writes into the multirun folder (or ``out_dir``):
+melanoma.workflows.evaluate). ``summarize`` writes into the multirun folder (or ``out_dir``):
 
 - summary.json: ``runs`` (per job: its overrides and metrics, ``report/<key>`` from the report,
   ``test/<key>`` from the test loop, and the report's intervals under ``ci95``), ``swept_keys`` (the overrides that differ between jobs),
@@ -36,13 +36,16 @@ import pandas as pd
 import yaml
 
 from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE, positive_index
-from melanoma.evaluation.bootstrap import bootstrap, format_ci
+from melanoma.evaluation.bootstrap import format_ci, metrics_with_intervals
 from melanoma.evaluation.figures import save_figure
-from melanoma.evaluation.metrics import AUROC, binary_auroc, classification_metrics, roc_curve
+from melanoma.evaluation.metrics import AUROC, binary_auroc, roc_curve
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
-from melanoma.evaluation.report import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE
+from melanoma.workflows.report import METRICS_FILE, PREDICTIONS_FILE, VAL_PREDICTIONS_FILE, jsonable
 
 log = logging.getLogger(__name__)
+
+#: metrics about calibration, which pooled out-of-fold / ensemble probabilities do not share
+POOLED_DROPPED = ("nll", "ece")
 
 __all__ = ["summarize", "FoldCoverageError", "SUMMARY_JSON", "SUMMARY_MD", "OOF_PREDICTIONS_FILE",
            "ENSEMBLE_PREDICTIONS_FILE", "FOLD_KEY", "REPLICATE_KEYS"]
@@ -52,7 +55,7 @@ SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 OOF_PREDICTIONS_FILE, ENSEMBLE_PREDICTIONS_FILE = "oof_predictions.csv", "ensemble_test_predictions.csv"
 OOF_ROC_FIGURE, METRIC_DOTS_FIGURE = "oof_roc.png", "metrics_per_job.png"
 
-# what a training run folder holds (written by melanoma/train.py)
+# what a training run folder holds (written by melanoma/workflows/training_run.py)
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 #: the override that picks the k-fold fold; jobs differing in it are folds of one setting
@@ -211,15 +214,6 @@ def pool_out_of_fold(jobs: list[Job]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return oof, base
 
 
-def _metrics_with_intervals(probs, labels, pos, threshold, groups) -> dict:
-    metrics = classification_metrics(probs, labels, pos, threshold)
-    for k in ("nll", "ece"):  # about calibration, which these pooled probabilities do not share
-        metrics.pop(k)
-    result = bootstrap(probs, labels, pos, threshold, groups=groups)
-    metrics["ci95"], metrics["ci95_method"] = result.intervals, result.summary()
-    return metrics
-
-
 def _arrays(table: pd.DataFrame, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     probs = table[[f"prob_{c}" for c in class_names]].to_numpy(np.float64)
     index = {c: i for i, c in enumerate(class_names)}
@@ -242,7 +236,7 @@ def kfold_summary(jobs: list[Job], out_dir: Path, target_sensitivity: float = TA
         "probabilities": "raw softmax (uncalibrated) of the fold that held each image out",
         "threshold_chosen_on": "these pooled out-of-fold predictions (sensitivity/specificity at it are optimistic)",
         "target_sensitivity": float(target_sensitivity),
-        **_metrics_with_intervals(probs, labels, pos, op["threshold"], oof["path"].map(group_of).to_numpy()),
+        **metrics_with_intervals(probs, labels, pos, op["threshold"], oof["path"].map(group_of).to_numpy(), drop=POOLED_DROPPED),
     }
     oof.to_csv(out_dir / f"{prefix}{OOF_PREDICTIONS_FILE}", index=False)
 
@@ -266,7 +260,7 @@ def kfold_summary(jobs: list[Job], out_dir: Path, target_sensitivity: float = TA
         "n": int(len(ens)), "folds": [j.name for j in jobs],
         "probabilities": "mean over the folds of each fold's calibrated probabilities",
         "threshold_rule": "mean of the folds' operating points (each chosen on its own val)",
-        **_metrics_with_intervals(e_probs, e_labels, pos, threshold, ens["path"].map(group_of).to_numpy()),
+        **metrics_with_intervals(e_probs, e_labels, pos, threshold, ens["path"].map(group_of).to_numpy(), drop=POOLED_DROPPED),
     }
     ens.to_csv(out_dir / f"{prefix}{ENSEMBLE_PREDICTIONS_FILE}", index=False)
     figures = {f"{prefix}{OOF_ROC_FIGURE}": _oof_roc_figure(oof, probs[:, pos], labels == pos, pos, class_names)}
@@ -289,9 +283,9 @@ def _oof_roc_figure(oof: pd.DataFrame, p_mel, is_mel, pos, class_names):
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title("melanoma vs rest, out-of-fold validation\n(every threshold: no decision rule applied)", fontsize=10)
-    from .figures import _legend_below
+    from melanoma.evaluation.figures import legend_below
 
-    _legend_below(fig, ax, ncols=1)
+    legend_below(fig, ax, ncols=1)
     return fig
 
 
@@ -353,25 +347,13 @@ def summarize(multirun_dir, out_dir=None, target_sensitivity: float = TARGET_SEN
     else:
         summary["groups"] = groups
     figures[METRIC_DOTS_FIGURE] = _dots_figure(groups, {j.name: j for j in jobs})
-    summary = _jsonable(summary)
+    summary = jsonable(summary)
     (out_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2))
     (out_dir / SUMMARY_MD).write_text(_markdown(summary, groups))
     for name, fig in figures.items():
         save_figure(fig, out_dir / name)
     log.info("summary of %d jobs written to %s", len(jobs), out_dir)
     return summary
-
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {str(k): _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    if isinstance(d, (float, np.floating)):
-        return float(d) if np.isfinite(d) else None
-    if isinstance(d, np.integer):
-        return int(d)
-    return d
 
 
 def _markdown(summary: dict, groups: list[dict]) -> str:

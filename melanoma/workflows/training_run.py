@@ -27,7 +27,9 @@ from melanoma.training.launch import hydra_ddp_launch, strategy_for
 from melanoma.training.loggers import build_loggers, finish_wandb, wandb_sync_hint
 from melanoma.training.module import LesionClassifier
 from melanoma.training.noise import quiet_third_party
-from melanoma.training.preflight import check_data, check_paths
+from melanoma.workflows.datasets import instantiate_dataset
+from melanoma.workflows.preflight import check_data, check_paths
+from melanoma.workflows.records import TrainingRecords, members_of
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,8 @@ USER_ERRORS = (FileNotFoundError, ValueError, PretrainedWeightsError, Checkpoint
 
 
 def _metadata_schema(dm) -> dict | None:
-    """The datamodule's patient-metadata schema record (dataset.metadata), or a joint member's."""
-    schema = getattr(dm, "metadata_schema", None)
-    for member in getattr(dm, "members", {}).values():
-        schema = schema or getattr(member, "metadata_schema", None)
+    """The patient-metadata schema record (dataset.metadata) of the first member that has one."""
+    schema = next((m.metadata_schema for m in members_of(dm).values() if getattr(m, "metadata_schema", None)), None)
     return None if schema is None else schema.to_dict()
 
 
@@ -82,17 +82,17 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     check_paths(cfg)  # what is cheap first: paths, then the data, then model and weights
-    dm = hydra.utils.instantiate(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std), _convert_="all")
+    dm = instantiate_dataset(cfg.dataset, mean=list(cfg.model.mean), std=list(cfg.model.std))
     check_data(dm)
     # model: a partial LesionClassifier (conf/model/vit.yaml); not recursive, so the optimizer and
     # scheduler stay configs that configure_optimizers builds once the trainer is known
     make_module = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
-    joint = getattr(dm, "class_names_by_member", None)  # dataset=joint: one head per member
-    first = next(iter(joint)) if joint else dm.name
+    # one head per training dataset (a single dataset: one member)
+    heads = {name: list(member.class_names) for name, member in members_of(dm).items()}
+    first = next(iter(heads))
     module: LesionClassifier = make_module(
-        dataset_name=first, class_names=list(joint[first] if joint else dm.class_names),
-        image_size=dm.image_size, interpolation=dm.augment["interpolation"], config=resolved,
-        **({"joint_heads": joint} if joint else {}),
+        dataset_name=first, class_names=heads[first], joint_heads=heads,
+        image_size=dm.image_size, interpolation=dm.augment["interpolation"],
         metadata_schema=_metadata_schema(dm),
     )
     if cfg.get("ckpt_path"):
@@ -109,10 +109,12 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
 
     callbacks = build_callbacks(cfg.get("callbacks"), progress_bar=cfg.trainer.get("enable_progress_bar", True))
     callbacks.append(SaveSplit(run_dir / RUN_SPLITS_FILE))
+    # the data description goes into the checkpoints from here, not through the model's arguments
+    callbacks.append(TrainingRecords(dataset_config=resolved["dataset"], run_config=resolved))
     loggers, wandb_mode = build_loggers(cfg.get("logger"))
     freezing = any(getattr(c, "freezes_layers", False) for c in callbacks)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy_for(cfg.trainer, freezing or bool(joint)))
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy_for(cfg.trainer, freezing or len(heads) > 1))
     wandb = next((lg for lg in loggers if isinstance(lg, WandbLogger)), None)
     if trainer.is_global_zero and wandb is not None and wandb_sync_hint(wandb, wandb_mode):
         log.info("W&B is offline; upload this run later with: %s", wandb_sync_hint(wandb, wandb_mode))
@@ -146,12 +148,11 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
                          "follows", run_dir / RUN_TEST_METRICS_FILE)
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
         wandb_run = wandb if wandb_mode not in (None, "disabled") else None
-        if joint:  # each member head on its own member's split, in report/<member>/
-            for name in joint:
-                _report(best_ckpt, dm.evaluation_member(name), run_dir / RUN_REPORT_DIR / name, wandb_run,
-                        cfg.get("print_report", False), head=name, last_words=last_words)
-        else:
-            _report(best_ckpt, dm, run_dir / RUN_REPORT_DIR, wandb_run, cfg.get("print_report", False),
+        # each head on its own dataset's split; several heads: report/<head>/
+        for name in heads:
+            member = dm.evaluation_member(name) if len(heads) > 1 else dm
+            out = run_dir / RUN_REPORT_DIR / name if len(heads) > 1 else run_dir / RUN_REPORT_DIR
+            _report(best_ckpt, member, out, wandb_run, cfg.get("print_report", False), head=name,
                     last_words=last_words)
 
     if best is not None and best.best_model_score is not None:
@@ -164,7 +165,7 @@ def _keep_seen_out_of_evaluation(dm, seen) -> None:
     """Images the init_from lineage trained or was calibrated on leave this run's val and test
     splits for train (by ISIC id and by content); the checkpoint records which, so `melanoma
     evaluate` rebuilds the same split."""
-    for name, member in (getattr(dm, "members", None) or {dm.name: dm}).items():
+    for name, member in members_of(dm).items():
         moved = member.held_out_seen_by(seen)
         if moved:
             log.warning("%s: %d val/test image(s) were seen by the init_from checkpoint's lineage (by id or "
@@ -209,7 +210,8 @@ def _report(ckpt: str, dm, out: Path, wandb: WandbLogger | None, show: bool, hea
             last_words: list[str] | None = None) -> None:
     """The one test report: calibrate on val, report test with intervals; figures to W&B. With
     ``show`` its table goes to ``last_words``, printed when the run (and W&B) has finished."""
-    from melanoma.evaluation.report import evaluate_checkpoint, format_metrics
+    from melanoma.workflows.evaluate import evaluate_checkpoint
+    from melanoma.workflows.report import format_metrics
 
     metrics = evaluate_checkpoint(ckpt, dm, out, wandb_run=None if wandb is None else wandb.experiment,
                                   head=head)
