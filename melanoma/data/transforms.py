@@ -5,8 +5,8 @@ augmentation. Colour jitter stays mild because colour is part of the diagnosis (
 default: blue-grey and red areas are findings, not noise).
 
 The flips and the transpose are done here with OpenCV on the small uint8 crop rather than as
-albumentations transforms: each albumentations op cost ~0.3-0.5 ms per call, a third of the
-whole per-image budget (see experiments/bench_loader.py).
+albumentations transforms, whose per-call overhead was a large share of the per-image budget
+(experiments/results/bench_loader.md).
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class ImageTransform:
         if any(self.flips):
             hflip, vflip, transpose = self.rng.random(3) < self.flips
             # OpenCV's SIMD flip/transpose: a numpy copy of a transposed 3-channel view gathers
-            # byte by byte and costs ~0.6 ms at 224 px, these ~0.02 ms.
+            # byte by byte, far slower (experiments/results/bench_loader.md)
             if hflip and vflip:
                 image = cv2.flip(image, -1)
             elif hflip:

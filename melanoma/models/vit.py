@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 LAYER_NORM_EPS = 1e-6
-# DeiT's input normalisation (ImageNet statistics): images fed to these weights use it
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:

@@ -21,12 +21,13 @@ from PIL import Image, UnidentifiedImageError
 
 from melanoma.explain.gradcam import default_method, methods_for
 from melanoma.predict import NonFiniteOutputError, Predictor
+from melanoma.predict.predictor import HEADS_MAP, MAPS_FIELD
 from melanoma.serve.limits import ServeLimits
 from melanoma.serve.model_info import calibration_summary, describe_model
 
 log = logging.getLogger(__name__)
 
-HEADS_OVERLAY = "heads"  # last-layer attention per head: Predictor's `<stem>_heads.png`
+HEADS_OVERLAY = HEADS_MAP  # last-layer attention per head (the Predictor's per-head grid)
 NO_OVERLAY = "none"
 #: the overlays of a ViT checkpoint (a CNN's: ``gradcam`` and ``none``; ``ModelService.overlay_methods``)
 OVERLAY_METHODS = ("rollout", "grad_rollout", "last_layer", HEADS_OVERLAY, NO_OVERLAY)
@@ -42,7 +43,7 @@ def overlays_for(backbone) -> tuple[str, ...]:
     return (*methods, NO_OVERLAY)
 IN_MEMORY_FILE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 # record fields that name files in the request's temp dir: replaced by `filename` / `overlay_png`
-SERVER_ONLY_FIELDS = ("path", "attention")
+SERVER_ONLY_FIELDS = ("path", "attention", MAPS_FIELD)
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,9 @@ class ModelService:
         # every other field passes through as Predictor wrote it, so new columns reach the API
         out.update({k: v for k, v in record.items() if k not in SERVER_ONLY_FIELDS})
         if overlay != NO_OVERLAY:
-            pngs = [Path(f) for f in (record.get("attention") or "").split(";") if f.endswith(f"_{overlay}.png")]
-            if not pngs:
-                raise RuntimeError(f"Predictor wrote no '*_{overlay}.png' for {upload.filename} "
-                                   f"(its 'attention' field: {record.get('attention')!r}); has its file naming changed?")
-            out["overlay_png"] = base64.b64encode(pngs[0].read_bytes()).decode("ascii")
+            png = (record.get(MAPS_FIELD) or {}).get(overlay)
+            if png is None:
+                raise RuntimeError(f"Predictor wrote no {overlay!r} map for {upload.filename} (it wrote "
+                                   f"{sorted(record.get(MAPS_FIELD) or {})})")
+            out["overlay_png"] = base64.b64encode(Path(png).read_bytes()).decode("ascii")
         return out
