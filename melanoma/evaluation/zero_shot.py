@@ -81,7 +81,9 @@ def zero_shot(overrides: list[str], out: str | Path, report_dir: str | Path | No
     meta = CheckpointMeta(
         backbone=name, backbone_kwargs=model.backbone.checkpoint_kwargs(), heads={dm.name: record},
         active_head=dm.name, preprocessing=preprocessing_from(dm.image_size, mean, std, settings["interpolation"]),
-        config={**OmegaConf.to_container(cfg, resolve=True), "zero_shot": {"prompts": prompt_set["source"]}},
+        # what built it (the training config's other parts, trainer and paths, played no part)
+        config={"model": OmegaConf.to_container(cfg.model, resolve=True), "dataset": dataset_config,
+                "zero_shot": {"prompts": prompt_set["source"]}},
         seen=seen, model_id=model_id, backbone_family=FAMILY_OPEN_CLIP, weights=weights,
     )
     out = save_checkpoint(out, model.state_dict(), meta)

@@ -392,7 +392,11 @@ class OpenClipBackbone(nn.Module):
         text tower's tensors are set aside. Returns the resolved source (provenance)."""
         from melanoma.models.pretrained import PretrainedWeightsError, state_dict_mismatch
 
-        resolved = resolve_open_clip(self.name, source)
+        path = Path(str(source)).expanduser()
+        if path.is_file():  # the architecture is this tower's; the file brings only weights
+            resolved = OpenClipSource(self.name, self.model_cfg, {}, path, None)
+        else:
+            resolved = resolve_open_clip(self.name, source)
         if resolved.weights is None:
             raise PretrainedWeightsError(f"model.pretrained={source}: no weights file found")
         if resolved.folder is not None and (resolved.model_cfg.get("vision_cfg") != self.model_cfg.get("vision_cfg")):

@@ -116,7 +116,7 @@ def zero_shot_classifier(name: str, pretrained: str | Path, head: str, class_nam
     open_clip.load_checkpoint(clip, str(source.weights), strict=True, weights_only=True)
     texts = class_prompts(prompts, class_names)
     weight = encode_prompts(clip, _tokenizer(source), texts)
-    scale = min(float(clip.logit_scale.exp()), MAX_LOGIT_SCALE)
+    scale = min(float(clip.logit_scale.detach().exp()), MAX_LOGIT_SCALE)
     backbone = OpenClipBackbone(name, source.model_cfg, img_size)
     backbone.visual.load_state_dict(clip.visual.state_dict(), strict=True)
     zero_shot = ZeroShotHead(backbone.embed_dim, class_names, logit_scale=scale, prompts=texts)
