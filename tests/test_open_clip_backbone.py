@@ -329,3 +329,23 @@ def test_zero_shot_on_a_planted_task_then_predict_and_export(tiny_clip, planted,
     assert (pd.read_csv(out)["predicted_class"] == "melanoma").mean() > 0.8
     assert main(["export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "zs.onnx")]) == 0
     _agrees_with_onnxruntime(ckpt, tmp_path / "zs.onnx")
+
+
+def test_a_vit_tower_offers_no_map_and_serve_offers_none(tiny_clip, planted, tmp_path):
+    """Attention weights are not read from open_clip ViT towers: predict --attention says so, and
+    the web page offers (and defaults to) no overlay; a ResNet tower offers Grad-CAM."""
+    pytest.importorskip("fastapi")
+    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.serve.engine import ModelService, Upload
+
+    kwargs = {"model_cfg": TINY, "img_size": 32}
+    model = build_classifier("TinyCLIP", kwargs, {"d": ["not_melanoma", "melanoma"]}, family="open_clip")
+    ckpt = save_classifier_checkpoint(tmp_path / "clip.ckpt", model, "TinyCLIP", kwargs, image_size=32,
+                                      family="open_clip")
+    image = next((planted / "DermMel" / "test" / "Melanoma").iterdir())
+    assert main(["predict", str(ckpt), str(image), "--attention", str(tmp_path / "maps")]) == 2
+    service = ModelService(ckpt)
+    assert service.overlay_methods == ("none",) and service.default_overlay == "none"
+    result = service.predict([Upload("a.jpg", image.read_bytes())])
+    assert result["predictions"][0]["predicted_class"] in ("melanoma", "not_melanoma")
+    assert build_backbone("RN50", family="open_clip", img_size=64).map_methods == ("gradcam",)

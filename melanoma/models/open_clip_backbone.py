@@ -348,6 +348,18 @@ class OpenClipBackbone(nn.Module):
 
     reads_attention = False
 
+    @property
+    def map_methods(self) -> tuple[str, ...]:
+        """The maps of where it looked this tower offers (melanoma.explain): Grad-CAM for a ResNet
+        tower, none for a ViT tower (its attention weights are not read here)."""
+        try:
+            self.gradcam_layer()
+        except ValueError:
+            return ()
+        from melanoma.conventions import CNN_MAP_METHODS
+
+        return CNN_MAP_METHODS
+
     def gradcam_layer(self) -> nn.Module:
         """The last convolutional stage of a ResNet tower (open_clip's ModifiedResNet, or a timm CNN
         trunk); ViT towers offer no map (their attention weights are not read here)."""
