@@ -349,3 +349,18 @@ def test_a_vit_tower_offers_no_map_and_serve_offers_none(tiny_clip, planted, tmp
     result = service.predict([Upload("a.jpg", image.read_bytes())])
     assert result["predictions"][0]["predicted_class"] in ("melanoma", "not_melanoma")
     assert build_backbone("RN50", family="open_clip", img_size=64).map_methods == ("gradcam",)
+
+
+def test_compile_an_open_clip_tower_in_place():
+    from melanoma.models.compile import compile_backbone, is_compiled
+
+    torch.manual_seed(0)
+    tower = build_backbone("TinyCLIP", family="open_clip", model_cfg=TINY, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = tower(x)
+    keys = list(tower.state_dict())
+    compile_backbone(tower, backend="eager")
+    assert is_compiled(tower.visual) and list(tower.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), before)
