@@ -225,7 +225,7 @@ def open_clip_settings(name: str, pretrained: str | Path | None) -> dict:
     if interpolation not in _INTERPOLATIONS:
         raise OpenClipError(f"{name}: the model's preprocessing interpolation {interpolation!r} is not one of "
                             f"{sorted(_INTERPOLATIONS)}")
-    size = pre.get("size", source.model_cfg["vision_cfg"].get("image_size"))
+    size = source.model_cfg["vision_cfg"].get("image_size", pre.get("size"))  # what the tower was built for
     return {"model_cfg": source.model_cfg, "mean": [float(m) for m in pre["mean"]],
             "std": [float(s) for s in pre["std"]], "interpolation": _INTERPOLATIONS[interpolation],
             "size": size}
