@@ -1,8 +1,9 @@
-"""`melanoma` command line: predict, evaluate, recalibrate, summarize, check-data, export, serve.
+"""`melanoma` command line: predict, evaluate, zero-shot, recalibrate, summarize, check-data, export, serve.
 
     melanoma predict runs/.../best.ckpt photos/ --out results.csv --attention maps/
     melanoma evaluate runs/.../best.ckpt [dataset.root=/data/HAM10000]
     melanoma evaluate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --external
+    melanoma zero-shot model=open_clip model.backbone.name=ViT-B-16 model.pretrained=DIR dataset=ph2 --out zs.ckpt
     melanoma summarize runs/train/multirun/<stamp>        # k-fold or sweep: summary.json/.md
     melanoma recalibrate runs/.../best.ckpt dataset=ph2 dataset.root=/data/PH2 --fraction 0.5 --out ph2.ckpt
     melanoma check-data dataset=ph2 dataset.root=/data/PH2
@@ -156,6 +157,22 @@ def cmd_evaluate(args) -> int:
     print(format_metrics(metrics))
     print(f"report written to {out}; calibration and operating point{' (TTA)' if args.tta else ''} "
           f"stored in {args.checkpoint}")
+    return EXIT_OK
+
+
+# --- zero-shot ----------------------------------------------------------------------------------
+
+def cmd_zero_shot(args) -> int:
+    from melanoma.evaluation.report import format_metrics
+    from melanoma.evaluation.zero_shot import zero_shot
+
+    ckpt, metrics = zero_shot(args.overrides, args.out, args.report, prompts=args.prompts, external=args.external,
+                              target_sensitivity=args.target_sensitivity, device=args.device,
+                              progress=not args.quiet, precision=args.precision)
+    where = "every image, uncalibrated (nothing fitted)" if args.external else "test split, calibrated on val"
+    print(f"zero-shot {metrics['dataset']} ({where}; {metrics['n']} images):")
+    print(format_metrics(metrics))
+    print(f"checkpoint {ckpt} (predict, evaluate, export and serve take it); report written to {metrics['report_dir']}")
     return EXIT_OK
 
 
@@ -405,6 +422,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("zero-shot", parents=[common], help="zero-shot classification by a CLIP-style model, reported",
+                       description="Builds a zero-shot classifier from an open_clip model (the image tower, and a "
+                                   "head of the class prompts' text embeddings: conf/prompts/), writes it as a "
+                                   "checkpoint (predict, evaluate, export and serve take it), then reports it as a "
+                                   "trained head is reported: calibration and operating point fitted on the "
+                                   "dataset's val split, test reported with 95% intervals. With --external: every "
+                                   "image is a test image and nothing is fitted. Example: melanoma zero-shot "
+                                   "model=open_clip model.backbone.name=ViT-B-16 model.pretrained=DIR "
+                                   "dataset=ham10000 dataset.root=DATA --out zs.ckpt")
+    p.add_argument("overrides", nargs="+", help="Hydra overrides as for train.py: model=open_clip "
+                                                "model.backbone.name=... model.pretrained=... dataset=NAME "
+                                                "dataset.root=PATH [dataset.label_set=...]")
+    p.add_argument("--out", type=Path, required=True, help="the zero-shot checkpoint to write (.ckpt)")
+    p.add_argument("--report", type=Path, help="report folder (default: beside the checkpoint)")
+    p.add_argument("--prompts", help="prompt set: a name in conf/prompts/ or a YAML file (default dermatology)")
+    p.add_argument("--external", action="store_true",
+                   help="report every image of the dataset, uncalibrated (no val split used)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="the operating point: the lowest threshold whose val sensitivity reaches this")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_precision(p)
+    p.set_defaults(func=cmd_zero_shot)
 
     p = sub.add_parser("summarize", parents=[common], help="sum up a multirun: k-fold out-of-fold and ensemble, or a sweep",
                        description="Reads every job of a `python train.py -m ...` folder and writes summary.json, "

@@ -28,17 +28,28 @@ INSTALL_HINT = 'pip install "melanoma[gradcam]" (the grad-cam package)'
 
 def methods_for(backbone: nn.Module) -> tuple[str, ...]:
     """The maps a backbone offers: attention maps where its attention weights can be read (our
-    ViT, timm ViTs), Grad-CAM otherwise (CNNs)."""
+    ViT, timm ViTs), Grad-CAM otherwise (CNNs); a backbone that says itself (``map_methods``,
+    e.g. an open_clip ViT tower: none) is taken at its word."""
+    own = getattr(backbone, "map_methods", None)
+    if own is not None:
+        return tuple(own)
     return ATTENTION_METHODS if getattr(backbone, "reads_attention", False) else CNN_METHODS
 
 
-def default_method(backbone: nn.Module) -> str:
-    return "rollout" if getattr(backbone, "reads_attention", False) else GRADCAM
+def default_method(backbone: nn.Module) -> str | None:
+    """The map drawn unless others are asked for; None when the backbone offers none."""
+    offered = methods_for(backbone)
+    if not offered:
+        return None
+    return "rollout" if getattr(backbone, "reads_attention", False) else offered[0]
 
 
 def check_methods(backbone: nn.Module, methods, what: str = "this checkpoint's backbone") -> None:
     offered = methods_for(backbone)
     wrong = [m for m in methods if m not in offered]
+    if wrong and not offered:
+        raise ValueError(f"map method(s) {wrong} do not apply: {what} offers no map of where it looked (an open_clip "
+                         f"ViT tower: its attention weights are not read); leave out --attention")
     if wrong:
         kind = "reads attention weights" if offered is ATTENTION_METHODS else "is a CNN (no attention weights)"
         raise ValueError(f"map method(s) {wrong} do not apply: {what} {kind}; choose from {list(offered)}")

@@ -1,5 +1,5 @@
-"""Backbones (a from-scratch ViT with timm's parameter names, or any timm model), heads and
-pretrained loading."""
+"""Backbones (a from-scratch ViT with timm's parameter names, any timm model, or an open_clip
+image tower), heads and pretrained loading."""
 
 from melanoma.models.vit import VisionTransformer, vit_base, vit_small, vit_tiny
 
@@ -9,14 +9,21 @@ BACKBONES = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
 #: (model=timm model.backbone.name=<any timm model>)
 FAMILY_VIT = "vit"
 FAMILY_TIMM = "timm"
-FAMILIES = (FAMILY_VIT, FAMILY_TIMM)
+#: (model=open_clip model.backbone.name=<open_clip architecture> model.pretrained=<file or folder>)
+FAMILY_OPEN_CLIP = "open_clip"
+FAMILIES = (FAMILY_VIT, FAMILY_TIMM, FAMILY_OPEN_CLIP)
 
 
 def build_backbone(name: str, family: str = FAMILY_VIT, **kw):
     """Build a backbone. Family ``vit``: a DeiT-configured ViT by preset name; keyword arguments
     override the preset, and a None argument keeps the preset's value (how conf/model/vit.yaml
     leaves the DeiT dims here). Family ``timm``: ``timm.create_model(name, num_classes=0, **kw)``
-    (``img_size`` only where the model takes it)."""
+    (``img_size`` only where the model takes it). Family ``open_clip``: the image tower of the
+    open_clip model config ``kw["model_cfg"]`` (melanoma.models.open_clip_backbone)."""
+    if family == FAMILY_OPEN_CLIP:
+        from melanoma.models.open_clip_backbone import OpenClipBackbone
+
+        return OpenClipBackbone(name, **kw)
     if family == FAMILY_TIMM:
         from melanoma.models.timm_backbone import TimmBackbone
 
@@ -33,5 +40,5 @@ def build_backbone(name: str, family: str = FAMILY_VIT, **kw):
     return factory(**{k: v for k, v in kw.items() if v is not None})
 
 
-__all__ = ["BACKBONES", "FAMILIES", "FAMILY_TIMM", "FAMILY_VIT", "VisionTransformer", "build_backbone",
+__all__ = ["BACKBONES", "FAMILIES", "FAMILY_OPEN_CLIP", "FAMILY_TIMM", "FAMILY_VIT", "VisionTransformer", "build_backbone",
            "vit_base", "vit_small", "vit_tiny"]

@@ -38,6 +38,8 @@ def compile_backbone(backbone: nn.Module, backend=DEFAULT_BACKEND, **options) ->
     if getattr(backbone, "family", None) == "timm":
         # a timm model (melanoma.models.timm_backbone): its top-level stages that hold weights
         parts = [m for m in backbone.net.children() if next(m.parameters(), None) is not None]
+    elif getattr(backbone, "family", None) == "open_clip":
+        parts = [backbone.visual]  # the whole image tower (melanoma.models.open_clip_backbone)
     else:
         parts = [*getattr(backbone, "blocks", []), getattr(backbone, "patch_embed", None), getattr(backbone, "norm", None)]
     parts = [p for p in parts if p is not None]

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DatasetHeads", "FusionHead", "LinearHead", "MLPHead", "build_head"]
+__all__ = ["DatasetHeads", "FusionHead", "LinearHead", "MLPHead", "ZeroShotHead", "build_head"]
 
 
 
@@ -172,7 +172,36 @@ class FusionHead(nn.Module):
                 "metadata_hidden": list(self.metadata_hidden), "metadata_dropout": self.metadata_dropout}
 
 
-HEAD_TYPES = {"linear": LinearHead, "mlp": MLPHead, "fusion": FusionHead}
+class ZeroShotHead(nn.Module):
+    """Zero-shot classification by a CLIP-style model: ``logit_scale * cos(features, weight_c)``,
+    one row of ``weight`` per class, the class's text embedding (melanoma.models.zero_shot builds
+    it from the class prompts, which the spec keeps for the record). The features are the image
+    tower's embedding; both sides are normalised in the forward pass, so the head stays a cosine
+    classifier if its rows are trained further."""
+
+    def __init__(self, in_features: int, class_names: Sequence[str], logit_scale: float = 100.0,
+                 prompts: Mapping[str, Sequence[str]] | None = None):
+        super().__init__()
+        self.class_names = _check_class_names(class_names)
+        self.in_features = int(in_features)
+        self.logit_scale = float(logit_scale)
+        self.prompts = {str(k): [str(t) for t in v] for k, v in dict(prompts or {}).items()}
+        self.weight = nn.Parameter(torch.zeros(len(self.class_names), self.in_features))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = nn.functional.normalize(features, dim=-1)
+        return self.logit_scale * features @ nn.functional.normalize(self.weight, dim=-1).t()
+
+    def spec(self) -> dict:
+        return {"type": "zero_shot", "in_features": self.in_features, "class_names": list(self.class_names),
+                "logit_scale": self.logit_scale, "prompts": {k: list(v) for k, v in self.prompts.items()}}
+
+
+HEAD_TYPES = {"linear": LinearHead, "mlp": MLPHead, "fusion": FusionHead, "zero_shot": ZeroShotHead}
 
 
 def build_head(spec: Mapping) -> nn.Module:

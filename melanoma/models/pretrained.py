@@ -233,6 +233,9 @@ def load_pretrained(model, source: str | Path):
     the Hugging Face hub cache. The ImageNet classifier is dropped (``head.*`` for our ViT, the
     timm model's own classifier for a timm backbone); everything else must match exactly.
     """
+    if getattr(model, "family", None) == "open_clip":  # a file, a published folder or an hf-hub name
+        model.load_weights(source)
+        return model
     state, where = _read_source(source)
     if not isinstance(model, VisionTransformer):  # a timm backbone (melanoma.models.timm_backbone)
         model.load_timm_state_dict(state, where)

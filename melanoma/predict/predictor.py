@@ -298,8 +298,11 @@ class Predictor:
         encoded, missing = self.encode_metadata(metadata, len(paths))
         backbone = self.model.backbone
         # the maps the backbone offers: attention maps for ViTs (rollout by default), Grad-CAM for CNNs
-        methods = tuple(dict.fromkeys(attention_methods or (default_method(backbone),)))
+        default = default_method(backbone)
+        methods = tuple(dict.fromkeys(attention_methods or ((default,) if default else ())))
         check_methods(backbone, methods)
+        if attention_dir is not None and not methods:
+            check_methods(backbone, ("rollout",))  # says that this backbone offers no map
         reads_attention = getattr(backbone, "reads_attention", False)
         if attention_dir is not None:
             attention_dir = Path(attention_dir)

@@ -77,7 +77,7 @@ class ModelService:
         self.default_head = default.head
         self.model = describe_model(default.meta)
         self.overlay_methods = overlays_for(default.model.backbone)
-        self.default_overlay = default_method(default.model.backbone)
+        self.default_overlay = default_method(default.model.backbone) or NO_OVERLAY
 
     def _predictor(self, head: str | None, tta: bool) -> Predictor:
         if (head, tta) in self.predictors:

@@ -140,6 +140,8 @@ class LesionClassifier(pl.LightningModule):
         # None: the preset's value (conf/model/vit.yaml leaves the DeiT dims to models/vit.py)
         self.backbone_kwargs = {k: v for k, v in dict(backbone.get("kwargs") or {}).items() if v is not None}
         vit = build_backbone(self.backbone_name, family=self.backbone_family, **self.backbone_kwargs)
+        if hasattr(vit, "checkpoint_kwargs"):  # an open_clip tower: its resolved architecture config
+            self.backbone_kwargs = vit.checkpoint_kwargs()
         # where the initial weights came from (set by load_initial_weights; kept through resume)
         self.weights_license = weights_license
         self.weights: dict | None = None
@@ -516,7 +518,9 @@ class LesionClassifier(pl.LightningModule):
             from melanoma.models.pretrained import load_pretrained, weights_provenance
 
             load_pretrained(self.model.backbone, pretrained)
-            self.weights = weights_provenance(pretrained, self.weights_license)
+            # an open_clip folder: the weights file in it that was loaded (its name and sha256)
+            self.weights = weights_provenance(getattr(self.model.backbone, "weights_file", None) or pretrained,
+                                              self.weights_license)
             log.info("backbone initialised from %s", pretrained)
         else:
             from melanoma.models.pretrained import weights_provenance

@@ -12,8 +12,8 @@ __all__ = ["check_paths", "check_data"]
 
 
 def check_paths(cfg) -> None:
-    """ckpt_path and model.init_from must be files; a model.pretrained that names a file must
-    exist (a name without a weights suffix is a timm model name, fetched later)."""
+    """ckpt_path and model.init_from must be files; a model.pretrained that names a file (or a
+    folder) must exist (a name without a weights suffix is a timm model name, fetched later)."""
     from melanoma.models.pretrained import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES
 
     model = cfg.get("model") or {}
@@ -25,11 +25,12 @@ def check_paths(cfg) -> None:
     pretrained = model.get("pretrained")
     if pretrained:
         path = Path(str(pretrained)).expanduser()
-        if not path.is_file() and (path.suffix.lower() in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
+        if not path.exists() and (path.suffix.lower() in TORCH_SUFFIXES + SAFETENSORS_SUFFIXES
                                    or "/" in str(pretrained) and not str(pretrained).startswith("hf-hub:")):
             raise FileNotFoundError(
-                f"model.pretrained={pretrained}: no such file; pass an existing weights file, a timm "
-                f"model name (e.g. deit_base_patch16_224) or model.pretrained=null")
+                f"model.pretrained={pretrained}: no such file; pass an existing weights file (or, for "
+                f"model=open_clip, a downloaded folder), a timm model name (e.g. deit_base_patch16_224), an "
+                f"hf-hub: name or model.pretrained=null")
 
 
 def check_data(dm) -> None:

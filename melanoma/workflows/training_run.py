@@ -76,9 +76,10 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):  # Lightning knows no "auto": the config stored with the run says what ran
+        _fill_timm_normalisation(cfg)
+        _fill_open_clip(cfg)
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", AUTO), str(cfg.trainer.accelerator),
                                                   embed_dim=_model_width(cfg.model))
-        _fill_timm_normalisation(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
 
     check_paths(cfg)  # what is cheap first: paths, then the data, then model and weights
@@ -197,12 +198,42 @@ def _fill_timm_normalisation(cfg: DictConfig) -> None:
                  data["interpolation"])
 
 
+def _fill_open_clip(cfg: DictConfig) -> None:
+    """model=open_clip: the architecture config and preprocessing resolved from backbone.name and
+    model.pretrained (melanoma.models.open_clip_backbone), written into the run's config so that the
+    module, the datamodule and the stored config agree."""
+    model = cfg.model
+    backbone = model.get("backbone") or {}
+    if backbone.get("family") != "open_clip":
+        return
+    from melanoma.models.open_clip_backbone import open_clip_settings
+
+    settings = open_clip_settings(str(backbone.get("name")), model.get("pretrained"))
+    if (backbone.get("kwargs") or {}).get("model_cfg") is None:
+        model.backbone.kwargs.model_cfg = settings["model_cfg"]
+    if model.get("mean") is None:
+        model.mean = settings["mean"]
+    if model.get("std") is None:
+        model.std = settings["std"]
+    augment = cfg.dataset.get("augment")
+    if augment is not None:
+        if augment.get("interpolation") not in (None, settings["interpolation"]):
+            log.info("model=open_clip: resizing with %s (the model's preprocessing) instead of %s",
+                     settings["interpolation"], augment.get("interpolation"))
+        augment.interpolation = settings["interpolation"]
+    log.info("model=open_clip: mean %s, std %s, %s resize from %s's config (pretrained at %s px; this run: %s px)",
+             list(model.mean), list(model.std), settings["interpolation"], backbone.get("name"), settings["size"],
+             cfg.dataset.get("image_size"))
+
+
 def _model_width(model_cfg) -> int | None:
     """The backbone's embed_dim as configured (or its preset's): what decides whether bf16 pays on a CPU."""
     from melanoma.models.vit import PRESETS
 
     backbone = model_cfg.get("backbone") or {}
-    width = (backbone.get("kwargs") or {}).get("embed_dim")
+    kwargs = backbone.get("kwargs") or {}
+    # an open_clip tower: the width of its vision config
+    width = kwargs.get("embed_dim") or ((kwargs.get("model_cfg") or {}).get("vision_cfg") or {}).get("width")
     return int(width) if width is not None else PRESETS.get(backbone.get("name"), {}).get("embed_dim")
 
 
