@@ -163,8 +163,8 @@ def cmd_evaluate(args) -> int:
 # --- zero-shot ----------------------------------------------------------------------------------
 
 def cmd_zero_shot(args) -> int:
-    from melanoma.evaluation.report import format_metrics
-    from melanoma.evaluation.zero_shot import zero_shot
+    from melanoma.workflows.report import format_metrics
+    from melanoma.workflows.zero_shot import zero_shot
 
     ckpt, metrics = zero_shot(args.overrides, args.out, args.report, prompts=args.prompts, external=args.external,
                               target_sensitivity=args.target_sensitivity, device=args.device,

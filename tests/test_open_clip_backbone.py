@@ -211,7 +211,7 @@ def test_train_py_as_written_then_predict_and_export(tiny_clip, planted, tmp_pat
 
 
 def test_train_unfreeze_llrd_resume_calibrate_predict_export(tiny_clip, planted, tmp_path):
-    from melanoma.train import run
+    from melanoma.workflows.training_run import run
 
     config, file, _ = tiny_clip
     base = ["model=open_clip", f"model.backbone.name={config}", f"model.pretrained={file}", "logger=csv",
@@ -335,7 +335,7 @@ def test_a_vit_tower_offers_no_map_and_serve_offers_none(tiny_clip, planted, tmp
     """Attention weights are not read from open_clip ViT towers: predict --attention says so, and
     the web page offers (and defaults to) no overlay; a ResNet tower offers Grad-CAM."""
     pytest.importorskip("fastapi")
-    from melanoma.evaluation.checkpoint_io import build_classifier, save_classifier_checkpoint
+    from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
     from melanoma.serve.engine import ModelService, Upload
 
     kwargs = {"model_cfg": TINY, "img_size": 32}

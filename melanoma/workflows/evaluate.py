@@ -77,7 +77,7 @@ def evaluate_checkpoint(
             f"head {head!r} predicts {class_names} but the datamodule's label set gives "
             f"{list(datamodule.class_names)}; use the label_set the model was trained with"
         )
-    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
         datamodule.prepare_data()
         datamodule.setup("test")
     fingerprint = datamodule.split_fingerprint()
@@ -173,7 +173,7 @@ def evaluate_external(
     predictor = Predictor(checkpoint, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
                           progress=progress, precision=precision)
     head, class_names = predictor.head, predictor.class_names
-    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
         datamodule.prepare_data()
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)

@@ -124,7 +124,7 @@ def recalibrate_checkpoint(
     if head_pos is None:
         raise ValueError(f"head {head!r} (classes {class_names}) has no melanoma class: there is no "
                          f"melanoma operating point to recalibrate")
-    if datamodule.table is None:  # evaluation.datasets and training hand over a set-up datamodule
+    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
         datamodule.prepare_data()
         datamodule.setup("test")
     rows = datamodule._require_table().reset_index(drop=True)

@@ -21,11 +21,11 @@ import logging
 import uuid
 from pathlib import Path
 
-import hydra
 from omegaconf import OmegaConf, open_dict
 
 from melanoma.config import compose_config
-from melanoma.evaluation.report import evaluate_checkpoint, evaluate_external
+from melanoma.workflows.datasets import instantiate_dataset
+from melanoma.workflows.evaluate import evaluate_checkpoint, evaluate_external
 from melanoma.models.checkpoint import CheckpointMeta, HeadRecord, SeenImages, TrainingData, preprocessing_from, save_checkpoint
 from melanoma.models.open_clip_backbone import FAMILY_OPEN_CLIP, open_clip_settings
 from melanoma.models.pretrained import weights_provenance
@@ -58,7 +58,7 @@ def zero_shot(overrides: list[str], out: str | Path, report_dir: str | Path | No
     std = list(cfg.model.std) if cfg.model.get("std") is not None else settings["std"]
     with open_dict(cfg):
         cfg.dataset.augment.interpolation = settings["interpolation"]
-    dm = hydra.utils.instantiate(cfg.dataset, mean=mean, std=std, _convert_="all")
+    dm = instantiate_dataset(cfg.dataset, mean=mean, std=std)
     dm.prepare_data()
     dm.setup("test")
 
