@@ -58,11 +58,6 @@ def melanoma(*args: str) -> list[str]:
     return [sys.executable, "-m", "melanoma.cli", *args]
 
 
-def interval(metrics: dict, key: str) -> str:
-    low, high = metrics["ci95"][key]
-    return f"{metrics[key]:.3f} [{low:.3f}, {high:.3f}]"
-
-
 def montage(report: Path, out: Path) -> None:
     """The report's figures side by side at one height, as a small palette PNG."""
     from PIL import Image
@@ -148,8 +143,10 @@ def main() -> None:
     parser.add_argument("--figures", type=Path, help="write report.png and serve.png here")
     args = parser.parse_args()
     ham, ph2 = DATA / "HAM10000", DATA / "PH2"
-    if not (ham.is_dir() and ph2.is_dir()):
-        sys.exit(f"expected the real HAM10000 and PH2 under {DATA} (or $MELANOMA_SHARED_DATA); found neither")
+    missing = [str(p) for p in (ham, ph2 / "images") if not p.is_dir()]
+    if missing:
+        sys.exit(f"expected the real HAM10000 and PH2 (flat variant, images/IMDxxx.jpg) under {DATA}; "
+                 f"missing: {', '.join(missing)}. Set $MELANOMA_SHARED_DATA to the folder that holds both")
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
     train = [*TRAIN, f"dataset.root={ham}", f"dataset.cache_dir={args.work / 'cache'}"]
