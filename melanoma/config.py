@@ -200,7 +200,7 @@ def check_dataset_root(cfg) -> None:
         name = name or str(target).rsplit(".", 1)[-1]
         raise FileNotFoundError(
             f"{name}: dataset root {path} does not exist. Set dataset.root to the folder that holds the "
-            f"downloaded data (the layout each dataset expects: README, section Data)")
+            f"downloaded data (the layout each dataset expects: docs/data.md)")
 
 
 def early_checks(cfg) -> None:

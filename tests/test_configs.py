@@ -15,11 +15,12 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def test_every_experiment_the_docs_name_exists_and_each_changes_the_defaults():
-    """`experiment=NAME` in README.md, the configs or experiments/*.py must compose, and an
+    """`experiment=NAME` in README.md, docs/, the configs or experiments/*.py must compose, and an
     experiment that leaves the default config as it is would be a mistake (a typo'd package
     line such as a missing `# @package _global_` does exactly that)."""
     repo = CONF_DIR.parent
-    sources = [repo / "README.md", *sorted(CONF_DIR.rglob("*.yaml")), *sorted((repo / "experiments").glob("*.py"))]
+    sources = [repo / "README.md", *sorted((repo / "docs").glob("*.md")), *sorted(CONF_DIR.rglob("*.yaml")),
+               *sorted((repo / "experiments").glob("*.py"))]
     named = {m for path in sources for m in re.findall(r"experiment=(\w+)", path.read_text())}
     assert named, "README.md should show at least one `experiment=NAME` command"
     assert named <= set(EXPERIMENTS), f"named in the docs but absent from conf/experiment/: {named - set(EXPERIMENTS)}"

@@ -1,6 +1,6 @@
 """One checkpoint, head and image give one melanoma decision, whichever way it is asked for:
 `predict`, `predict --uncalibrated`, `evaluate --external`'s predictions.csv, and the ONNX export
-run by the README's consumer snippet (PIL + numpy + onnxruntime only), with and without TTA."""
+run by the consumer snippet of docs/predict.md (PIL + numpy + onnxruntime only), with and without TTA."""
 
 import csv
 import json
@@ -18,7 +18,7 @@ from melanoma.data.synthetic import write_dermmel_layout
 from melanoma.predict import Predictor
 from melanoma.models.checkpoint import Calibration, update_meta
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONSUMER_DOC = Path(__file__).resolve().parents[1] / "docs" / "predict.md"  # the ONNX consumer snippet
 T = 3.0
 
 
@@ -56,8 +56,8 @@ def _evaluate_external(setup, head, *flags) -> dict[str, str]:
         return {r["path"]: r["decision"] for r in csv.DictReader(f)}
 
 
-def _readme_snippet() -> str:
-    text = README.read_text()
+def _consumer_snippet() -> str:
+    text = CONSUMER_DOC.read_text()
     return re.search(r"<!-- onnx-consumer .*?-->\n```python\n(.*?)```", text, re.S).group(1)
 
 
@@ -66,7 +66,7 @@ def _onnx_decisions(setup, head, monkeypatch) -> dict[str, str]:
     work.mkdir()
     assert main(["export", str(setup["ckpt"]), "--head", head, "--out", str(work / "model.onnx"), "-q"]) == 0
     monkeypatch.chdir(work)
-    code, decisions = _readme_snippet(), {}
+    code, decisions = _consumer_snippet(), {}
     for path in setup["images"]:
         shutil.copy(path, work / "lesion.jpg")
         scope: dict = {}

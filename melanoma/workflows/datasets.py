@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 JOINT_TARGET = f"{JointDataModule.__module__}.{JointDataModule.__qualname__}"
 
 __all__ = ["SplitMismatchError", "datamodule_from_overrides", "external_datamodule", "instantiate_dataset",
-           "member_configs", "training_datamodule"]
+           "member_configs", "set_up", "training_datamodule"]
 
 EXTERNAL_HINT = ("to test on other data, evaluate it as an external test set: "
                  "melanoma evaluate CKPT dataset=NAME dataset.root=DIR --external")
@@ -33,6 +33,15 @@ EXTERNAL_HINT = ("to test on other data, evaluate it as an external test set: "
 
 class SplitMismatchError(ValueError):
     """An evaluation would not run on the split the checkpoint was trained with."""
+
+
+def set_up(datamodule):
+    """``datamodule`` with its table built (the rebuilding functions here and training hand one
+    over already set up)."""
+    if datamodule.table is None:
+        datamodule.prepare_data()
+        datamodule.setup("test")
+    return datamodule
 
 
 def _compose_member(name: str, overrides: list[str]):

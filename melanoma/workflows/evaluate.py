@@ -30,10 +30,10 @@ from melanoma.evaluation.metrics import expected_calibration_error
 from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.models.checkpoint import Checkpoint, softmax
 from melanoma.predict import Predictor, decide
-from melanoma.workflows.datasets import SplitMismatchError
+from melanoma.workflows.datasets import SplitMismatchError, set_up
 from melanoma.workflows.report import (VAL_PREDICTIONS_FILE, predict_rows, predictions_table, scored,
                                        write_report)
-from melanoma.workflows.seen import exclude_seen
+from melanoma.workflows.seen import unseen_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,7 @@ def evaluate_checkpoint(
             f"head {head!r} predicts {class_names} but the datamodule's label set gives "
             f"{list(datamodule.class_names)}; use the label_set the model was trained with"
         )
-    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
-        datamodule.prepare_data()
-        datamodule.setup("test")
+    set_up(datamodule)
     fingerprint = datamodule.split_fingerprint()
     if record.data is not None and record.data.fingerprint and record.data.fingerprint != fingerprint:
         raise SplitMismatchError(
@@ -173,13 +171,7 @@ def evaluate_external(
     predictor = Predictor(checkpoint, head=head, device=device, batch_size=datamodule.eval_batch_size, tta=tta,
                           progress=progress, precision=precision)
     head, class_names = predictor.head, predictor.class_names
-    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
-        datamodule.prepare_data()
-        datamodule.setup("test")
-    rows = datamodule._require_table().reset_index(drop=True)
-    overlap = exclude_seen(predictor.meta, rows, datamodule, keep_overlap, out_dir)
-    if not keep_overlap:
-        rows = rows[~overlap.mask].reset_index(drop=True)
+    rows, overlap = unseen_rows(predictor.meta, set_up(datamodule), keep_overlap, out_dir)
     data_names = list(datamodule.class_names)
     logits = predict_rows(predictor, rows, datamodule, "all")
     probs = predictor.calibrated_probabilities(logits)

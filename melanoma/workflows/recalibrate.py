@@ -39,7 +39,8 @@ from melanoma.evaluation.operating_point import threshold_for_sensitivity
 from melanoma.models.checkpoint import Calibration, Checkpoint, SeenImages
 from melanoma.predict import Predictor, decide
 from melanoma.workflows.report import predict_rows, predictions_table, write_report
-from melanoma.workflows.seen import exclude_seen
+from melanoma.workflows.datasets import set_up
+from melanoma.workflows.seen import unseen_rows
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,40 @@ def site_sample(is_positive, groups, fraction: float, seed: int = 0) -> np.ndarr
     return chosen[codes]
 
 
+def _in_head_classes(data_labels, data_names: list[str], head: str, class_names: list[str], dataset: str):
+    """The site labels as indices of the head's classes: the same label set, or melanoma vs rest
+    on a two-class head (every site label maps onto one of its classes)."""
+    if data_names == class_names:
+        return data_labels
+    head_pos = positive_index(class_names)
+    if len(class_names) == 2 and positive_index(data_names) is not None:
+        return np.where(data_labels == positive_index(data_names), head_pos, 1 - head_pos)
+    raise ValueError(
+        f"cannot recalibrate head {head!r} (classes {class_names}) on {dataset} (classes "
+        f"{data_names}): the calibration map needs the site labels in the head's classes. Use a "
+        f"dataset label set with the head's classes (e.g. dataset.label_set=binary) or a two-class head"
+    )
+
+
+def _check_sample(is_mel, in_sample, fraction: float, target_sensitivity: float) -> None:
+    """Refuse a site sample too small to aim at the target sensitivity, or one that leaves no
+    melanoma to report on, saying what to change."""
+    needed = positives_needed(target_sensitivity)
+    n_pos = int(is_mel[in_sample].sum())
+    if n_pos < needed:
+        total = int(is_mel.sum())
+        more = f"raise --fraction to about {min(1.0, needed / total):.2f}" if total >= needed / 0.9 else \
+            f"the whole site set has only {total} melanomas: label more site images"
+        raise ValueError(
+            f"the site sample ({int(in_sample.sum())} of {len(is_mel)} images, --fraction {fraction}) holds "
+            f"{n_pos} melanomas; a threshold at sensitivity {target_sensitivity} needs at least {needed} "
+            f"(with fewer, it just sits on the lowest melanoma score). {more}, or lower --target-sensitivity"
+        )
+    if (~in_sample).sum() == 0 or (is_mel & ~in_sample).sum() == 0:
+        raise ValueError(f"the test part left after sampling {fraction} of {len(is_mel)} images has no melanoma; "
+                         f"lower --fraction")
+
+
 def _operating_point(p_mel, is_mel, threshold, groups) -> dict:
     sens, spec = sensitivity_specificity(np.asarray(p_mel) >= threshold, is_mel)
     probs = np.stack([1 - np.asarray(p_mel), np.asarray(p_mel)], 1)
@@ -114,7 +149,7 @@ def recalibrate_checkpoint(
     if out_ckpt.resolve() == Path(getattr(checkpoint, "path", checkpoint)).resolve():
         raise ValueError(f"--out {out_ckpt} is the input checkpoint; recalibration writes a new file and "
                          f"leaves the input untouched: give another path")
-    needed = positives_needed(target_sensitivity)
+    positives_needed(target_sensitivity)  # refuses a target outside (0, 1) before anything is read
     checkpoint = Checkpoint.of(checkpoint)
     ckpt_path = checkpoint.path
     predictor = Predictor(checkpoint, head=head, device=device, batch_size=datamodule.eval_batch_size,
@@ -124,42 +159,15 @@ def recalibrate_checkpoint(
     if head_pos is None:
         raise ValueError(f"head {head!r} (classes {class_names}) has no melanoma class: there is no "
                          f"melanoma operating point to recalibrate")
-    if datamodule.table is None:  # workflows.datasets and training hand over a set-up datamodule
-        datamodule.prepare_data()
-        datamodule.setup("test")
-    rows = datamodule._require_table().reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    overlap = exclude_seen(predictor.meta, rows, datamodule, keep_overlap, out_dir)
-    if not keep_overlap:
-        rows = rows[~overlap.mask].reset_index(drop=True)
+    rows, overlap = unseen_rows(predictor.meta, set_up(datamodule), keep_overlap, out_dir)
     data_labels = rows["label"].to_numpy()
-    if data_names == class_names:
-        labels = data_labels
-    elif len(class_names) == 2 and positive_index(data_names) is not None:
-        # melanoma vs rest on a two-class head: every site label maps onto one of its classes
-        labels = np.where(data_labels == positive_index(data_names), head_pos, 1 - head_pos)
-    else:
-        raise ValueError(
-            f"cannot recalibrate head {head!r} (classes {class_names}) on {datamodule.name} (classes "
-            f"{data_names}): the calibration map needs the site labels in the head's classes. Use a "
-            f"dataset label set with the head's classes (e.g. dataset.label_set=binary) or a two-class head"
-        )
+    labels = _in_head_classes(data_labels, data_names, head, class_names, datamodule.name)
     is_mel = labels == head_pos
     groups = rows["group"].to_numpy()
     in_sample = site_sample(is_mel, groups, fraction, seed)
+    _check_sample(is_mel, in_sample, fraction, target_sensitivity)
     n_pos = int(is_mel[in_sample].sum())
-    if n_pos < needed:
-        total = int(is_mel.sum())
-        more = f"raise --fraction to about {min(1.0, needed / total):.2f}" if total >= needed / 0.9 else \
-            f"the whole site set has only {total} melanomas: label more site images"
-        raise ValueError(
-            f"the site sample ({int(in_sample.sum())} of {len(rows)} images, --fraction {fraction}) holds "
-            f"{n_pos} melanomas; a threshold at sensitivity {target_sensitivity} needs at least {needed} "
-            f"(with fewer, it just sits on the lowest melanoma score). {more}, or lower --target-sensitivity"
-        )
-    if (~in_sample).sum() == 0 or (is_mel & ~in_sample).sum() == 0:
-        raise ValueError(f"the test part left after sampling {fraction} of {len(rows)} images has no melanoma; "
-                         f"lower --fraction")
 
     logits = predict_rows(predictor, rows, datamodule, "site")
     sample_rows = rows[in_sample]

@@ -104,6 +104,14 @@ def write_excluded(out_dir: Path, overlap: SeenOverlap) -> None:
     overlap.excluded.to_csv(Path(out_dir) / EXCLUDED_FILE, index=False)
 
 
+def unseen_rows(meta: CheckpointMeta, datamodule, keep: bool, out_dir: Path) -> tuple[pd.DataFrame, SeenOverlap]:
+    """Every image of a (set-up) dataset the model is tested on as external data, without those
+    it has seen (``exclude_seen``; ``keep``: all of them, the overlap reported)."""
+    rows = datamodule.table.reset_index(drop=True)
+    overlap = exclude_seen(meta, rows, datamodule, keep, out_dir)
+    return (rows if keep else rows[~overlap.mask].reset_index(drop=True)), overlap
+
+
 def exclude_seen(meta: CheckpointMeta, rows: pd.DataFrame, datamodule, keep: bool, out_dir: Path) -> SeenOverlap:
     """The rows of a test set the checkpoint has seen (by id and content), said on the console
     and written to out_dir/excluded.csv, before anything is scored or fitted. The caller drops
