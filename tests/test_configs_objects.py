@@ -4,6 +4,8 @@ with the values its YAML says, and no code default stands in for a YAML value.""
 from pathlib import Path
 
 import pytest
+
+from melanoma.workflows.datasets import instantiate_dataset
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -190,7 +192,7 @@ def test_the_deit_dims_come_from_the_presets(name):
 @pytest.mark.parametrize("name", DATASETS)
 def test_augment_defaults_have_one_home(name, tmp_path):
     cfg = compose_cfg([f"dataset={name}", f"paths.data_dir={tmp_path}"], Path("/tmp/unused"))
-    dm = instantiate(cfg.dataset, _convert_="all")
+    dm = instantiate_dataset(cfg.dataset)  # a joint config's members are composed there
     expected = resolve_augment(None)
     if name == "synthetic":  # its own crop and jitter, over the shared defaults
         expected.update(scale=[0.7, 1.0], ratio=[0.9, 1.1])
