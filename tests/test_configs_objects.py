@@ -4,8 +4,6 @@ with the values its YAML says, and no code default stands in for a YAML value.""
 from pathlib import Path
 
 import pytest
-
-from melanoma.workflows.datasets import instantiate_dataset
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -15,6 +13,7 @@ from melanoma.data.transforms import DEFAULT_AUGMENT, resolve_augment
 from melanoma.models.vit import PRESETS
 from melanoma.training import optim
 from melanoma.training.module import LesionClassifier
+from melanoma.workflows.datasets import instantiate_dataset
 from helpers import CONF_DIR, compose_cfg
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("vit_*.yaml"))
