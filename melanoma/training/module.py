@@ -73,6 +73,28 @@ def _fused_spec(spec: dict, fusion: str, metadata_schema: Mapping | None, cfg: M
             "metadata_hidden": list(cfg.get("hidden", (512, 128))), "metadata_dropout": float(cfg.get("dropout", 0.3))}
 
 
+def _mixes(mixup: Mapping | None) -> bool:
+    return mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0 or float(mixup.get("cutmix_alpha", 0)) > 0)
+
+
+def _build_heads(head_classes: Mapping[str, Sequence[str]], in_features: int, head_cfg: Mapping, fusion: str,
+                 metadata_schema: Mapping | None, metadata_branch: Mapping | None,
+                 mixup: Mapping | None) -> DatasetHeads:
+    """One head per training dataset (``model.head``; inside a metadata FusionHead when
+    ``model.fusion`` asks), refusing mixup where a mixed batch has no one meaning."""
+    if fusion != "none" and _mixes(mixup):
+        raise ValueError("model.mixup is not supported with model.fusion (a mixed image has no one patient's "
+                         "metadata); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
+    if len(head_classes) > 1 and _mixes(mixup):
+        raise ValueError("model.mixup is not supported with dataset=joint (heads have different "
+                         "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
+    heads = DatasetHeads()
+    for name, classes in head_classes.items():
+        spec = _head_spec(head_cfg.get("type", "linear"), in_features, classes, head_cfg)
+        heads.add(name, build_head(_fused_spec(spec, fusion, metadata_schema, metadata_branch)))
+    return heads
+
+
 #: keys of ``model.mixup`` (timm.data.Mixup's arguments but num_classes and label_smoothing, which
 #: come from the dataset and ``model.loss``)
 MIXUP_KEYS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob", "mode")
@@ -145,29 +167,13 @@ class LesionClassifier(pl.LightningModule):
         # where the initial weights came from (set by load_initial_weights; kept through resume)
         self.weights_license = weights_license
         self.weights: dict | None = None
-        head_cfg = dict(head or {"type": "linear"})
-        spec = _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, class_names, head_cfg)
-        # patient metadata (melanoma.metadata): the fusion lives in the head, which trains from the start
-        self.fusion = str(fusion or "none")
-        if self.fusion != "none" and mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0
-                                                             or float(mixup.get("cutmix_alpha", 0)) > 0):
-            raise ValueError("model.mixup is not supported with model.fusion (a mixed image has no one patient's "
-                             "metadata); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
-        spec = _fused_spec(spec, self.fusion, metadata_schema, metadata_branch)
         # one head per training dataset: a single dataset is a joint run with one member
         head_classes = {str(n): list(c) for n, c in dict(joint_heads or {dataset_name: class_names}).items()}
         if dataset_name not in head_classes:
             raise ValueError(f"dataset_name {dataset_name!r} is not one of the joint heads {list(head_classes)}")
-        if len(head_classes) > 1 and mixup is not None and (float(mixup.get("mixup_alpha", 0)) > 0
-                                                             or float(mixup.get("cutmix_alpha", 0)) > 0):
-            raise ValueError("model.mixup is not supported with dataset=joint (heads have different "
-                             "classes); set model.mixup.mixup_alpha=0 and cutmix_alpha=0")
-        heads = DatasetHeads()
-        for name, classes in head_classes.items():
-            head_spec = spec if name == dataset_name else _fused_spec(
-                _head_spec(head_cfg.get("type", "linear"), vit.embed_dim, classes, head_cfg),
-                self.fusion, metadata_schema, metadata_branch)
-            heads.add(name, build_head(head_spec))
+        self.fusion = str(fusion or "none")
+        heads = _build_heads(head_classes, vit.embed_dim, dict(head or {"type": "linear"}), self.fusion,
+                             metadata_schema, metadata_branch, mixup)
         #: the heads that train, in the order of the datamodule's val/test loaders
         self.head_names: list[str] = list(head_classes)
         if compile:
@@ -213,7 +219,12 @@ class LesionClassifier(pl.LightningModule):
         self._trainable_layers: set[str] | None = None
         self._sync_head_flags()
 
-        # keys "<stage>_metrics__<head>": a key "train" would clash with nn.Module.train
+        self._add_metrics(head_classes)
+
+    def _add_metrics(self, head_classes: Mapping[str, Sequence[str]]) -> None:
+        """Per stage and head: the metric collection, the confusion matrix (val/test) and the mean
+        eval loss, under keys "<stage>_metrics__<head>" (a key "train" would clash with
+        nn.Module.train)."""
         self.metrics = torch.nn.ModuleDict({
             self._metric_key(stage, h): stage_metrics(head_classes[h])
             for stage in ("train", "val", "test") for h in self.head_names
