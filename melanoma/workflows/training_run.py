@@ -130,23 +130,7 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
                  "n/a" if score is None else f"{score:.4f}")
 
     if cfg.get("test", True):
-        # the test loop's scalar metrics (test/...); fast_dev_run writes no checkpoint: test the
-        # weights in memory then
-        # Lightning's table holds argmax metrics on uncalibrated probabilities: beside the calibrated
-        # report it would read as a second, different answer, so it is printed only without one
-        report_follows = bool(cfg.get("evaluate", True) and best_ckpt)
-        if trainer.is_global_zero and not report_follows:
-            log.info("test loop metrics below: at argmax on UNCALIBRATED probabilities (evaluate=false: no "
-                     "calibrated report; `melanoma evaluate CKPT` writes one)")
-        results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt, verbose=not report_follows)
-        if trainer.is_global_zero:
-            (run_dir / RUN_TEST_METRICS_FILE).parent.mkdir(exist_ok=True)
-            # one dict per test loader (joint: per member, keys already name it)
-            metrics = {k: float(v) for r in results or [] for k, v in r.items()}
-            (run_dir / RUN_TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-            if report_follows:
-                log.info("test loop metrics (argmax, uncalibrated) written to %s; the calibrated test report "
-                         "follows", run_dir / RUN_TEST_METRICS_FILE)
+        _test_loop(trainer, module, dm, best_ckpt, run_dir, report_follows=bool(cfg.get("evaluate", True) and best_ckpt))
     if cfg.get("evaluate", True) and best_ckpt and trainer.is_global_zero:
         wandb_run = wandb if wandb_mode not in (None, "disabled") else None
         # each head on its own dataset's split; several heads: report/<head>/
@@ -160,6 +144,25 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
         return float(best.best_model_score)
     value = trainer.callback_metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
+
+
+def _test_loop(trainer: pl.Trainer, module, dm, best_ckpt: str | None, run_dir: Path, report_follows: bool) -> None:
+    """The test loop's scalar metrics (test/...) of the best checkpoint, written to the run
+    folder; fast_dev_run writes no checkpoint: the weights in memory are tested then. Lightning's
+    table holds argmax metrics on uncalibrated probabilities: beside the calibrated report it
+    would read as a second, different answer, so it is printed only without one."""
+    if trainer.is_global_zero and not report_follows:
+        log.info("test loop metrics below: at argmax on UNCALIBRATED probabilities (evaluate=false: no "
+                 "calibrated report; `melanoma evaluate CKPT` writes one)")
+    results = trainer.test(module, datamodule=dm, ckpt_path=best_ckpt, verbose=not report_follows)
+    if trainer.is_global_zero:
+        (run_dir / RUN_TEST_METRICS_FILE).parent.mkdir(exist_ok=True)
+        # one dict per test loader (several heads: per head, keys already name it)
+        metrics = {k: float(v) for r in results or [] for k, v in r.items()}
+        (run_dir / RUN_TEST_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        if report_follows:
+            log.info("test loop metrics (argmax, uncalibrated) written to %s; the calibrated test report "
+                     "follows", run_dir / RUN_TEST_METRICS_FILE)
 
 
 def _keep_seen_out_of_evaluation(dm, seen) -> None:
