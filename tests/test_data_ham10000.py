@@ -118,32 +118,22 @@ def test_real_ham10000_splits_are_lesion_disjoint_and_stratified(ham10000_root):
     assert abs(sizes["val"] - 0.15) < 0.01 and abs(sizes["test"] - 0.15) < 0.01
 
 
-def test_lightning_resume_on_another_split_is_refused(ham_root, tmp_path):
-    import lightning as L
-    import torch
-    from torch import nn
+def test_resume_on_another_split_is_refused(ham_root, tmp_path):
+    """A run resumed from a checkpoint checks that the split is the one the checkpoint recorded
+    (the training workflow's records): another seed splits HAM10000's lesions differently."""
+    from helpers import compose_cfg, set_key, tiny_dataset_overrides, tiny_model_overrides, tiny_trainer_overrides
 
-    class Tiny(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3 * 16 * 16, 2)
+    from melanoma.workflows.training_run import run
 
-        def training_step(self, batch, _):
-            x, y = batch
-            return nn.functional.cross_entropy(self.fc(x.flatten(1)), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), 0.1)
-
-    def fit(seed, epochs, ckpt=None):
-        trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, limit_train_batches=2,
-                            limit_val_batches=0, enable_model_summary=False, enable_checkpointing=False,
-                            default_root_dir=tmp_path)
-        trainer.fit(Tiny(), HAM10000DataModule(ham_root, image_size=16, batch_size=4, num_workers=0, seed=seed),
-                    ckpt_path=ckpt)
-        return trainer
-
-    fit(1, 1).save_checkpoint(tmp_path / "a.ckpt")
-    fit(1, 2, tmp_path / "a.ckpt")  # same split: resumes
+    overrides = ["dataset=ham10000", "model=vit_tiny", "logger=csv", *tiny_dataset_overrides(ham_root),
+                 *tiny_model_overrides(), *tiny_trainer_overrides(1), "dataset.seed=1",
+                 "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "test=false", "evaluate=false"]
+    run(compose_cfg(overrides, tmp_path / "a"))
+    last = str(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    same = compose_cfg([*overrides, "trainer.max_epochs=2"], tmp_path / "b")
+    set_key(same, "ckpt_path", last)
+    run(same)  # same split: resumes
+    other = compose_cfg([*overrides, "trainer.max_epochs=2", "dataset.seed=2"], tmp_path / "c")
+    set_key(other, "ckpt_path", last)
     with pytest.raises(RuntimeError, match="data split differs"):
-        fit(2, 2, tmp_path / "a.ckpt")
+        run(other)
