@@ -331,23 +331,43 @@ def test_zero_shot_on_a_planted_task_then_predict_and_export(tiny_clip, planted,
     _agrees_with_onnxruntime(ckpt, tmp_path / "zs.onnx")
 
 
-def test_a_vit_tower_offers_no_map_and_serve_offers_none(tiny_clip, planted, tmp_path):
-    """Attention weights are not read from open_clip ViT towers: predict --attention says so, and
-    the web page offers (and defaults to) no overlay; a ResNet tower offers Grad-CAM."""
+def test_a_vit_tower_offers_attention_maps_in_predict_and_serve(tiny_clip, planted, tmp_path):
+    """The attention weights of an open_clip ViT tower are read (torch's MultiheadAttention asked
+    for them for that one call): each row sums to 1, the logits are those of the plain forward,
+    predict writes the rollout map and serve offers it; a ResNet tower offers Grad-CAM."""
     pytest.importorskip("fastapi")
+    from melanoma.explain.attention import compute_attention_maps
+    from melanoma.explain.gradcam import default_method, methods_for
     from melanoma.models.checkpoint_io import build_classifier, save_classifier_checkpoint
     from melanoma.serve.engine import ModelService, Upload
 
     kwargs = {"model_cfg": TINY, "img_size": 32}
-    model = build_classifier("TinyCLIP", kwargs, {"d": ["not_melanoma", "melanoma"]}, family="open_clip")
+    torch.manual_seed(0)
+    model = build_classifier("TinyCLIP", kwargs, {"d": ["not_melanoma", "melanoma"]}, family="open_clip").eval()
+    assert default_method(model.backbone) == "rollout" and "grad_rollout" in methods_for(model.backbone)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        plain = model(x, "d")
+        logits, attentions = model(x, "d", return_attention=True)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    assert len(attentions) == TINY["vision_cfg"]["layers"]
+    assert attentions[0].shape == (3, TINY["vision_cfg"]["width"] // TINY["vision_cfg"]["head_width"], 17, 17)
+    torch.testing.assert_close(attentions[-1].sum(-1), torch.ones(3, 2, 17))
+    assert not any("forward" in vars(m) for m in model.backbone._attention_modules())  # put back
+    maps = compute_attention_maps(lambda v, return_attention=False: model(v, "d", return_attention=return_attention),
+                                  x, model.backbone.grid_size, num_prefix_tokens=1, methods=("rollout", "grad_rollout"))
+    assert maps.maps["rollout"].shape == (3, 4, 4) and np.isfinite(maps.maps["grad_rollout"]).all()
+
     ckpt = save_classifier_checkpoint(tmp_path / "clip.ckpt", model, "TinyCLIP", kwargs, image_size=32,
                                       family="open_clip")
     image = next((planted / "DermMel" / "test" / "Melanoma").iterdir())
-    assert main(["predict", str(ckpt), str(image), "--attention", str(tmp_path / "maps")]) == 2
+    assert main(["predict", str(ckpt), str(image), "--attention", str(tmp_path / "maps")]) == 0
+    written = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert len(written) == 2 and written[0].endswith("_heads.png") and written[1].endswith("_rollout.png")
     service = ModelService(ckpt)
-    assert service.overlay_methods == ("none",) and service.default_overlay == "none"
+    assert service.default_overlay == "rollout" and "none" in service.overlay_methods
     result = service.predict([Upload("a.jpg", image.read_bytes())])
-    assert result["predictions"][0]["predicted_class"] in ("melanoma", "not_melanoma")
+    assert result["predictions"][0]["overlay_png"]
     assert build_backbone("RN50", family="open_clip", img_size=64).map_methods == ("gradcam",)
 
 

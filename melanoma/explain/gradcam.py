@@ -29,9 +29,9 @@ INSTALL_HINT = 'pip install "melanoma[gradcam]" (the grad-cam package)'
 def methods_for(backbone: nn.Module) -> tuple[str, ...]:
     """The maps a backbone offers: attention maps where its attention weights can be read (our
     ViT, timm ViTs), Grad-CAM otherwise (CNNs); a backbone that says itself (``map_methods``,
-    e.g. an open_clip ViT tower: none) is taken at its word."""
+    None: decided here) is taken at its word."""
     own = getattr(backbone, "map_methods", None)
-    if own is not None:
+    if own is not None:  # a backbone that says itself (an open_clip tower without either: none)
         return tuple(own)
     return ATTENTION_METHODS if getattr(backbone, "reads_attention", False) else CNN_METHODS
 
@@ -48,8 +48,8 @@ def check_methods(backbone: nn.Module, methods, what: str = "this checkpoint's b
     offered = methods_for(backbone)
     wrong = [m for m in methods if m not in offered]
     if wrong and not offered:
-        raise ValueError(f"map method(s) {wrong} do not apply: {what} offers no map of where it looked (an open_clip "
-                         f"ViT tower: its attention weights are not read); leave out --attention")
+        raise ValueError(f"map method(s) {wrong} do not apply: {what} offers no map of where it looked; "
+                         f"leave out --attention")
     if wrong:
         kind = "reads attention weights" if offered is ATTENTION_METHODS else "is a CNN (no attention weights)"
         raise ValueError(f"map method(s) {wrong} do not apply: {what} {kind}; choose from {list(offered)}")

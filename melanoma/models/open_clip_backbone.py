@@ -346,12 +346,33 @@ class OpenClipBackbone(nn.Module):
 
     # --- where the model looked -----------------------------------------------------------------
 
-    reads_attention = False
+    def _attention_modules(self) -> list[nn.MultiheadAttention]:
+        """The ViT tower's attention modules in forward order (torch's MultiheadAttention, whose
+        weights can be asked for), or [] (a CNN tower, or blocks of another kind)."""
+        blocks = getattr(getattr(self.visual, "transformer", None), "resblocks", None)
+        if blocks is None or getattr(self.visual, "class_embedding", None) is None:
+            return []
+        found = [getattr(b, "attn", None) for b in blocks]
+        return found if found and all(isinstance(m, nn.MultiheadAttention) for m in found) else []
 
     @property
-    def map_methods(self) -> tuple[str, ...]:
-        """The maps of where it looked this tower offers (melanoma.explain): Grad-CAM for a ResNet
-        tower, none for a ViT tower (its attention weights are not read here)."""
+    def reads_attention(self) -> bool:
+        """Whether attention maps (rollout...) can be read: a ViT tower yes, a CNN tower no (Grad-CAM)."""
+        return bool(self._attention_modules())
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.visual.grid_size)
+
+    #: the class token before the patch tokens
+    num_prefix_tokens = 1
+
+    @property
+    def map_methods(self) -> tuple[str, ...] | None:
+        """The maps of where it looked (melanoma.explain): None for a ViT tower (attention maps:
+        the explain package's own list), Grad-CAM for a CNN tower, none for other towers."""
+        if self.reads_attention:
+            return None
         try:
             self.gradcam_layer()
         except ValueError:
@@ -362,7 +383,7 @@ class OpenClipBackbone(nn.Module):
 
     def gradcam_layer(self) -> nn.Module:
         """The last convolutional stage of a ResNet tower (open_clip's ModifiedResNet, or a timm CNN
-        trunk); ViT towers offer no map (their attention weights are not read here)."""
+        trunk); a ViT tower has attention maps instead."""
         layer4 = getattr(self.visual, "layer4", None)
         if layer4 is not None:
             return layer4
@@ -370,15 +391,41 @@ class OpenClipBackbone(nn.Module):
         info = getattr(trunk, "feature_info", None)
         if trunk is not None and info and not hasattr(trunk, "blocks"):
             return trunk.get_submodule(info[-1]["module"])
-        raise ValueError(f"the open_clip image tower {self.name} ({type(self.visual).__name__}) offers no map of where "
-                         f"it looked: attention maps are not read from open_clip ViT towers; leave out --attention")
+        raise ValueError(f"the open_clip image tower {self.name} ({type(self.visual).__name__}) has no convolutional "
+                         f"stage for Grad-CAM" + ("; use an attention map (--attention-method rollout)"
+                                                  if self.reads_attention else ""))
+
+    def _with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The tower's features and each block's attention weights (B, heads, N, N), asked of
+        torch's MultiheadAttention for this one call (open_clip asks for none)."""
+        modules = self._attention_modules()
+        if not modules:
+            self.gradcam_layer()  # a CNN tower: says to use Grad-CAM
+            raise ValueError(f"the open_clip tower {self.name} has no attention weights to read")
+        attentions: list[torch.Tensor] = []
+
+        def reading(forward):
+            def call(*args, **kwargs):
+                kwargs.update(need_weights=True, average_attn_weights=False)
+                out, weights = forward(*args, **kwargs)
+                attentions.append(weights)
+                return out, weights
+            return call
+
+        for m in modules:
+            m.forward = reading(m.forward)
+        try:
+            features = self.visual(x)
+        finally:
+            for m in modules:
+                del m.forward  # the class's own forward again
+        return features, attentions
 
     # --- forward ---------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor, return_attention: bool = False, frozen_prefix: int = 0):
         if return_attention:
-            self.gradcam_layer()  # raises for ViT towers, saying so
-            raise ValueError(f"the open_clip tower {self.name} is a CNN: use --attention-method gradcam")
+            return self._with_attention(x)
         if torch.onnx.is_in_onnx_export():
             # nn.MultiheadAttention's fused inference path is one op ONNX does not have: export the
             # same attention as its plain operations
