@@ -119,6 +119,27 @@ def train_and_score(name: str, seed: int, plan: Plan, out: Path, cache: Path) ->
             "external_seconds": ext_s}
 
 
+def adopt(name: str, seed: int, out: Path, poll_s: float = 20.0) -> dict:
+    """A run an earlier invocation started (its train.py may still be running): wait for its
+    HAM10000 report, then score PH2. Its train time is read from its log (first line to report)."""
+    run_dir, log_file = out / f"{slug(name)}_s{seed}", out / f"{slug(name)}_s{seed}.log"
+    report = run_dir / "report" / "metrics.json"
+    while not report.exists():
+        if "Traceback" in log_file.read_text(errors="replace"):
+            raise RuntimeError(f"{name} seed {seed} failed; see {log_file}")
+        time.sleep(poll_s)
+    time.sleep(5)  # the report's other files are written right after metrics.json
+    first = re.search(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)\]", log_file.read_text(errors="replace"), re.M)
+    began = datetime.datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+    train_s = report.stat().st_mtime - began
+    ext_s = run([sys.executable, "-m", "melanoma.cli", "evaluate", str(run_dir / "checkpoints" / "best.ckpt"),
+                 "dataset=ph2", f"dataset.root={DATA / 'PH2'}", "dataset.label_set=binary", "dataset.num_workers=0",
+                 "--external", "--out", str(run_dir / "external_ph2"), "--quiet"], out / f"{slug(name)}_s{seed}_ph2.log")
+    print(f"  {name} seed {seed} (adopted): trained + HAM10000 report {train_s:.0f} s, PH2 {ext_s:.0f} s", flush=True)
+    return {"model": name, "seed": seed, "run_dir": str(run_dir), "train_and_report_seconds": train_s,
+            "external_seconds": ext_s}
+
+
 # --- analysis -----------------------------------------------------------------------------------
 
 def _param_counts(ckpt: Path) -> dict:
@@ -365,6 +386,21 @@ def markdown(result: dict) -> str:
         "lesions for both models.",
         tables(result),
         "![AUROC with 95% intervals per model, both test sets](backbone_study.png)",
+        "## What this design can and cannot show",
+        "- It compares three architectures **trained from scratch** on ~7,000 HAM10000 images for a few CPU minutes "
+        f"each ({plan['epochs']} epoch(s) at {plan['image_size']} px). Every model here is far from converged and far "
+        "below what pretrained models reach; the ranking at this budget need not hold at a longer one, at a larger "
+        "resolution, or with other recipes (the rates were not tuned per architecture: one AdamW recipe for all).\n"
+        "- **No pretrained weights** were used (none can be downloaded on this machine). It says nothing about "
+        "ImageNet-pretrained CNNs or ViTs, nor about the dermatology foundation models of the issue (DermLIP, "
+        "DermFM-Zero, MAKE, PanDerm, BiomedCLIP): those are compared through their own weights, which the user brings.\n"
+        "- PH2 has 200 images (40 melanomas): its intervals are wide, and it differs from HAM10000 in acquisition "
+        "(one clinic in Portugal; here 384x288 JPEGs of the ~768x560 originals, resized to the same input). A difference on PH2 is a statement about transfer to "
+        "one small external set.\n"
+        f"- {len(plan['seeds'])} seed(s) per model: the seed-to-seed spread of from-scratch training is part of the "
+        "uncertainty and is not in the bootstrap intervals (those cover the choice of test images only).\n"
+        "- Similar size means similar parameter count, not similar compute: per image the networks differ in FLOPs "
+        "(table), and on this CPU in speed.",
     ]) + "\n"
 
 
@@ -377,6 +413,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("/tmp/backbone_study"))
     p.add_argument("--results", type=Path, default=None, help="write backbone_study.{md,json,png} here")
     p.add_argument("--analyse", type=Path, default=None, help="only analyse a finished run folder")
+    p.add_argument("--into", type=Path, default=None,
+                   help="continue in this run folder (an interrupted run): with --jobs and --adopt")
+    p.add_argument("--jobs", nargs="*", default=None, metavar="MODEL:SEED", help="with --into: train and score these")
+    p.add_argument("--adopt", nargs="*", default=[], metavar="MODEL:SEED",
+                   help="with --into: runs started earlier (maybe still training): wait for them, then score PH2")
     a = p.parse_args()
     missing = [d for d in (DATA / "HAM10000" / "HAM10000_metadata.csv", DATA / "PH2" / "PH2_dataset.txt") if not d.exists()]
     if missing:
@@ -394,22 +435,43 @@ def main() -> None:
             plan.image_size = a.image_size
         if a.seeds:
             plan.seeds = a.seeds
-        out = a.out / ("quick" if a.quick else "full") / time.strftime("%Y%m%d_%H%M%S")
-        out.mkdir(parents=True)
-        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        if a.into:
+            out = a.into
+            began = datetime.datetime.strptime(out.name, "%Y%m%d_%H%M%S").replace(tzinfo=datetime.timezone.utc)
+        else:
+            out = a.out / ("quick" if a.quick else "full") / time.strftime("%Y%m%d_%H%M%S")
+            out.mkdir(parents=True)
+            began = datetime.datetime.now(datetime.timezone.utc)
+        started = began.strftime("%Y-%m-%d %H:%M")
         print(f"plan: {plan}\nruns in {out}", flush=True)
         t0 = time.perf_counter()
         # the longest runs first, so that the two workers finish together
         jobs = [(name, seed) for name in (REFERENCE, "EfficientNet-B0") for seed in plan.seeds]
         jobs += [("ResNet-10-T", seed) for seed in plan.seeds]
-        with ThreadPoolExecutor(plan.parallel) as pool:
-            futures = [pool.submit(train_and_score, n, s, plan, out, a.out / "cache") for n, s in jobs]
+        def parse(spec: str) -> tuple[str, int]:
+            name, seed = spec.rsplit(":", 1)
+            if name not in MODELS:
+                raise SystemExit(f"unknown model {name!r} in {spec!r}; choose from {list(MODELS)}")
+            return name, int(seed)
+
+        if a.into:
+            jobs = [parse(j) for j in a.jobs or []]
+        adopted = [parse(j) for j in a.adopt]
+        with ThreadPoolExecutor(plan.parallel + len(adopted)) as pool:
+            futures = [pool.submit(adopt, n, s, out) for n, s in adopted]
+            futures += [pool.submit(train_and_score, n, s, plan, out, a.out / "cache") for n, s in jobs]
             runs = [f.result() for f in futures]
         order = list(MODELS)
         runs.sort(key=lambda r: (r["seed"], order.index(r["model"])))
         command = "python experiments/backbone_study.py " + " ".join(sys.argv[1:])
+        total = (datetime.datetime.now(datetime.timezone.utc) - began).total_seconds() if a.into else time.perf_counter() - t0
+        if a.into and (out / "runs.json").exists():
+            earlier = json.loads((out / "runs.json").read_text())
+            runs = [r for r in earlier["runs"] if (r["model"], r["seed"]) not in {(x["model"], x["seed"]) for x in runs}] + runs
+            command = f"{earlier['command']}; then {command}"
+        runs.sort(key=lambda r: (r["seed"], order.index(r["model"])))
         (out / "runs.json").write_text(json.dumps({"plan": asdict(plan), "runs": runs, "started": started,
-                                                   "total_seconds": time.perf_counter() - t0, "command": command},
+                                                   "total_seconds": total, "command": command},
                                                   indent=2))
     result = analyse(out, plan)
     text = markdown(result)
