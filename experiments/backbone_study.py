@@ -16,8 +16,8 @@ interval). PH2 is then scored by ``melanoma evaluate CKPT dataset=ph2 --external
 images, nothing fitted). Paired AUROC differences against our ViT use
 ``melanoma.evaluation.bootstrap.paired_difference`` on the same resampled lesions for both models.
 
-    python experiments/backbone_study.py --quick                      # ~3 min smoke run: 32 px, 5 batches
-    python experiments/backbone_study.py --results experiments/results  # the recorded run (~45 min, 2 cores)
+    python experiments/backbone_study.py --quick                      # smoke run: 32 px, 5 batches (3-7 min, mostly data set-up)
+    python experiments/backbone_study.py --results experiments/results  # 10 epochs; the recorded run used --epochs 6 --seeds 42 (45 min on a loaded 2-core CPU)
     python experiments/backbone_study.py --analyse /tmp/backbone_study/full/<stamp> --results experiments/results
 
 Needs the real data under ../shared/data (HAM10000 and PH2) or $MELANOMA_SHARED_DATA; without
@@ -357,7 +357,7 @@ def markdown(result: dict) -> str:
         f"- Date: {result['started']} UTC, {result['total_seconds'] / 60:.1f} min wall in all.\n"
         f"- Machine: {m['cpu']}, {m['cores']} cores shared with other developers' work, CPU only; torch {m['torch']}, "
         f"timm {m['timm']}, Python {m['python']}. One torch thread per run, {plan['parallel']} runs at a time.\n"
-        f"- Command: `{result['command']}` (`--quick` is a ~3 min smoke version).",
+        f"- Command: `{result['command']}` (`--quick` is a smoke version).",
         "## What ran",
         f"- Data: the real HAM10000 (10,015 dermoscopic images at 200x150), melanoma vs rest, the HAM10000 "
         f"DataModule's split (seed 42, 70/15/15, stratified, grouped by lesion_id and by near-duplicate "
@@ -406,7 +406,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run: 32 px, 1 epoch of 5 batches (~3 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 32 px, 1 epoch of 5 batches (3-7 min, mostly data set-up)")
     p.add_argument("--epochs", type=int, help="override the plan's epochs")
     p.add_argument("--image-size", type=int, help="override the plan's image size")
     p.add_argument("--seeds", type=int, nargs="+", help="override the plan's seeds (e.g. 42 43)")
