@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from melanoma.evaluation.metrics import (ECE_BINS, ECE_MELANOMA, _as_arrays, _ece_bins, classification_metrics,
+from melanoma.evaluation.metrics import (ECE_BINS, ECE_MELANOMA, _as_arrays, _ece_bins, binary_auroc,
+                                         binary_average_precision, classification_metrics,
                                          expected_calibration_error, melanoma_calibration_error)
 
 log = logging.getLogger(__name__)
@@ -252,3 +253,87 @@ def calibration_comparison(raw_probs, probs, labels, pos: int | None, groups) ->
             out[f"{ECE_MELANOMA}_{when}_calibration"] = melanoma_calibration_error(p[:, pos], labels == pos)
             ci[f"{ECE_MELANOMA}_{when}_calibration"] = intervals[ECE_MELANOMA]
     return {**out, "ci95_calibration": ci}
+
+
+#: the ranking metrics `paired_difference` compares, with their point estimate on all rows
+PAIRED_METRICS = {"auroc": binary_auroc, "average_precision": binary_average_precision}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """metric(a) - metric(b) on the same rows, with a paired percentile interval."""
+    metric: str
+    a: float                  # metric of scores_a on all rows
+    b: float                  # metric of scores_b on all rows
+    difference: float         # a - b
+    interval: list[float]     # [lo, hi] of a - b over the resamples (the same rows drawn for both)
+    share_at_or_below_zero: float  # share of resamples with a - b <= 0 (how often a did not win)
+    used: int                 # resamples in which the metric was defined (both classes drawn)
+    n_resamples: int
+    level: float
+    grouped: bool
+
+    @property
+    def excludes_zero(self) -> bool:
+        return bool(self.interval[0] > 0 or self.interval[1] < 0)
+
+    def summary(self) -> dict:
+        """JSON-ready, with the method spelt out as in BootstrapResult.summary."""
+        return {"metric": self.metric, "a": self.a, "b": self.b, "difference": self.difference,
+                "interval": list(self.interval), "share_at_or_below_zero": self.share_at_or_below_zero,
+                "excludes_zero": self.excludes_zero, "resamples_used": self.used,
+                "method": "paired percentile bootstrap" + (", groups resampled whole" if self.grouped else ""),
+                "n_resamples": self.n_resamples, "level": self.level}
+
+
+def paired_difference(
+    scores_a, scores_b, targets, groups=None, metric: str = "auroc",
+    n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL,
+) -> PairedDifference:
+    """How much better model a ranks than model b on the same rows: metric(a) - metric(b) with a
+    paired percentile bootstrap, both scored on each resample's same rows (or, with `groups`,
+    the same whole lesions / patients). Pairing removes the shared difficulty of the rows, so a
+    difference can be clear while the two marginal intervals overlap, and vice versa.
+
+    scores_a, scores_b: (N,) melanoma scores (probabilities or logits; only their order counts);
+    targets: (N,) bool or 0/1, True for melanoma; metric: a key of PAIRED_METRICS. Resamples
+    in which the metric is undefined (one class only) are skipped and counted in `used`.
+    """
+    if metric not in PAIRED_METRICS:
+        raise ValueError(f"metric must be one of {sorted(PAIRED_METRICS)}, got {metric!r}")
+    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    t = np.asarray(targets)
+    if a.ndim != 1 or a.shape != b.shape or t.shape != a.shape:
+        raise ValueError(
+            f"scores_a, scores_b and targets must be three (N,) arrays over the same rows, got shapes "
+            f"{a.shape}, {b.shape}, {t.shape}; pass one melanoma score per image for each model"
+        )
+    if not np.isin(t, (0, 1)).all():
+        raise ValueError(f"targets must be bool or 0/1 (1 = melanoma), found values {np.unique(t)[:5].tolist()}")
+    t = t.astype(bool)
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be a positive number of resamples (e.g. {N_RESAMPLES}), got {n_resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be a coverage in (0, 1), e.g. {LEVEL}, got {level}")
+    n, n_resamples = t.size, int(n_resamples)
+    codes = None if groups is None else _group_codes(groups, n)
+    n_units = n if codes is None else int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    pick = 0 if metric == "auroc" else 1
+    chunk, diffs = max(1, _CHUNK_CELLS // n), []
+    for start in range(0, n_resamples, chunk):
+        counts = _draw_counts(rng, n_units, min(chunk, n_resamples - start))
+        weights = counts if codes is None else counts[:, codes]
+        diffs.append(_ranking_metrics(a, t, weights)[pick] - _ranking_metrics(b, t, weights)[pick])
+    d = np.concatenate(diffs)
+    d = d[np.isfinite(d)]
+    alpha = (1 - level) / 2
+    interval = np.quantile(d, [alpha, 1 - alpha]).tolist() if d.size else [float("nan"), float("nan")]
+    va, vb = PAIRED_METRICS[metric](a, t), PAIRED_METRICS[metric](b, t)
+    return PairedDifference(metric, float(va), float(vb), float(va - vb), interval,
+                            float((d <= 0).mean()) if d.size else float("nan"), int(d.size), n_resamples,
+                            float(level), codes is not None)
+
+
+__all__ = ["BootstrapResult", "LEVEL", "N_RESAMPLES", "PAIRED_METRICS", "PairedDifference", "bootstrap",
+           "bootstrap_intervals", "format_ci", "paired_difference", "resample_metrics"]
