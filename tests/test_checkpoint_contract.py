@@ -94,3 +94,35 @@ def test_the_fitted_temperature_is_bounded(caplog):
     y = rng.integers(0, 2, 500)
     z = np.stack([np.zeros(500), np.where(y == 1, 1.0, -1.0) * 4 + rng.normal(0, 4, 500)], 1)
     assert 0.05 < fit_temperature(z, y) < 20.0
+
+
+def test_an_in_place_write_refuses_a_file_changed_since_it_was_read(tmp_path):
+    """`melanoma evaluate` reads the checkpoint once and writes its calibration back at the end:
+    if training (or another command) rewrote the file meanwhile, the newer file is kept."""
+    import os
+
+    from helpers import SYNTHETIC, tiny_checkpoint
+
+    from melanoma.models.checkpoint import Checkpoint, CheckpointError
+
+    path = tiny_checkpoint(tmp_path / "m.ckpt", {"d": SYNTHETIC})
+    checkpoint = Checkpoint.read(path)
+    checkpoint.write()  # unchanged on disk: written
+    checkpoint = Checkpoint.read(path)
+    os.utime(path, ns=(0, 12345))
+    with pytest.raises(CheckpointError, match="changed on disk"):
+        checkpoint.write()
+    checkpoint.write(tmp_path / "copy.ckpt")  # another file: written
+    assert Checkpoint.read(tmp_path / "copy.ckpt").meta.heads.keys() == {"d"}
+
+
+def test_a_module_trained_without_the_workflows_records_claims_no_seen_set():
+    """Fitted outside the training workflow (no TrainingRecords), the checkpoint's seen-set is
+    None (not recorded), never an empty list that would read as "checked, nothing seen"."""
+    from melanoma.training.module import LesionClassifier
+
+    module = LesionClassifier({"name": "vit_tiny", "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 16,
+                                                             "depth": 1, "num_heads": 2}}, "d", ["not_melanoma", "melanoma"])
+    assert module.meta().seen is None
+    module.set_training_records({}, [], {})
+    assert module.meta().seen == []

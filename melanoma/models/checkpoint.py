@@ -551,6 +551,8 @@ class Checkpoint:
     #: the file's dict as read (Lightning's entries, the raw state dict); the metadata entry is
     #: rewritten from ``meta`` by ``write``
     entries: dict
+    #: the file as read (size, mtime): an in-place write refuses a file changed since
+    stamp: tuple | None = None
 
     @classmethod
     def read(cls, path: str | os.PathLike, map_location="cpu") -> Checkpoint:
@@ -560,7 +562,7 @@ class Checkpoint:
             meta = CheckpointMeta.from_checkpoint(ckpt)
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: its '{META_KEY}' metadata is incomplete ({type(e).__name__}: {e})") from e
-        checkpoint = cls(path=path, meta=meta, entries=ckpt)
+        checkpoint = cls(path=path, meta=meta, entries=ckpt, stamp=_stamp(path))
         bad = non_finite_tensors(checkpoint.state)
         if bad:
             raise CheckpointError(
@@ -585,9 +587,18 @@ class Checkpoint:
         now; every other entry (weights, Lightning state) as it was read. A link (Lightning's
         last.ckpt may be one) keeps pointing at the updated file."""
         target = Path(path) if path is not None else self.path.resolve()
+        if path is None and self.stamp is not None and _stamp(self.path) != self.stamp:
+            raise CheckpointError(
+                f"{self.path} changed on disk while this command ran (training still writing it, or another "
+                f"command); nothing was written, so the newer file is kept. Run the command again on it.")
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save({**self.entries, META_KEY: self.meta.to_dict()}, target)
         return target
+
+
+def _stamp(path: Path) -> tuple:
+    st = Path(path).resolve().stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[dict[str, torch.Tensor], CheckpointMeta]:

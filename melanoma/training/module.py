@@ -608,7 +608,10 @@ class LesionClassifier(pl.LightningModule):
         return CheckpointMeta(
             backbone=self.backbone_name, backbone_kwargs=self.backbone_kwargs, heads=heads,
             active_head=self.active_head, preprocessing=self.preprocessing, config=dict(self._run_config),
-            seen=self.inherited_seen + list(self._own_seen or []), model_id=self.model_id,
+            # None (not recorded) unless this run's own seen-set was handed over (set_training_records,
+            # or kept from the resumed checkpoint): an empty list would claim "checked, nothing seen"
+            seen=None if self._own_seen is None else self.inherited_seen + list(self._own_seen),
+            model_id=self.model_id,
             backbone_family=self.backbone_family, weights=self.weights,
         )
 
@@ -632,7 +635,7 @@ class LesionClassifier(pl.LightningModule):
         if meta.weights is not None:  # resume never reloads pretrained weights: keep their record
             self.weights = meta.weights
         self.inherited_seen = [r for r in meta.seen or [] if r.model != self.model_id]
-        self._own_seen = [r for r in meta.seen or [] if r.model == self.model_id]
+        self._own_seen = None if meta.seen is None else [r for r in meta.seen if r.model == self.model_id]
         self._run_config = dict(meta.config)
         self._sync_head_flags()
         if self._trainable_layers is not None:

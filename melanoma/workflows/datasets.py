@@ -77,8 +77,9 @@ def instantiate_dataset(dataset_cfg, **forced):
     cfg = OmegaConf.to_container(dataset_cfg, resolve=True) if isinstance(dataset_cfg, DictConfig) else dict(dataset_cfg)
     if cfg.get("_target_") != JOINT_TARGET:
         return hydra.utils.instantiate(cfg, **forced, _convert_="all")
+    data_dir = cfg.pop("data_dir", None)
     if not cfg.get("member_configs"):
-        cfg["member_configs"] = member_configs(cfg["members"], cfg.pop("data_dir", None), cfg.pop("member_overrides", None))
+        cfg["member_configs"] = member_configs(cfg["members"], data_dir, cfg.pop("member_overrides", None))
     # not recursive: the member configs are configs (with _target_) the joint DataModule builds
     return hydra.utils.instantiate(cfg, **forced, _convert_="all", _recursive_=False)
 

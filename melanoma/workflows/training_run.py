@@ -113,6 +113,8 @@ def _run(cfg: DictConfig, last_words: list[str]) -> float | None:
     # the data description goes into the checkpoints from here, not through the model's arguments
     callbacks.append(TrainingRecords(dataset_config=resolved["dataset"], run_config=resolved))
     loggers, wandb_mode = build_loggers(cfg.get("logger"))
+    for logger in loggers:  # the module takes no config: the run's config reaches the dashboards from here
+        logger.log_hyperparams(resolved)
     freezing = any(getattr(c, "freezes_layers", False) for c in callbacks)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy_for(cfg.trainer, freezing or len(heads) > 1))
