@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from melanoma.models.grouped import GroupedBackbone
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FAMILY_OPEN_CLIP", "OpenClipBackbone", "OpenClipError", "OpenClipGroupingError", "OpenClipSource",
@@ -290,7 +292,7 @@ def build_clip_model(model_cfg: Mapping, img_size: int | None = None) -> nn.Modu
     return cls(**cfg)
 
 
-class OpenClipBackbone(nn.Module):
+class OpenClipBackbone(GroupedBackbone):
     """An open_clip image tower; features are its image embedding (B, embed_dim).
 
     ``model_cfg``: open_clip's model config (None: resolved from ``name``, a built-in
@@ -317,32 +319,9 @@ class OpenClipBackbone(nn.Module):
         """What the checkpoint stores to rebuild this tower alone (no network, no files)."""
         return {"model_cfg": copy.deepcopy(self.model_cfg), "img_size": self.img_size}
 
-    # --- layer groups ---------------------------------------------------------------------------
-
-    def layer_groups(self) -> list[str]:
-        return list(self._layers)
-
-    def layer_of(self, name: str) -> str:
-        try:
-            return self._groups[name]
-        except KeyError:
-            raise ValueError(f"backbone parameter {name!r} is not in {self.name}'s layer groups") from None
-
-    def frozen_prefix(self, trainable: set[str] | None) -> int:
-        # as for timm backbones: the input needs no gradient, so autograd records nothing below the
-        # lowest trainable parameter
-        return 0
-
-    def train(self, mode: bool = True) -> OpenClipBackbone:
-        """Batch norms of wholly frozen layers stay in eval mode (ResNet towers), as in TimmBackbone."""
-        super().train(mode)
-        if mode:
-            for module in self.visual.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    params = list(module.parameters())
-                    if params and not any(p.requires_grad for p in params):
-                        module.eval()
-        return self
+    @property
+    def trunk(self) -> nn.Module:
+        return self.visual
 
     # --- where the model looked -----------------------------------------------------------------
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from melanoma.models.grouped import GroupedBackbone
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TimmBackbone", "TimmGroupingError", "timm_classifier_keys", "timm_data_config"]
@@ -53,7 +55,7 @@ def timm_classifier_keys(net: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(GroupedBackbone):
     """A timm model without its classifier; features are its pooled pre-logits (B, num_features)."""
 
     family = "timm"
@@ -73,37 +75,9 @@ class TimmBackbone(nn.Module):
         self._groups = _layer_map(self.net, name)
         self._layers = list(dict.fromkeys(self._groups.values()))
 
-    # --- layer groups ---------------------------------------------------------------------------
-
-    def layer_groups(self) -> list[str]:
-        """``stem``, ``block0`` ... ``block{n-1}`` in forward order (timm's group_matcher)."""
-        return list(self._layers)
-
-    def layer_of(self, name: str) -> str:
-        try:
-            return self._groups[name]
-        except KeyError:
-            raise ValueError(f"backbone parameter {name!r} is not in {self.name}'s timm groups") from None
-
-    def frozen_prefix(self, trainable: set[str] | None) -> int:
-        # No stage is run under no_grad explicitly: the input needs no gradient, so autograd
-        # records nothing below the lowest trainable parameter and frozen layers already cost no
-        # backward pass.
-        return 0
-
-    def train(self, mode: bool = True) -> TimmBackbone:
-        """Batch norms of wholly frozen layers stay in eval mode: a frozen layer keeps its running
-        statistics as well as its weights (as Lightning's BaseFinetuning does)."""
-        super().train(mode)
-        if mode:
-            for module in self.net.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    params = list(module.parameters())
-                    if params and not any(p.requires_grad for p in params):
-                        module.eval()
-        return self
-
-    # --- forward ---------------------------------------------------------------------------------
+    @property
+    def trunk(self) -> nn.Module:
+        return self.net
 
     # --- where the model looked (melanoma.explain) -----------------------------------------------
 
