@@ -160,3 +160,25 @@ def module_from_cfg(cfg, dataset_name: str, class_names, image_size: int = 32, *
 
     make = hydra.utils.instantiate(cfg.model, _recursive_=False, _convert_="all")
     return make(dataset_name=dataset_name, class_names=list(class_names), image_size=image_size, **overrides)
+
+
+def onnx_agrees_with_checkpoint(ckpt: Path, onnx_path: Path) -> dict:
+    """The ONNX file's logits equal the checkpoint's model on the same (non-random) pixels;
+    returns the export's sidecar (its JSON metadata) for the caller's own checks."""
+    import json
+
+    import onnxruntime as ort
+    import torch
+
+    from melanoma.models.classifier import Classifier
+
+    model, meta = Classifier.from_checkpoint(ckpt)
+    size = meta.preprocessing.image_size
+    x = torch.linspace(-2, 2, 3 * 3 * size * size).reshape(3, 3, size, size)
+    with torch.no_grad():
+        expected = model(x, meta.active_head).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    return json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())

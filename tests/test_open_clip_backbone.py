@@ -22,12 +22,11 @@ open_clip = pytest.importorskip("open_clip")
 
 from PIL import Image  # noqa: E402
 
-from helpers import compose_cfg, run_train_py, tiny_trainer_overrides  # noqa: E402
+from helpers import compose_cfg, onnx_agrees_with_checkpoint, run_train_py, tiny_trainer_overrides  # noqa: E402
 
 from melanoma.cli import main  # noqa: E402
 from melanoma.models import build_backbone  # noqa: E402
 from melanoma.models.checkpoint import read_meta  # noqa: E402
-from melanoma.models.classifier import Classifier  # noqa: E402
 from melanoma.models.open_clip_backbone import (OpenClipError, OpenClipGroupingError, _layer_map,  # noqa: E402
                                                 build_clip_model, resolve_open_clip)
 from melanoma.models.pretrained import PretrainedWeightsError, load_pretrained  # noqa: E402
@@ -246,19 +245,9 @@ def test_train_unfreeze_llrd_resume_calibrate_predict_export(tiny_clip, planted,
 
 
 def _agrees_with_onnxruntime(ckpt, onnx_path) -> None:
-    import onnxruntime as ort
-
-    model, meta = Classifier.from_checkpoint(ckpt)
-    size = meta.preprocessing.image_size
-    x = torch.linspace(-2, 2, 3 * 3 * size * size).reshape(3, 3, size, size)
-    with torch.no_grad():
-        expected = model(x, meta.active_head).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
-    sidecar = json.loads(onnx_path.with_name(onnx_path.name + ".json").read_text())
+    sidecar = onnx_agrees_with_checkpoint(ckpt, onnx_path)
     assert sidecar["backbone"]["family"] == "open_clip"
-    assert sidecar["mean"] == list(meta.preprocessing.mean)
+    assert sidecar["mean"] == list(read_meta(ckpt).preprocessing.mean)
 
 
 # --- zero-shot ---------------------------------------------------------------------------------
