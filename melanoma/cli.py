@@ -321,6 +321,10 @@ def cmd_serve(args) -> int:
 
 # --- parser -------------------------------------------------------------------------------------
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     from melanoma.precision import AUTO, PRECISIONS
 
@@ -357,7 +361,7 @@ TRAIN_POINTER = ("training is not a `melanoma` subcommand: run `python train.py`
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from melanoma.conventions import ALL_MAP_METHODS  # torch-free: --help stays fast
+    from melanoma.conventions import ALL_MAP_METHODS, DEFAULT_TARGET_SENSITIVITY  # torch-free: --help stays fast
     from melanoma import __version__
 
     parser = argparse.ArgumentParser(
@@ -387,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncalibrated", action="store_true",
                    help="show raw (uncalibrated) probabilities; the threshold column is mapped onto that "
                         "scale (two-class heads) and decisions stay the calibrated ones")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device(p)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--metadata", type=Path, metavar="TABLE.csv",
                    help="patient metadata for a checkpoint trained with it (model.fusion): a column image (file "
@@ -412,14 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", help="head to evaluate (default: the checkpoint's active head)")
     p.add_argument("--external", action="store_true",
                    help="test on a dataset the model never trained on, with the stored calibration")
-    p.add_argument("--target-sensitivity", type=float, default=0.95,
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                    help="the operating point: the lowest threshold whose val sensitivity reaches this")
     _add_keep_overlap(p)
     p.add_argument("--no-calibration", action="store_true",
                    help="store temperature 1 (no calibration) with the operating point fitted on it")
     p.add_argument("--tta", action="store_true",
                    help="8-view TTA; the calibration fitted with it is stored beside the plain one")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device(p)
     _add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -440,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompt set: a name in conf/prompts/ or a YAML file (default dermatology)")
     p.add_argument("--external", action="store_true",
                    help="report every image of the dataset, uncalibrated (no val split used)")
-    p.add_argument("--target-sensitivity", type=float, default=0.95,
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                    help="the operating point: the lowest threshold whose val sensitivity reaches this")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device(p)
     _add_precision(p)
     p.set_defaults(func=cmd_zero_shot)
 
@@ -453,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fold ensemble on the test split, with 95% bootstrap intervals.")
     p.add_argument("run_dir", type=Path, metavar="MULTIRUN_DIR")
     p.add_argument("--out", type=Path, help="where to write (default: MULTIRUN_DIR)")
-    p.add_argument("--target-sensitivity", type=float, default=0.95,
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                    help="the out-of-fold operating point's sensitivity (chosen on the pooled predictions)")
     p.set_defaults(func=cmd_summarize)
     p = sub.add_parser("recalibrate", parents=[common], help="refit calibration and threshold on a new site's sample",
@@ -468,12 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the recalibrated checkpoint to write")
     p.add_argument("--fraction", type=float, default=0.2, help="share of the site's images used to recalibrate")
     p.add_argument("--seed", type=int, default=0, help="which sample is drawn")
-    p.add_argument("--target-sensitivity", type=float, default=0.95,
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
                    help="the recalibrated operating point's sensitivity on the sample")
     p.add_argument("--head", help="default: the checkpoint's active head")
     p.add_argument("--report", type=Path, help="report folder (default: beside --out)")
     _add_keep_overlap(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device(p)
     _add_precision(p)
     p.set_defaults(func=cmd_recalibrate)
 
@@ -517,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port")
     p.add_argument("--head", help="default head (default: the checkpoint's active head); the page can switch")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    _add_device(p)
     p.add_argument("--max-files", type=int, default=limits.max_files, help="images per request")
     p.add_argument("--max-bytes", type=int, default=limits.max_bytes, help="request body size")
     p.add_argument("--max-pixels", type=int, default=limits.max_pixels, help="pixels per image (decompression bombs)")

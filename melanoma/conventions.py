@@ -50,3 +50,7 @@ SYNTHETIC_DATASET = "synthetic"
 ATTENTION_MAP_METHODS = ("last_layer", "rollout", "grad_rollout")
 CNN_MAP_METHODS = ("gradcam",)
 ALL_MAP_METHODS = (*ATTENTION_MAP_METHODS, *CNN_MAP_METHODS)
+
+#: the sensitivity the melanoma operating point aims at unless asked otherwise (evaluate,
+#: recalibrate, zero-shot, summarize)
+DEFAULT_TARGET_SENSITIVITY = 0.95

@@ -10,10 +10,12 @@ import math
 
 import numpy as np
 
+from melanoma.conventions import DEFAULT_TARGET_SENSITIVITY
+
 from .metrics import sensitivity_specificity
 
 
-def threshold_for_sensitivity(p_melanoma, is_melanoma, target_sensitivity: float = 0.95) -> dict:
+def threshold_for_sensitivity(p_melanoma, is_melanoma, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> dict:
     """The highest threshold t such that calling `p >= t` melanoma catches at least
     `target_sensitivity` of the melanomas; the highest such t keeps specificity as high as it
     can be. Returns {"threshold", "target_sensitivity", "sensitivity", "specificity"} measured

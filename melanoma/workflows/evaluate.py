@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma.conventions import BINARY_CLASSES, positive_index
+from melanoma.conventions import BINARY_CLASSES, DEFAULT_TARGET_SENSITIVITY, positive_index
 from melanoma.evaluation.calibration import fit_held_out_calibration, nll_of
 from melanoma.evaluation.figures import report_figures
 from melanoma.evaluation.metrics import expected_calibration_error
@@ -49,7 +49,7 @@ def evaluate_checkpoint(
     out_dir: str | os.PathLike,
     *,
     calibrate: bool = True,
-    target_sensitivity: float = 0.95,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     tta: bool = False,
     device: str = "cpu",
     wandb_run=None,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melanoma.conventions import positive_index
+from melanoma.conventions import DEFAULT_TARGET_SENSITIVITY, positive_index
 from melanoma.data.splits import rows_fingerprint
 from melanoma.evaluation.bootstrap import bootstrap, calibration_comparison
 from melanoma.evaluation.calibration import fit_held_out_calibration
@@ -132,7 +132,7 @@ def recalibrate_checkpoint(
     *,
     fraction: float = 0.2,
     seed: int = 0,
-    target_sensitivity: float = 0.95,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
     head: str | None = None,
     device: str = "cpu",
     progress: bool = True,

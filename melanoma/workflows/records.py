@@ -50,11 +50,12 @@ def training_data_records(dm, dataset_config: Mapping, class_weights: Mapping[st
             for name, member in members.items()}
 
 
-def seen_records(dm, model_id: str) -> list[SeenImages]:
-    """The run's own seen-set: train, val and (marked) test images of every training dataset."""
+def seen_records(dm, model_id: str, splits=("train", "val", "test")) -> list[SeenImages]:
+    """The run's own seen-set: train, val and (marked) test images of every training dataset
+    (``splits``: those the model saw; a zero-shot head has no train split)."""
     records = []
     for head, member in members_of(dm).items():
-        for split in ("train", "val", "test"):
+        for split in splits:
             ids, hashes = member.seen_images(split)
             records.append(SeenImages(dataset=member.name, split=split, head=head, ids=ids, hashes=hashes,
                                       model=model_id))

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from melanoma.conventions import RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE, positive_index
+from melanoma.conventions import DEFAULT_TARGET_SENSITIVITY, RUN_REPORT_DIR, RUN_SPLITS_FILE, RUN_TEST_METRICS_FILE, positive_index
 from melanoma.evaluation.bootstrap import format_ci, metrics_with_intervals
 from melanoma.evaluation.figures import save_figure
 from melanoma.evaluation.metrics import AUROC, binary_auroc, roc_curve
@@ -66,7 +66,6 @@ REPLICATE_KEYS = (FOLD_KEY, "seed")
 #: the report's metrics compared across jobs in summary.md and the figure (all are in summary.json)
 SHOWN = [f"report/{AUROC}", "report/balanced_accuracy", "report/sensitivity_at_threshold",
          "report/specificity_at_threshold", f"test/{AUROC}"]
-TARGET_SENSITIVITY = 0.95
 
 
 class FoldCoverageError(ValueError):
@@ -220,7 +219,7 @@ def _arrays(table: pd.DataFrame, class_names: list[str]) -> tuple[np.ndarray, np
     return probs, table["true_label"].map(index).to_numpy()
 
 
-def kfold_summary(jobs: list[Job], out_dir: Path, target_sensitivity: float = TARGET_SENSITIVITY,
+def kfold_summary(jobs: list[Job], out_dir: Path, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
                   prefix: str = "") -> tuple[dict, dict, dict]:
     """(oof, ensemble_test, figures) of the folds `jobs`; writes the pooled tables."""
     class_names = _class_names(jobs[0])
@@ -315,7 +314,7 @@ def _label(values: dict) -> str:
 
 # --- the whole summary --------------------------------------------------------------------------
 
-def summarize(multirun_dir, out_dir=None, target_sensitivity: float = TARGET_SENSITIVITY) -> dict:
+def summarize(multirun_dir, out_dir=None, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY) -> dict:
     """Write summary.json, summary.md, the pooled tables and figures; return summary.json's dict."""
     multirun_dir = Path(multirun_dir)
     out_dir = Path(out_dir) if out_dir is not None else multirun_dir

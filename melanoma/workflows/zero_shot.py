@@ -24,8 +24,10 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from melanoma.config import compose_config
+from melanoma.conventions import DEFAULT_TARGET_SENSITIVITY
 from melanoma.workflows.datasets import instantiate_dataset
 from melanoma.workflows.evaluate import evaluate_checkpoint, evaluate_external
+from melanoma.workflows.records import seen_records
 from melanoma.models.checkpoint import CheckpointMeta, HeadRecord, SeenImages, TrainingData, preprocessing_from, save_checkpoint
 from melanoma.models.open_clip_backbone import FAMILY_OPEN_CLIP, open_clip_settings
 from melanoma.models.pretrained import weights_provenance
@@ -40,7 +42,7 @@ UNCALIBRATED_REASON = ("a zero-shot head evaluated as external (nothing fitted):
 
 
 def zero_shot(overrides: list[str], out: str | Path, report_dir: str | Path | None = None, *,
-              prompts: str | Path | None = None, external: bool = False, target_sensitivity: float = 0.95,
+              prompts: str | Path | None = None, external: bool = False, target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
               device: str = "cpu", progress: bool = True, precision: str = "auto") -> tuple[Path, dict]:
     """Write the zero-shot checkpoint ``out`` for the dataset the overrides describe and report it
     (in-domain: calibrated on val, test reported; ``external``: every image, nothing fitted).
@@ -74,9 +76,7 @@ def zero_shot(overrides: list[str], out: str | Path, report_dir: str | Path | No
         # the split the head is calibrated (val) and tested on, recorded as a trained head's is, so
         # `melanoma evaluate` rebuilds it and nothing of it is ever scored as external
         record.data = TrainingData.from_dict({**dm.split_description(), "config": dataset_config})
-        for split in ("val", "test"):
-            ids, hashes = dm.seen_images(split)
-            seen.append(SeenImages(dataset=dm.name, split=split, head=dm.name, ids=ids, hashes=hashes, model=model_id))
+        seen = seen_records(dm, model_id, splits=("val", "test"))
     weights = weights_provenance(source.hub or source.weights, cfg.model.get("weights_license"))
     meta = CheckpointMeta(
         backbone=name, backbone_kwargs=model.backbone.checkpoint_kwargs(), heads={dm.name: record},
