@@ -19,7 +19,8 @@ from melanoma.conventions import CNN_MAP_METHODS
 from melanoma.explain.attention import METHODS as ATTENTION_METHODS
 from melanoma.explain.attention import AttentionMaps
 
-__all__ = ["CNN_METHODS", "GRADCAM", "check_methods", "compute_gradcam_maps", "default_method", "methods_for"]
+__all__ = ["CNN_METHODS", "GRADCAM", "check_methods", "compute_gradcam_maps", "default_method", "maps_to_draw",
+           "methods_for"]
 
 GRADCAM = CNN_MAP_METHODS[0]
 CNN_METHODS = CNN_MAP_METHODS
@@ -42,6 +43,15 @@ def default_method(backbone: nn.Module) -> str | None:
     if not offered:
         return None
     return "rollout" if getattr(backbone, "reads_attention", False) else offered[0]
+
+
+def maps_to_draw(backbone: nn.Module, asked=None) -> tuple[str, ...]:
+    """The map methods to draw: those ``asked`` (checked against the backbone's), else its
+    default; refused, saying so, when the backbone offers none."""
+    default = default_method(backbone)
+    methods = tuple(dict.fromkeys(asked or ((default,) if default else ())))
+    check_methods(backbone, methods or ("rollout",))
+    return methods
 
 
 def check_methods(backbone: nn.Module, methods, what: str = "this checkpoint's backbone") -> None:

@@ -27,7 +27,7 @@ from melanoma.data.transforms import EvalTransform
 from melanoma.data.workers import worker_context
 from melanoma.predict.tta import tta_logits
 from melanoma.explain.attention import compute_attention_maps
-from melanoma.explain.gradcam import GRADCAM, check_methods, compute_gradcam_maps, default_method
+from melanoma.explain.gradcam import GRADCAM, compute_gradcam_maps, maps_to_draw
 from melanoma.explain.overlay import METHOD_NAMES, PANEL, save_head_grid, save_overlay
 from melanoma.metadata import MetadataSchema
 from melanoma.models.checkpoint import Checkpoint, Preprocessing, softmax
@@ -298,11 +298,7 @@ class Predictor:
         encoded, missing = self.encode_metadata(metadata, len(paths))
         backbone = self.model.backbone
         # the maps the backbone offers: attention maps for ViTs (rollout by default), Grad-CAM for CNNs
-        default = default_method(backbone)
-        methods = tuple(dict.fromkeys(attention_methods or ((default,) if default else ())))
-        check_methods(backbone, methods)
-        if attention_dir is not None and not methods:
-            check_methods(backbone, ("rollout",))  # says that this backbone offers no map
+        methods = maps_to_draw(backbone, attention_methods) if attention_dir is not None or attention_methods else ()
         reads_attention = getattr(backbone, "reads_attention", False)
         if attention_dir is not None:
             attention_dir = Path(attention_dir)
