@@ -113,7 +113,7 @@ def _build_mixup(cfg: Mapping | None, num_classes: int, label_smoothing: float):
 
 
 class LesionClassifier(pl.LightningModule):
-    """Backbone + per-dataset heads; trains and evaluates the head named ``dataset_name``.
+    """Backbone + one head per training dataset; ``forward`` uses the head named ``dataset_name``.
 
     Arguments mirror the ``model`` config group (``conf/model/vit.yaml``, whose ``_target_`` is this
     class, ``_partial_``) plus what the datamodule knows: the heads (``dataset_name`` and its
@@ -126,7 +126,7 @@ class LesionClassifier(pl.LightningModule):
     loss then takes the soft targets (smoothed by ``loss.label_smoothing``) and the metrics still
     the batch's hard labels.
     Backbone kwargs that are None take the preset's value. ``pretrained`` and ``init_from``
-    are recorded here but applied by ``load_initial_weights`` (train.py calls it for fresh runs
+    are recorded here but applied by ``load_initial_weights`` (the training workflow calls it for fresh runs
     only, so resuming or ``load_from_checkpoint`` never re-downloads or re-reads them).
     """
 
